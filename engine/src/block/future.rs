@@ -1,0 +1,86 @@
+//! [`IoFuture`]: the one future type every driver returns, so `dyn BlockDriver` works without
+//! boxing the common cases. A reactor operation is awaited in place and mapped by a plain
+//! function; a result known at once costs nothing; only composite operations box.
+
+use super::BufResult;
+use crate::error::{Error, Result};
+use crate::reactor::{OpFuture, OpOutput, RESULT_STOPPED};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// What a mapping function needs to know to turn a raw result into an error that names the
+/// request.
+#[derive(Debug, Clone, Copy)]
+pub struct OpContext {
+    pub op: &'static str,
+    pub offset: u64,
+}
+
+/// A `Send` future of a block operation.
+pub struct IoFuture<T>(Inner<T>);
+
+enum Inner<T> {
+    Ready(Option<T>),
+    Op { future: OpFuture, context: OpContext, map: fn(OpOutput, OpContext) -> T },
+    Boxed(Pin<Box<dyn Future<Output = T> + Send>>),
+}
+
+// The value is only ever moved out of the Option, never pinned in place.
+impl<T> Unpin for IoFuture<T> {}
+
+impl<T> IoFuture<T> {
+    /// A future that is already done.
+    pub fn ready(value: T) -> IoFuture<T> {
+        IoFuture(Inner::Ready(Some(value)))
+    }
+
+    /// Await a reactor operation, then map its raw result with `map`.
+    pub fn op(future: OpFuture, context: OpContext, map: fn(OpOutput, OpContext) -> T) -> IoFuture<T> {
+        IoFuture(Inner::Op { future, context, map })
+    }
+
+    /// Any other future (composite operations, injected delays).
+    pub fn boxed(future: impl Future<Output = T> + Send + 'static) -> IoFuture<T> {
+        IoFuture(Inner::Boxed(Box::pin(future)))
+    }
+}
+
+impl<T> Future for IoFuture<T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match &mut self.get_mut().0 {
+            Inner::Ready(value) => Poll::Ready(value.take().expect("IoFuture polled after completion")),
+            Inner::Op { future, context, map } => Pin::new(future).poll(cx).map(|out| map(out, *context)),
+            Inner::Boxed(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+fn errno_error(result: i32, context: OpContext) -> Error {
+    if result == RESULT_STOPPED {
+        return Error::RuntimeStopped;
+    }
+    Error::Io { op: context.op, offset: context.offset, errno: -result }
+}
+
+/// Map a read or write: it must move exactly the buffer's length.
+pub fn map_transfer(out: OpOutput, context: OpContext) -> BufResult<()> {
+    let buf = out.buf.expect("transfers carry their buffer");
+    let length_bytes = buf.len() as u64;
+    let result = match out.result {
+        r if r < 0 => Err(errno_error(r, context)),
+        r if r as u64 == length_bytes => Ok(()),
+        r => Err(Error::ShortTransfer { op: context.op, offset: context.offset, done_bytes: r as u64, length_bytes }),
+    };
+    (result, buf)
+}
+
+/// Map an operation without data (flush, fallocate): success or errno.
+pub fn map_done(out: OpOutput, context: OpContext) -> Result<()> {
+    match out.result {
+        r if r < 0 => Err(errno_error(r, context)),
+        _ => Ok(()),
+    }
+}

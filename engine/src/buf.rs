@@ -1,0 +1,242 @@
+//! Aligned, owned I/O buffers and the bounded pool they come from.
+//!
+//! A buffer moves into an I/O operation and comes back with its result; while the kernel may
+//! touch it, the operation (not the caller) owns it. The pool bounds the bytes handed out so a
+//! runaway caller gets a typed error instead of exhausting memory.
+
+use crate::error::{Error, Result};
+use parking_lot::Mutex;
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// Alignment used when the caller has no better figure: a page satisfies every O_DIRECT
+/// memory-alignment rule seen on Linux.
+pub const DEFAULT_ALIGN_BYTES: usize = 4096;
+
+/// A heap buffer whose address is aligned for O_DIRECT. Its length may be shrunk below its
+/// capacity (for a short request) without reallocating.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    capacity: usize,
+    align: usize,
+    home: Option<Arc<PoolShared>>,
+}
+
+// SAFETY: an AlignedBuf uniquely owns its allocation, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only hand out `&[u8]`.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zero-filled buffer of `len` bytes aligned to `align` (a power of two).
+    pub fn zeroed(len: usize, align: usize) -> Result<AlignedBuf> {
+        let layout = layout_for(len, align)?;
+        // SAFETY: layout has a non-zero size (layout_for rounds 0 up to one alignment unit).
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
+        Ok(AlignedBuf { ptr, len, capacity: layout.size(), align, home: None })
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub fn from_slice(data: &[u8], align: usize) -> Result<AlignedBuf> {
+        let mut buf = AlignedBuf::zeroed(data.len(), align)?;
+        buf.as_mut_slice().copy_from_slice(data);
+        Ok(buf)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn align(&self) -> usize {
+        self.align
+    }
+
+    /// Change the length within the capacity (new bytes keep whatever they held).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.capacity, "set_len {len} beyond capacity {}", self.capacity);
+        self.len = len;
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for capacity >= len bytes, initialised at allocation.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Whether every byte is zero (zero detection for copies).
+    pub fn is_all_zero(&self) -> bool {
+        let (head, words, tail) = unsafe { self.as_slice().align_to::<u64>() };
+        head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if let Some(home) = self.home.take() {
+            let buf = AlignedBuf { ptr: self.ptr, len: self.len, capacity: self.capacity, align: self.align, home: None };
+            home.give_back(buf);
+            return;
+        }
+        let layout = Layout::from_size_align(self.capacity, self.align).expect("layout checked at allocation");
+        // SAFETY: allocated in `zeroed` with exactly this layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf {{ len: {}, capacity: {}, align: {} }}", self.len, self.capacity, self.align)
+    }
+}
+
+fn layout_for(len: usize, align: usize) -> Result<Layout> {
+    if align == 0 || !align.is_power_of_two() {
+        return Err(Error::BadAlignment { align_bytes: align as u64 });
+    }
+    let size = len.max(1).div_ceil(align) * align;
+    Layout::from_size_align(size, align).map_err(|_| Error::TooLarge { length_bytes: len as u64, max_bytes: isize::MAX as u64 })
+}
+
+/// A bounded pool of aligned buffers. Cloning shares the pool.
+///
+/// ```
+/// use tandem::buf::BufPool;
+/// let pool = BufPool::new(8192, 4096);
+/// let a = pool.get(4096).unwrap();
+/// let b = pool.get(4096).unwrap();
+/// assert!(pool.get(4096).is_err()); // the limit holds
+/// drop(a);
+/// assert!(pool.get(4096).is_ok()); // a came back to the pool
+/// # drop(b);
+/// ```
+#[derive(Clone)]
+pub struct BufPool {
+    shared: Arc<PoolShared>,
+}
+
+struct PoolShared {
+    align: usize,
+    limit_bytes: usize,
+    state: Mutex<PoolState>,
+}
+
+struct PoolState {
+    in_use_bytes: usize,
+    free: Vec<AlignedBuf>,
+}
+
+/// Free buffers kept for reuse at most; beyond it they are released to the allocator.
+const POOL_FREE_COUNT_MAX: usize = 1024;
+
+impl BufPool {
+    /// A pool that hands out at most `limit_bytes` at a time, aligned to `align`.
+    pub fn new(limit_bytes: usize, align: usize) -> BufPool {
+        let state = Mutex::new(PoolState { in_use_bytes: 0, free: Vec::new() });
+        BufPool { shared: Arc::new(PoolShared { align, limit_bytes, state }) }
+    }
+
+    /// A buffer of `len` bytes (contents unspecified), or `BufferLimit` if the pool is spent.
+    pub fn get(&self, len: usize) -> Result<AlignedBuf> {
+        let shared = &self.shared;
+        let mut state = shared.state.lock();
+        let capacity = len.max(1).div_ceil(shared.align) * shared.align;
+        if state.in_use_bytes + capacity > shared.limit_bytes {
+            return Err(Error::BufferLimit {
+                requested_bytes: len as u64,
+                in_use_bytes: state.in_use_bytes as u64,
+                limit_bytes: shared.limit_bytes as u64,
+            });
+        }
+        state.in_use_bytes += capacity;
+        let reuse = state.free.iter().position(|b| b.capacity == capacity);
+        let mut buf = match reuse {
+            Some(index) => state.free.swap_remove(index),
+            None => {
+                drop(state);
+                AlignedBuf::zeroed(len, shared.align)?
+            }
+        };
+        buf.set_len(len);
+        buf.home = Some(shared.clone());
+        Ok(buf)
+    }
+
+    pub fn in_use_bytes(&self) -> usize {
+        self.shared.state.lock().in_use_bytes
+    }
+
+    pub fn limit_bytes(&self) -> usize {
+        self.shared.limit_bytes
+    }
+}
+
+impl PoolShared {
+    fn give_back(&self, buf: AlignedBuf) {
+        let mut state = self.state.lock();
+        assert!(state.in_use_bytes >= buf.capacity, "pool accounting underflow");
+        state.in_use_bytes -= buf.capacity;
+        if state.free.len() < POOL_FREE_COUNT_MAX {
+            state.free.push(buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_and_zeroed() {
+        for align in [512, 4096, 65536] {
+            let buf = AlignedBuf::zeroed(1000, align).unwrap();
+            assert_eq!(buf.as_ptr() as usize % align, 0);
+            assert_eq!(buf.capacity() % align, 0);
+            assert!(buf.is_all_zero());
+        }
+        assert_eq!(AlignedBuf::zeroed(10, 3).unwrap_err(), Error::BadAlignment { align_bytes: 3 });
+    }
+
+    #[test]
+    fn zero_detection_sees_a_single_byte() {
+        let mut buf = AlignedBuf::zeroed(8192, 4096).unwrap();
+        buf.as_mut_slice()[8191] = 1;
+        assert!(!buf.is_all_zero());
+    }
+
+    #[test]
+    fn pool_bounds_and_recycles() {
+        let pool = BufPool::new(3 * 4096, 4096);
+        let a = pool.get(4096).unwrap();
+        let ptr = a.as_ptr();
+        let _b = pool.get(8192).unwrap();
+        let err = pool.get(1).unwrap_err();
+        assert!(matches!(err, Error::BufferLimit { in_use_bytes: 12288, .. }), "{err}");
+        drop(a);
+        assert_eq!(pool.in_use_bytes(), 8192);
+        let c = pool.get(4096).unwrap();
+        assert_eq!(c.as_ptr(), ptr, "the freed buffer is reused");
+    }
+}

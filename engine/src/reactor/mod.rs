@@ -1,0 +1,417 @@
+//! The per-core reactor: worker threads, each with its own io_uring ring (or a share of a
+//! thread pool where io_uring is refused), task executor, buffer pool and inbox.
+//!
+//! Everything above this module is safe, owned-buffer code; the ring's safety contract lives
+//! in `uring.rs`.
+//!
+//! ```
+//! use tandem::reactor::{Config, Runtime};
+//! let runtime = Runtime::new(Config { cores: 1, ..Config::default() }).unwrap();
+//! let answer = runtime.spawn(|| async { 6 * 7 }).join().unwrap();
+//! assert_eq!(answer, 42);
+//! ```
+
+mod core;
+mod join;
+mod local;
+pub mod op;
+mod threads;
+mod time;
+mod uring;
+
+pub use join::{block_on, JoinHandle};
+pub use op::{Op, OpFuture, OpKind, OpOutput, RESULT_STOPPED};
+pub use time::{now, sleep, sleep_until, yield_now, Sleep, YieldNow};
+pub use uring::RingFlavor;
+
+use self::core::{Backend, Core, CoreShared, Message};
+use self::local::CoreId;
+use self::op::OpShared;
+use crate::buf::BufPool;
+use crate::error::{Error, Result};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle as ThreadHandle;
+
+/// Which I/O backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// `TANDEM_IO_BACKEND` if set, else io_uring, falling back to threads when refused.
+    Auto,
+    Uring,
+    Threads,
+}
+
+/// What the runtime ended up with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Uring(RingFlavor),
+    Threads,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendKind::Uring(flavor) => write!(f, "io_uring ({})", flavor.describe()),
+            BackendKind::Threads => f.write_str("thread pool"),
+        }
+    }
+}
+
+/// Runtime settings. Every field is bounded; `Runtime::new` names any value out of range.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Worker threads, one per core. Default: the CPUs this process may use.
+    pub cores: usize,
+    /// Pin worker `i` to the i-th allowed CPU.
+    pub pin: bool,
+    /// Ring entries per core (and so operations in the kernel per core, less one).
+    pub queue_depth: u32,
+    /// Bytes each core's buffer pool may hand out at once.
+    pub buffer_pool_bytes_per_core: usize,
+    pub backend: BackendChoice,
+    /// Cap on io_uring's io-wq worker threads per ring (bounded and unbounded each).
+    pub io_workers_max: u32,
+    /// Threads of the thread-pool backend (its queue depth is one operation per thread).
+    pub thread_pool_workers: usize,
+}
+
+const QUEUE_DEPTH_MAX: u32 = 4096;
+const CORES_MAX: usize = 1024;
+const POOL_BYTES_MIN: usize = 4096;
+const THREAD_POOL_WORKERS_MAX: usize = 1024;
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            pin: true,
+            queue_depth: 256,
+            buffer_pool_bytes_per_core: 256 << 20,
+            backend: BackendChoice::Auto,
+            io_workers_max: 8,
+            thread_pool_workers: 64,
+        }
+    }
+}
+
+impl Config {
+    fn validate(&self) -> Result<()> {
+        let bad = |name, value: String, reason| Err(Error::Config { name, value, reason });
+        if self.cores == 0 || self.cores > CORES_MAX {
+            return bad("cores", self.cores.to_string(), "must be 1..=1024");
+        }
+        if self.queue_depth < 2 || self.queue_depth > QUEUE_DEPTH_MAX {
+            return bad("queue_depth", self.queue_depth.to_string(), "must be 2..=4096");
+        }
+        if self.buffer_pool_bytes_per_core < POOL_BYTES_MIN {
+            return bad("buffer_pool_bytes_per_core", self.buffer_pool_bytes_per_core.to_string(), "must be >= 4096");
+        }
+        if self.thread_pool_workers == 0 || self.thread_pool_workers > THREAD_POOL_WORKERS_MAX {
+            return bad("thread_pool_workers", self.thread_pool_workers.to_string(), "must be 1..=1024");
+        }
+        if self.io_workers_max == 0 {
+            return bad("io_workers_max", "0".into(), "must be >= 1");
+        }
+        Ok(())
+    }
+}
+
+struct RuntimeShared {
+    id: u64,
+    cores: Vec<Arc<CoreShared>>,
+    backend: BackendKind,
+    next_core: AtomicUsize,
+}
+
+/// A cheap, `Send + Sync` handle on a runtime: what drivers keep to submit I/O.
+#[derive(Clone)]
+pub struct RuntimeHandle {
+    shared: Arc<RuntimeShared>,
+}
+
+/// The reactor: owns the worker threads. Dropping it shuts them down after draining the I/O
+/// the kernel still holds.
+pub struct Runtime {
+    handle: RuntimeHandle,
+    threads: Vec<ThreadHandle<()>>,
+    // Dropped after the cores have stopped: its workers finish what is queued, then exit.
+    _thread_pool: Option<threads::ThreadPool>,
+}
+
+static RUNTIME_IDS: AtomicU64 = AtomicU64::new(1);
+static BACKEND_LOGGED: AtomicBool = AtomicBool::new(false);
+
+impl Runtime {
+    /// Start the workers. Fails with a typed error naming the bad setting, or the refusal.
+    pub fn new(config: Config) -> Result<Runtime> {
+        config.validate()?;
+        let choice = backend_choice(config.backend)?;
+        let use_uring = match choice {
+            BackendChoice::Threads => false,
+            BackendChoice::Uring => true,
+            BackendChoice::Auto => uring_available(),
+        };
+        let thread_pool = match use_uring {
+            true => None,
+            false => Some(start_thread_pool(&config)?),
+        };
+        let id = RUNTIME_IDS.fetch_add(1, Ordering::Relaxed);
+        let cpus = allowed_cpus();
+        let mut cores = Vec::with_capacity(config.cores);
+        let mut threads = Vec::with_capacity(config.cores);
+        let mut flavor = None;
+        for index in 0..config.cores {
+            let cpu = config.pin.then(|| cpus[index % cpus.len()]);
+            let (core, thread, ring_flavor) = start_core(&config, CoreId { runtime_id: id, index }, cpu, thread_pool.as_ref())?;
+            cores.push(core);
+            threads.push(thread);
+            flavor = ring_flavor;
+        }
+        let backend = flavor.map_or(BackendKind::Threads, BackendKind::Uring);
+        if !BACKEND_LOGGED.swap(true, Ordering::Relaxed) {
+            crate::log::line(&format!("I/O backend: {backend}, {} cores, queue depth {}", config.cores, config.queue_depth));
+        }
+        let shared = Arc::new(RuntimeShared { id, cores, backend, next_core: AtomicUsize::new(0) });
+        Ok(Runtime { handle: RuntimeHandle { shared }, threads, _thread_pool: thread_pool })
+    }
+
+    pub fn handle(&self) -> RuntimeHandle {
+        self.handle.clone()
+    }
+
+    /// Run `make()`'s future on the next core (round robin). The closure is `Send`; the future
+    /// it makes need not be.
+    pub fn spawn<F, Fut>(&self, make: F) -> JoinHandle<Fut::Output>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future + 'static,
+        Fut::Output: Send + 'static,
+    {
+        self.handle.spawn(make)
+    }
+
+    /// Run `make()`'s future on core `core_index` (modulo the core count).
+    pub fn spawn_on<F, Fut>(&self, core_index: usize, make: F) -> JoinHandle<Fut::Output>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future + 'static,
+        Fut::Output: Send + 'static,
+    {
+        self.handle.spawn_on(core_index, make)
+    }
+
+    /// Spawn and wait: the blocking entry point for plain threads.
+    pub fn block_on<F, Fut>(&self, make: F) -> Result<Fut::Output>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future + 'static,
+        Fut::Output: Send + 'static,
+    {
+        self.spawn(make).join()
+    }
+
+    pub fn backend(&self) -> BackendKind {
+        self.handle.shared.backend
+    }
+
+    pub fn core_count(&self) -> usize {
+        self.handle.shared.cores.len()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        for core in &self.handle.shared.cores {
+            let _ = core.send(Message::Shutdown);
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl RuntimeHandle {
+    /// See [`Runtime::spawn`].
+    pub fn spawn<F, Fut>(&self, make: F) -> JoinHandle<Fut::Output>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future + 'static,
+        Fut::Output: Send + 'static,
+    {
+        let index = self.shared.next_core.fetch_add(1, Ordering::Relaxed);
+        self.spawn_on(index, make)
+    }
+
+    /// See [`Runtime::spawn_on`].
+    pub fn spawn_on<F, Fut>(&self, core_index: usize, make: F) -> JoinHandle<Fut::Output>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future + 'static,
+        Fut::Output: Send + 'static,
+    {
+        let core = self.shared.cores[core_index % self.shared.cores.len()].clone();
+        let (sender, handle) = join::join_pair();
+        let schedule_core = core.clone();
+        let start = Box::new(move || {
+            let future = async move { sender.send(make().await) };
+            let (runnable, task) = async_task::spawn_local(future, move |r| schedule_core.schedule(r));
+            task.detach();
+            runnable.schedule();
+        });
+        // A stopped core drops `start`, and with it the sender: the handle reports it.
+        let _ = core.send(Message::Spawn(start));
+        handle
+    }
+
+    /// Submit one operation. On one of this runtime's cores it is queued without a syscall
+    /// (the core submits the batch at the end of its turn); from any other thread it goes
+    /// through a core's inbox.
+    pub fn submit(&self, op: Op) -> OpFuture {
+        let shared = OpShared::new(op);
+        let future = OpFuture { shared: shared.clone() };
+        self.home_core().submit(shared);
+        future
+    }
+
+    fn home_core(&self) -> &Arc<CoreShared> {
+        let cores = &self.shared.cores;
+        match local::current_core() {
+            Some(id) if id.runtime_id == self.shared.id => &cores[id.index],
+            _ => &cores[self.shared.next_core.fetch_add(1, Ordering::Relaxed) % cores.len()],
+        }
+    }
+
+    pub fn backend(&self) -> BackendKind {
+        self.shared.backend
+    }
+
+    /// The buffer pool of the calling core (or of the next core, off the reactor).
+    pub fn buf_pool(&self) -> BufPool {
+        self.home_core().pool.clone()
+    }
+
+    /// Whether the calling thread is one of this runtime's cores.
+    pub fn on_core(&self) -> bool {
+        local::current_core().is_some_and(|id| id.runtime_id == self.shared.id)
+    }
+}
+
+/// Spawn a task on the calling core. Returns `None` off a reactor core.
+pub fn spawn_local<Fut>(future: Fut) -> Option<async_task::Task<Fut::Output>>
+where
+    Fut: Future + 'static,
+    Fut::Output: 'static,
+{
+    let _ = local::current_core()?;
+    let core = CURRENT_SHARED.with(|c| c.borrow().clone())?;
+    let (runnable, task) = async_task::spawn_local(future, move |r| core.schedule(r));
+    runnable.schedule();
+    Some(task)
+}
+
+thread_local! {
+    static CURRENT_SHARED: std::cell::RefCell<Option<Arc<CoreShared>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn backend_choice(choice: BackendChoice) -> Result<BackendChoice> {
+    if choice != BackendChoice::Auto {
+        return Ok(choice);
+    }
+    match std::env::var("TANDEM_IO_BACKEND") {
+        Err(_) => Ok(BackendChoice::Auto),
+        Ok(value) => match value.as_str() {
+            "uring" | "io_uring" => Ok(BackendChoice::Uring),
+            "threads" => Ok(BackendChoice::Threads),
+            "" | "auto" => Ok(BackendChoice::Auto),
+            _ => Err(Error::Config { name: "TANDEM_IO_BACKEND", value, reason: "expected uring, threads or auto" }),
+        },
+    }
+}
+
+/// Probe once with a tiny ring. A refusal (seccomp, `kernel.io_uring_disabled`, no syscall,
+/// no locked memory) is logged once and means the thread pool.
+fn uring_available() -> bool {
+    match uring::build_ring(4) {
+        Ok(_) => true,
+        Err(e) => {
+            crate::log::line(&format!("io_uring unavailable ({e}); using the thread-pool backend"));
+            false
+        }
+    }
+}
+
+fn start_thread_pool(config: &Config) -> Result<threads::ThreadPool> {
+    threads::ThreadPool::new(config.thread_pool_workers, config.thread_pool_workers)
+        .map_err(|_| Error::Config {
+            name: "thread_pool_workers",
+            value: config.thread_pool_workers.to_string(),
+            reason: "could not start the worker threads",
+        })
+}
+
+type StartedCore = (Arc<CoreShared>, ThreadHandle<()>, Option<RingFlavor>);
+
+/// Start one worker and wait until it has built its backend on its own thread (a
+/// SINGLE_ISSUER ring belongs to the thread that created it).
+fn start_core(config: &Config, id: CoreId, cpu: Option<usize>, pool: Option<&threads::ThreadPool>) -> Result<StartedCore> {
+    let buf_pool = BufPool::new(config.buffer_pool_bytes_per_core, crate::buf::DEFAULT_ALIGN_BYTES);
+    let (shared, inbox) = CoreShared::new(id, buf_pool).map_err(|_| Error::Config {
+        name: "cores",
+        value: config.cores.to_string(),
+        reason: "eventfd creation failed",
+    })?;
+    let sender = pool.map(|p| p.sender());
+    let (queue_depth, io_workers_max) = (config.queue_depth, config.io_workers_max);
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let thread_shared = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("tandem-core-{}", id.index))
+        .spawn(move || {
+            if let Some(cpu) = cpu {
+                pin_to_cpu(cpu);
+            }
+            let backend = match sender {
+                Some(sender) => Ok(Backend::Threads(threads::ThreadsBackend::new(sender))),
+                None => uring::UringBackend::new(queue_depth, Core::wake_fd(&thread_shared), io_workers_max).map(Backend::Uring),
+            };
+            let backend = match backend {
+                Ok(backend) => backend,
+                Err(e) => return drop(ready_tx.send(Err(e))),
+            };
+            let flavor = match &backend {
+                Backend::Uring(ring) => Some(ring.flavor),
+                Backend::Threads(_) => None,
+            };
+            let _ = ready_tx.send(Ok(flavor));
+            CURRENT_SHARED.with(|c| *c.borrow_mut() = Some(thread_shared.clone()));
+            Core::new(thread_shared, inbox, backend).run();
+            CURRENT_SHARED.with(|c| *c.borrow_mut() = None);
+        })
+        .map_err(|_| Error::Config { name: "cores", value: config.cores.to_string(), reason: "thread spawn failed" })?;
+    let flavor = ready_rx.recv().map_err(|_| Error::RuntimeStopped)??;
+    Ok((shared, thread, flavor))
+}
+
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this thread.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } == 0;
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|cpu| ok && unsafe { libc::CPU_ISSET(*cpu, &set) }).collect();
+    if cpus.is_empty() {
+        vec![0]
+    } else {
+        cpus
+    }
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: builds a one-CPU set and applies it to the calling thread; failure leaves the
+    // thread unpinned, which is only slower.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}

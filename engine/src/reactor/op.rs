@@ -1,0 +1,121 @@
+//! One I/O operation in flight, and the future that waits for it.
+//!
+//! Ownership rule (the reason this file exists): the operation's buffer lives in [`OpShared`],
+//! which the backend keeps alive (one `Arc` strong count) from submission until the
+//! completion is reaped. The [`OpFuture`] only holds another count. Dropping the future
+//! mid-flight therefore never frees memory the kernel may still write: the buffer is freed
+//! when the completion arrives and the backend drops its count.
+
+use crate::buf::AlignedBuf;
+use crate::priority::IoPriority;
+use parking_lot::Mutex;
+use std::future::Future;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+/// What an operation does. Offsets and lengths are in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// Read `buf.len()` bytes at `offset` into the buffer.
+    Read { fd: RawFd, offset: u64 },
+    /// Write the buffer at `offset`; `fua` makes it durable before completion (RWF_DSYNC).
+    Write { fd: RawFd, offset: u64, fua: bool },
+    /// fsync (or fdatasync).
+    Fsync { fd: RawFd, datasync: bool },
+    /// fallocate with `mode` (FALLOC_FL_* flags) over `[offset, offset + length_bytes)`.
+    Fallocate { fd: RawFd, mode: i32, offset: u64, length_bytes: u64 },
+}
+
+/// An operation to submit: what, with which buffer, at which priority.
+pub struct Op {
+    pub kind: OpKind,
+    pub buf: Option<AlignedBuf>,
+    pub priority: IoPriority,
+}
+
+/// What a finished operation hands back: the kernel's result (bytes moved, or `-errno`) and
+/// the buffer, which is the caller's again.
+#[derive(Debug)]
+pub struct OpOutput {
+    pub result: i32,
+    pub buf: Option<AlignedBuf>,
+}
+
+/// Result code given to operations that could not be submitted because the runtime stopped.
+pub const RESULT_STOPPED: i32 = -libc::ESHUTDOWN;
+
+pub(crate) struct OpShared {
+    state: Mutex<OpState>,
+}
+
+struct OpState {
+    kind: OpKind,
+    priority: IoPriority,
+    buf: Option<AlignedBuf>,
+    result: Option<i32>,
+    waker: Option<Waker>,
+}
+
+impl OpShared {
+    pub(crate) fn new(op: Op) -> Arc<OpShared> {
+        let state = OpState { kind: op.kind, priority: op.priority, buf: op.buf, result: None, waker: None };
+        Arc::new(OpShared { state: Mutex::new(state) })
+    }
+
+    /// The operation's description plus the buffer's address and length, for a backend to
+    /// build its submission. The buffer stays in place until `complete`.
+    pub(crate) fn describe(&self) -> (OpKind, IoPriority, *mut u8, usize) {
+        let mut state = self.state.lock();
+        assert!(state.result.is_none(), "an operation is submitted once");
+        let kind = state.kind;
+        let priority = state.priority;
+        match state.buf.as_mut() {
+            Some(buf) => (kind, priority, buf.as_mut_ptr(), buf.len()),
+            None => (kind, priority, std::ptr::null_mut(), 0),
+        }
+    }
+
+    /// Record the result and wake the waiter. Called once, by the backend that ran it.
+    pub(crate) fn complete(&self, result: i32) {
+        let waker = {
+            let mut state = self.state.lock();
+            assert!(state.result.is_none(), "an operation completes once");
+            state.result = Some(result);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// Waits for an operation. `Send`, runtime-agnostic: any executor can await it.
+pub struct OpFuture {
+    pub(crate) shared: Arc<OpShared>,
+}
+
+impl OpFuture {
+    /// Whether nobody but this future still holds the operation (it was never submitted,
+    /// or its completion has been reaped).
+    pub(crate) fn is_abandoned_by_backend(shared: &Arc<OpShared>) -> bool {
+        Arc::strong_count(shared) == 1
+    }
+}
+
+impl Future for OpFuture {
+    type Output = OpOutput;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<OpOutput> {
+        let mut state = self.shared.state.lock();
+        if let Some(result) = state.result {
+            return Poll::Ready(OpOutput { result, buf: state.buf.take() });
+        }
+        match &state.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => state.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}

@@ -1,0 +1,246 @@
+//! The io_uring backend: one ring per core, created on the core's own thread.
+//!
+//! Safety contract for everything pushed into the ring (each `unsafe` below names its clause):
+//! 1. A submission's `user_data` is either a small token (`TOKEN_*`) or `Arc::into_raw` of the
+//!    operation's [`OpShared`]; that strong count is reclaimed exactly once, when its
+//!    completion is reaped.
+//! 2. Buffer memory named by a submission belongs to that `OpShared`, which clause 1 keeps
+//!    alive until the completion is reaped, whatever happened to the future waiting on it.
+//! 3. File descriptors stay open until the operations using them complete: drivers hold the
+//!    file open for as long as any of their futures exist, and the ring is only dropped after
+//!    `drain` saw every operation complete.
+
+use super::op::{OpKind, OpShared};
+use crate::error::{Error, Result};
+use io_uring::{opcode, squeue, types, IoUring};
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+const TOKEN_WAKE_POLL: u64 = 1;
+const RWF_DSYNC: i32 = 0x2;
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
+/// Which set-up flags the kernel accepted, for the one log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingFlavor {
+    SingleIssuerDeferTaskrun,
+    CoopTaskrun,
+    Plain,
+}
+
+impl RingFlavor {
+    pub fn describe(self) -> &'static str {
+        match self {
+            RingFlavor::SingleIssuerDeferTaskrun => "SINGLE_ISSUER|DEFER_TASKRUN",
+            RingFlavor::CoopTaskrun => "COOP_TASKRUN",
+            RingFlavor::Plain => "plain flags",
+        }
+    }
+}
+
+pub(crate) struct UringBackend {
+    ring: IoUring,
+    pub flavor: RingFlavor,
+    wake_fd: RawFd,
+    wake_poll_armed: bool,
+    /// Operations whose completion is not yet reaped (excludes the wake poll).
+    in_flight: usize,
+    in_flight_max: usize,
+    /// Times the kernel told us the completion queue overflowed and we flushed it.
+    pub overflow_flush_count: u64,
+}
+
+/// Build a ring with the best flags this kernel accepts. EINVAL means "flag unknown": try the
+/// next rung; any other error (EPERM, ENOSYS, ENOMEM) is returned as is.
+pub(crate) fn build_ring(entries: u32) -> std::io::Result<(IoUring, RingFlavor)> {
+    let cq_entries = entries * 2;
+    let ladder = [RingFlavor::SingleIssuerDeferTaskrun, RingFlavor::CoopTaskrun, RingFlavor::Plain];
+    let mut last_error = None;
+    for flavor in ladder {
+        let mut builder = IoUring::builder();
+        builder.setup_cqsize(cq_entries).setup_clamp();
+        match flavor {
+            RingFlavor::SingleIssuerDeferTaskrun => {
+                builder.setup_single_issuer().setup_defer_taskrun();
+            }
+            RingFlavor::CoopTaskrun => {
+                builder.setup_coop_taskrun().setup_taskrun_flag();
+            }
+            RingFlavor::Plain => {}
+        }
+        match builder.build(entries) {
+            Ok(ring) => return Ok((ring, flavor)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last_error = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_error.expect("the ladder has rungs"))
+}
+
+impl UringBackend {
+    pub(crate) fn new(queue_depth: u32, wake_fd: RawFd, io_workers_max: u32) -> Result<UringBackend> {
+        let (ring, flavor) = build_ring(queue_depth).map_err(|e| Error::Config {
+            name: "io_uring",
+            value: format!("{queue_depth} entries"),
+            reason: leak_reason(e),
+        })?;
+        if !ring.params().is_feature_ext_arg() {
+            return Err(Error::Config { name: "io_uring", value: "EXT_ARG".into(), reason: "kernel older than 5.11" });
+        }
+        // Bound io-wq: writes the kernel cannot do inline (extending files, unwritten extents)
+        // go to worker threads, whose number otherwise grows with load. Best effort: old
+        // kernels lack the call and then keep their own default.
+        let mut workers = [io_workers_max, io_workers_max];
+        let _ = ring.submitter().register_iowq_max_workers(&mut workers);
+        let in_flight_max = ring.params().sq_entries() as usize - 1;
+        assert!(ring.params().cq_entries() as usize > in_flight_max + 1, "CQ holds every op in flight");
+        Ok(UringBackend { ring, flavor, wake_fd, wake_poll_armed: false, in_flight: 0, in_flight_max, overflow_flush_count: 0 })
+    }
+
+    /// Queue one operation into the SQ. Returns it back when the in-flight bound is reached.
+    pub(crate) fn push(&mut self, op: Arc<OpShared>) -> std::result::Result<(), Arc<OpShared>> {
+        if self.in_flight >= self.in_flight_max {
+            return Err(op);
+        }
+        let entry = build_entry(&op).user_data(Arc::into_raw(op) as u64);
+        // SAFETY: clauses 1-3: user_data carries the op's strong count; its buffer and fd
+        // outlive the completion. The SQ cannot be full: unsubmitted entries count in
+        // in_flight, which stays below sq_entries - 1, leaving room for the wake poll.
+        unsafe { self.ring.submission().push(&entry).expect("SQ sized above in_flight_max") };
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Submit what is queued, wait for at least one completion if `wait` (at most `timeout`),
+    /// and complete everything reaped. Returns the number of operations completed.
+    pub(crate) fn submit_and_reap(&mut self, wait: bool, timeout: Option<Duration>) -> usize {
+        let queued = self.ring.submission().len();
+        if !wait && queued == 0 && self.in_flight == 0 {
+            return 0; // nothing the kernel could tell us: skip the syscall
+        }
+        if wait {
+            self.arm_wake_poll();
+        }
+        if let Err(e) = self.enter(wait, timeout) {
+            match e.raw_os_error() {
+                // Timed out, interrupted, or the kernel wants completions reaped first: the
+                // unsubmitted entries stay in the SQ and go with the next enter.
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => {}
+                _ => crate::log::line(&format!("io_uring_enter failed: {e}; retrying after reaping")),
+            }
+        }
+        self.reap()
+    }
+
+    fn enter(&mut self, wait: bool, timeout: Option<Duration>) -> std::io::Result<usize> {
+        let submitter = self.ring.submitter();
+        match (wait, timeout) {
+            (true, Some(timeout)) => {
+                let ts = types::Timespec::from(timeout);
+                submitter.submit_with_args(1, &types::SubmitArgs::new().timespec(&ts))
+            }
+            (true, None) => submitter.submit_and_wait(1),
+            (false, _) => {
+                let queued = self.ring.submission().len() as u32;
+                // GETEVENTS even without waiting: under DEFER_TASKRUN completions are only
+                // posted by an enter that asks for events.
+                // SAFETY: no argument pointer is passed; the SQ tail was published by push.
+                unsafe { self.ring.submitter().enter::<libc::sigset_t>(queued, 0, IORING_ENTER_GETEVENTS, None) }
+            }
+        }
+    }
+
+    fn reap(&mut self) -> usize {
+        let mut completed = self.reap_queue();
+        while self.flush_overflow() {
+            completed += self.reap_queue();
+        }
+        completed
+    }
+
+    fn reap_queue(&mut self) -> usize {
+        let mut completed = 0;
+        for cqe in self.ring.completion() {
+            if cqe.user_data() == TOKEN_WAKE_POLL {
+                self.wake_poll_armed = false;
+                drain_eventfd(self.wake_fd);
+                continue;
+            }
+            // SAFETY: clause 1: every other user_data is an Arc::into_raw from `push`, and
+            // each completion is reaped exactly once.
+            let op = unsafe { Arc::from_raw(cqe.user_data() as *const OpShared) };
+            self.in_flight -= 1;
+            op.complete(cqe.result());
+            completed += 1;
+        }
+        completed
+    }
+
+    /// The kernel keeps completions that did not fit in the CQ (FEAT_NODROP) and hands them
+    /// over only on an enter with GETEVENTS. Returns whether it flushed.
+    fn flush_overflow(&mut self) -> bool {
+        if !self.ring.submission().cq_overflow() {
+            return false;
+        }
+        self.overflow_flush_count += 1;
+        let _ = self.ring.submitter().submit_and_wait(0);
+        true
+    }
+
+    fn arm_wake_poll(&mut self) {
+        if self.wake_poll_armed {
+            return;
+        }
+        let entry = opcode::PollAdd::new(types::Fd(self.wake_fd), libc::POLLIN as u32).build().user_data(TOKEN_WAKE_POLL);
+        // SAFETY: a poll names no memory; the eventfd lives as long as the core.
+        unsafe { self.ring.submission().push(&entry).expect("one slot is kept for the wake poll") };
+        self.wake_poll_armed = true;
+    }
+
+    /// Reap until nothing is in flight, so the ring can be dropped without the kernel still
+    /// owning memory (clause 3).
+    pub(crate) fn drain(&mut self) {
+        while self.in_flight > 0 {
+            self.submit_and_reap(true, Some(Duration::from_millis(100)));
+        }
+    }
+}
+
+fn build_entry(op: &OpShared) -> squeue::Entry {
+    let (kind, priority, ptr, len) = op.describe();
+    let ioprio = priority.to_ioprio();
+    match kind {
+        OpKind::Read { fd, offset } => {
+            opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(offset).ioprio(ioprio).build()
+        }
+        OpKind::Write { fd, offset, fua } => opcode::Write::new(types::Fd(fd), ptr, len as u32)
+            .offset(offset)
+            .ioprio(ioprio)
+            .rw_flags(if fua { RWF_DSYNC } else { 0 })
+            .build(),
+        OpKind::Fsync { fd, datasync } => {
+            let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+            opcode::Fsync::new(types::Fd(fd)).flags(flags).build()
+        }
+        OpKind::Fallocate { fd, mode, offset, length_bytes } => {
+            opcode::Fallocate::new(types::Fd(fd), length_bytes).offset(offset).mode(mode).build()
+        }
+    }
+}
+
+pub(crate) fn drain_eventfd(fd: RawFd) {
+    let mut value = 0u64;
+    // SAFETY: reads 8 bytes into a local; the eventfd is non-blocking.
+    unsafe { libc::read(fd, (&mut value as *mut u64).cast(), 8) };
+}
+
+fn leak_reason(e: std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => "io_uring_setup refused (EPERM)",
+        Some(libc::ENOSYS) => "io_uring_setup missing (ENOSYS)",
+        Some(libc::ENOMEM) => "io_uring_setup out of memory (ENOMEM: RLIMIT_MEMLOCK?)",
+        Some(libc::EINVAL) => "io_uring_setup rejected every flag set (EINVAL)",
+        _ => "io_uring_setup failed",
+    }
+}
