@@ -24,6 +24,8 @@ pub struct FileOptions {
     pub read_only: bool,
     /// Use the page cache where O_DIRECT is refused (with a log line) instead of failing.
     pub allow_buffered: bool,
+    /// Use the page cache on purpose (fio's direct=0).
+    pub buffered: bool,
     /// Create the file if missing and make it at least this large (zero-filled, sparse).
     pub create_size_bytes: Option<u64>,
 }
@@ -76,6 +78,9 @@ impl FileDriver {
 }
 
 fn open_fd(path: &Path, options: &FileOptions) -> Result<(OwnedFd, bool)> {
+    if options.buffered {
+        return open_raw(path, options, false).map(|fd| (fd, false)).map_err(|errno| open_error(path, errno));
+    }
     match open_raw(path, options, true) {
         Ok(fd) => Ok((fd, true)),
         Err(errno) if errno == libc::EINVAL && options.allow_buffered => {

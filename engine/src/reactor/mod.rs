@@ -319,9 +319,14 @@ fn backend_choice(choice: BackendChoice) -> Result<BackendChoice> {
     if choice != BackendChoice::Auto {
         return Ok(choice);
     }
-    match std::env::var("TANDEM_IO_BACKEND") {
-        Err(_) => Ok(BackendChoice::Auto),
-        Ok(value) => match value.as_str() {
+    parse_backend_env(std::env::var("TANDEM_IO_BACKEND").ok())
+}
+
+/// `TANDEM_IO_BACKEND`: uring, threads, auto (or unset).
+fn parse_backend_env(value: Option<String>) -> Result<BackendChoice> {
+    match value {
+        None => Ok(BackendChoice::Auto),
+        Some(value) => match value.as_str() {
             "uring" | "io_uring" => Ok(BackendChoice::Uring),
             "threads" => Ok(BackendChoice::Threads),
             "" | "auto" => Ok(BackendChoice::Auto),
@@ -413,5 +418,82 @@ fn pin_to_cpu(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn one_core() -> Runtime {
+        Runtime::new(Config { cores: 2, pin: false, queue_depth: 8, ..Config::default() }).unwrap()
+    }
+
+    #[test]
+    fn tasks_run_on_the_core_they_were_sent_to() {
+        let runtime = one_core();
+        for core in 0..4 {
+            let on = runtime.spawn_on(core, || async { local::current_core().map(|id| id.index) }).join().unwrap();
+            assert_eq!(on, Some(core % 2));
+        }
+    }
+
+    #[test]
+    fn local_tasks_and_timers() {
+        let runtime = one_core();
+        let waited = runtime
+            .block_on(|| async {
+                let started = Instant::now();
+                let child = spawn_local(async { sleep(Duration::from_millis(20)).await; 7 }).unwrap();
+                (child.await, started.elapsed())
+            })
+            .unwrap();
+        assert_eq!(waited.0, 7);
+        assert!(waited.1 >= Duration::from_millis(20), "slept {:?}", waited.1);
+        assert!(spawn_local(async {}).is_none(), "no core on the test thread");
+    }
+
+    #[test]
+    fn a_task_woken_from_another_core_runs() {
+        let runtime = one_core();
+        let other = runtime.handle();
+        let handle = runtime.spawn_on(0, move || async move {
+            // Core 1 finishes the inner task; its wake-up crosses core 0's inbox.
+            let inner = other.spawn_on(1, || async {
+                sleep(Duration::from_millis(5)).await;
+                local::current_core().map(|id| id.index)
+            });
+            (inner.await.unwrap(), local::current_core().map(|id| id.index))
+        });
+        assert_eq!(handle.join().unwrap(), (Some(1), Some(0)));
+        block_on(sleep(Duration::from_millis(1))); // off-core sleep uses the shared timer
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let err = |config: Config| Runtime::new(config).err().expect("refused").to_string();
+        assert!(err(Config { cores: 0, ..Config::default() }).contains("cores = 0"));
+        assert!(err(Config { queue_depth: 1, ..Config::default() }).contains("queue_depth = 1"));
+        assert!(err(Config { queue_depth: 8192, ..Config::default() }).contains("queue_depth = 8192"));
+        assert!(err(Config { thread_pool_workers: 0, ..Config::default() }).contains("thread_pool_workers = 0"));
+        assert!(err(Config { buffer_pool_bytes_per_core: 100, ..Config::default() }).contains("= 100"));
+    }
+
+    #[test]
+    fn backend_env_values() {
+        assert_eq!(parse_backend_env(None).unwrap(), BackendChoice::Auto);
+        assert_eq!(parse_backend_env(Some("threads".into())).unwrap(), BackendChoice::Threads);
+        assert_eq!(parse_backend_env(Some("uring".into())).unwrap(), BackendChoice::Uring);
+        let err = parse_backend_env(Some("spdk".into())).unwrap_err().to_string();
+        assert!(err.contains("TANDEM_IO_BACKEND = spdk"), "{err}");
+    }
+
+    #[test]
+    fn after_shutdown_spawns_report_stopped() {
+        let runtime = one_core();
+        let handle = runtime.handle();
+        drop(runtime);
+        assert_eq!(handle.spawn(|| async { 1 }).join().unwrap_err(), Error::RuntimeStopped);
     }
 }

@@ -1,0 +1,173 @@
+//! The reactor under real file I/O: futures dropped mid-flight, shutdown with I/O in the
+//! kernel, and the automatic fallback to the thread pool when io_uring is refused.
+
+mod common;
+
+use common::{pattern, runtime, scratch_dir};
+use std::future::Future;
+use std::os::unix::process::CommandExt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use tandem::block::{Disk, WriteFlags};
+use tandem::buf::AlignedBuf;
+use tandem::reactor::{yield_now, BackendChoice, BackendKind, Config, Runtime};
+use tandem::IoPriority;
+use tandem_drivers::{FileDriver, FileOptions};
+
+const DISK_BYTES: u64 = 64 << 20;
+
+fn file_disk(runtime: &Runtime, dir: &tempfile::TempDir) -> Disk {
+    let options = FileOptions { create_size_bytes: Some(DISK_BYTES), ..FileOptions::default() };
+    let driver = FileDriver::open(&runtime.handle(), dir.path().join("disk.img"), &options).expect("O_DIRECT file under target/tmp");
+    let disk = Disk::new(Arc::new(driver));
+    // Real data everywhere, so reads go to the device instead of being answered as holes.
+    for chunk in 0..DISK_BYTES / (4 << 20) {
+        let (result, _) = disk.write_blocking(chunk * (4 << 20), pattern(4 << 20, chunk), WriteFlags::default(), IoPriority::GUEST);
+        result.unwrap();
+    }
+    disk
+}
+
+fn poll_once<F: Future + Unpin>(future: &mut F) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    matches!(Pin::new(future).poll(&mut cx), Poll::Ready(_))
+}
+
+/// Thousands of reads are started and their futures dropped while the kernel still owns the
+/// buffers; the buffers must stay alive until each completion, and the disk must keep
+/// working (and reading the right bytes) afterwards.
+fn drop_in_flight_reads(backend: BackendChoice) {
+    let dir = scratch_dir();
+    let runtime = runtime(backend, 2);
+    let disk = file_disk(&runtime, &dir);
+    for core in 0..2 {
+        let disk = disk.clone();
+        let dropped = runtime.spawn_on(core, move || async move {
+            let mut dropped = 0;
+            for round in 0..8u64 {
+                let mut futures: Vec<_> = (0..512u64)
+                    .map(|i| {
+                        let offset = ((round * 512 + i) * 65536) % DISK_BYTES;
+                        disk.read(offset, AlignedBuf::zeroed(65536, 4096).unwrap(), IoPriority::GUEST)
+                    })
+                    .collect();
+                yield_now().await; // the core submits the batch
+                futures.iter_mut().take(8).for_each(|f| {
+                    poll_once(f);
+                });
+                dropped += futures.len();
+                drop(futures); // most still in flight
+            }
+            dropped
+        });
+        assert_eq!(dropped.join().unwrap(), 8 * 512);
+    }
+    // Off the reactor too: the request crosses an inbox, then is abandoned.
+    for i in 0..1024u64 {
+        let mut future = disk.read((i * 4096) % DISK_BYTES, AlignedBuf::zeroed(4096, 4096).unwrap(), IoPriority::GUEST);
+        poll_once(&mut future);
+    }
+    let (result, buf) = disk.read_blocking(4 << 20, AlignedBuf::zeroed(4 << 20, 4096).unwrap(), IoPriority::GUEST);
+    result.unwrap();
+    assert_eq!(buf.as_slice(), pattern(4 << 20, 1).as_slice(), "data read after the storm");
+}
+
+#[test]
+fn dropped_in_flight_reads_uring() {
+    drop_in_flight_reads(BackendChoice::Uring);
+}
+
+#[test]
+fn dropped_in_flight_reads_threads() {
+    drop_in_flight_reads(BackendChoice::Threads);
+}
+
+/// Dropping the runtime while tasks keep I/O in flight drains the kernel's operations first;
+/// the unfinished tasks report that the runtime stopped.
+#[test]
+fn shutdown_drains_in_flight_io() {
+    let dir = scratch_dir();
+    let runtime = runtime(BackendChoice::Uring, 2);
+    let disk = file_disk(&runtime, &dir);
+    let handles: Vec<_> = (0..32u64)
+        .map(|task| {
+            let disk = disk.clone();
+            runtime.spawn(move || async move {
+                let mut buf = AlignedBuf::zeroed(65536, 4096).unwrap();
+                for i in 0u64.. {
+                    let offset = ((task * 7919 + i) * 65536) % DISK_BYTES;
+                    let (result, back) = disk.read(offset, buf, IoPriority::GUEST).await;
+                    result.unwrap();
+                    buf = back;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    drop(runtime);
+    for handle in handles {
+        assert_eq!(handle.join().unwrap_err(), tandem::Error::RuntimeStopped);
+    }
+    // After shutdown, new requests fail cleanly instead of hanging.
+    let (result, _) = disk.read_blocking(0, AlignedBuf::zeroed(4096, 4096).unwrap(), IoPriority::GUEST);
+    assert_eq!(result.unwrap_err(), tandem::Error::RuntimeStopped);
+}
+
+const CHILD_ENV: &str = "TANDEM_TEST_SECCOMP_CHILD";
+
+/// The child half of `refused_io_uring_falls_back_to_threads`: runs under a seccomp filter
+/// that answers io_uring_setup with EPERM, as container runtimes do.
+#[test]
+fn fallback_child() {
+    let refused = std::env::var_os(CHILD_ENV).is_some();
+    let runtime = Runtime::new(Config { cores: 1, pin: false, ..Config::default() }).unwrap();
+    match refused {
+        true => assert_eq!(runtime.backend(), BackendKind::Threads),
+        false => assert!(matches!(runtime.backend(), BackendKind::Uring(_) | BackendKind::Threads)),
+    }
+    let dir = scratch_dir();
+    let disk = file_disk(&runtime, &dir);
+    let (result, buf) = disk.read_blocking(0, AlignedBuf::zeroed(65536, 4096).unwrap(), IoPriority::GUEST);
+    result.unwrap();
+    assert_eq!(buf.as_slice(), &pattern(4 << 20, 0).as_slice()[..65536]);
+}
+
+#[test]
+fn refused_io_uring_falls_back_to_threads() {
+    let exe = std::env::current_exe().unwrap();
+    let mut command = std::process::Command::new(exe);
+    command.args(["--exact", "fallback_child", "--nocapture", "--test-threads=1"]).env(CHILD_ENV, "1").env_remove("TANDEM_IO_BACKEND");
+    // SAFETY: pre_exec runs in the forked child before exec; it only makes syscalls.
+    unsafe { command.pre_exec(deny_io_uring_setup) };
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "child failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("1 passed"), "the child test ran:\n{stdout}");
+    let lines: Vec<_> = stderr.lines().filter(|l| l.contains("io_uring unavailable")).collect();
+    assert_eq!(lines.len(), 1, "exactly one clear log line:\n{stderr}");
+    assert!(lines[0].contains("thread-pool backend") && lines[0].contains("Operation not permitted"), "{}", lines[0]);
+}
+
+/// A seccomp filter: io_uring_setup fails with EPERM, everything else is allowed.
+fn deny_io_uring_setup() -> std::io::Result<()> {
+    const SYSCALL_NR_OFFSET: u32 = 0;
+    let filter = [
+        libc::sock_filter { code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, jt: 0, jf: 0, k: SYSCALL_NR_OFFSET },
+        libc::sock_filter { code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16, jt: 0, jf: 1, k: libc::SYS_io_uring_setup as u32 },
+        libc::sock_filter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32 },
+        libc::sock_filter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: libc::SECCOMP_RET_ALLOW },
+    ];
+    let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+    // SAFETY: plain prctl calls; `program` outlives them.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &program as *const _, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
