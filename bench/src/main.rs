@@ -1,1 +1,72 @@
-fn main(){}
+//! `tandem-bench`: the fio-like harness for Tandem. `run` takes fio's flags and job files and
+//! prints fio-compatible text or JSON; `compare-fio` runs fio and Tandem side by side on the
+//! same job; `demo` is the README's first command.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "tandem-bench", version, about = "fio-like benchmarks for the Tandem storage engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run fio-style jobs on Tandem: fio's flags (--name --filename --rw --bs --iodepth ...)
+    /// and/or fio job files. `tandem-bench run --help` lists the options.
+    #[command(disable_help_flag = true)]
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the same job through fio (io_uring, direct=1) and Tandem, alternating, and print
+    /// both with the ratio Tandem/fio. Takes `run`'s options plus --rounds=N.
+    #[command(name = "compare-fio", disable_help_flag = true)]
+    CompareFio {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A short, visible tour on scratch files: a few benchmarks with progress, then clean up.
+    Demo(tandem_bench::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Run { args } => run_command(&args),
+        Command::CompareFio { args } => tandem_bench::compare::compare_command(&args),
+        Command::Demo(args) => tandem_bench::demo::demo_command(&args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("tandem-bench: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tandem-bench run`: parse like fio, run, print like fio.
+fn run_command(args: &[String]) -> Result<(), String> {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{}", tandem_bench::fio::usage());
+        return Ok(());
+    }
+    let config = tandem_bench::fio::parse_command_line(args).map_err(|e| e.to_string())?;
+    let report = tandem_bench::run_jobs(&config.jobs, None)?;
+    let text = match config.output_format {
+        tandem_bench::fio::OutputFormat::Json => {
+            serde_json::to_string_pretty(&tandem_bench::fio::render_json(&report)).map_err(|e| e.to_string())? + "\n"
+        }
+        tandem_bench::fio::OutputFormat::Normal => tandem_bench::fio::render_normal(&report),
+    };
+    match &config.output_path {
+        Some(path) => std::fs::write(path, text).map_err(|e| format!("cannot write {path}: {e}")),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}

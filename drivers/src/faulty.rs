@@ -43,7 +43,10 @@ impl OpMask {
 pub enum Trigger {
     Always,
     /// Operations overlapping `[offset, offset + length_bytes)` (flushes never overlap).
-    Range { offset: u64, length_bytes: u64 },
+    Range {
+        offset: u64,
+        length_bytes: u64,
+    },
     /// The n-th operation the rule's mask matches, counting from 1.
     Nth(u64),
     /// Each matching operation with this probability (0.0..=1.0), from the driver's seed.
@@ -206,7 +209,12 @@ impl FaultyDriver {
 
     /// A future that saves what `[offset, offset + length_bytes)` holds before it changes
     /// (crash model); `None` when tracking is off.
-    fn saver(&self, offset: u64, length_bytes: u64, durable: Option<AlignedBuf>) -> Option<impl std::future::Future<Output = Result<()>> + Send + 'static> {
+    fn saver(
+        &self,
+        offset: u64,
+        length_bytes: u64,
+        durable: Option<AlignedBuf>,
+    ) -> Option<impl std::future::Future<Output = Result<()>> + Send + 'static> {
         if !self.track_unflushed {
             return None;
         }
@@ -320,7 +328,13 @@ impl BlockDriver for FaultyDriver {
         })
     }
 
-    fn write_zeroes(&self, offset: u64, length_bytes: u64, may_unmap: bool, priority: IoPriority) -> IoFuture<Result<()>> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length_bytes: u64,
+        may_unmap: bool,
+        priority: IoPriority,
+    ) -> IoFuture<Result<()>> {
         let decision = self.decide(OpMask::WRITE_ZEROES, Some((offset, length_bytes)));
         let inner = self.inner.clone();
         let run = move || inner.write_zeroes(offset, length_bytes, may_unmap, priority);

@@ -6,7 +6,10 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use tandem::block::{map_done, map_transfer, Alignment, BlockDriver, BlockStatus, BufResult, Capabilities, Extent, IoFuture, OpContext, WriteFlags};
+use tandem::block::{
+    map_done, map_transfer, Alignment, BlockDriver, BlockStatus, BufResult, Capabilities, Extent, IoFuture, OpContext,
+    WriteFlags,
+};
 use tandem::buf::AlignedBuf;
 use tandem::reactor::{Op, OpKind, RuntimeHandle};
 use tandem::{Error, IoPriority, Result};
@@ -53,7 +56,16 @@ impl FileDriver {
         let size_bytes = device_size(&fd, &path)?;
         let alignment = if direct { dio_alignment(&fd) } else { Alignment { request_bytes: 1, memory_bytes: 1 } };
         let name = format!("file:{}", path.display());
-        let driver = FileDriver { name, path, fd, size_bytes, alignment, direct, read_only: options.read_only, runtime: runtime.clone() };
+        let driver = FileDriver {
+            name,
+            path,
+            fd,
+            size_bytes,
+            alignment,
+            direct,
+            read_only: options.read_only,
+            runtime: runtime.clone(),
+        };
         Ok(driver)
     }
 
@@ -70,7 +82,14 @@ impl FileDriver {
         self.runtime.submit(Op { kind, buf, priority })
     }
 
-    fn fallocate(&self, op: &'static str, mode: i32, offset: u64, length_bytes: u64, priority: IoPriority) -> IoFuture<Result<()>> {
+    fn fallocate(
+        &self,
+        op: &'static str,
+        mode: i32,
+        offset: u64,
+        length_bytes: u64,
+        priority: IoPriority,
+    ) -> IoFuture<Result<()>> {
         let fd = self.fd.as_raw_fd();
         let future = self.submit(OpKind::Fallocate { fd, mode, offset, length_bytes }, None, priority);
         IoFuture::op(future, OpContext { op, offset }, map_done)
@@ -154,7 +173,10 @@ fn dio_alignment(fd: &OwnedFd) -> Alignment {
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     let ok = unsafe { libc::statx(fd.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, STATX_DIOALIGN, &mut stx) } == 0;
     if ok && stx.stx_mask & STATX_DIOALIGN != 0 && stx.stx_dio_offset_align > 0 && stx.stx_dio_mem_align > 0 {
-        return Alignment { request_bytes: u64::from(stx.stx_dio_offset_align), memory_bytes: u64::from(stx.stx_dio_mem_align) };
+        return Alignment {
+            request_bytes: u64::from(stx.stx_dio_offset_align),
+            memory_bytes: u64::from(stx.stx_dio_mem_align),
+        };
     }
     let mut logical_bytes: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int; on a regular file it fails and we fall back.
@@ -198,7 +220,13 @@ impl BlockDriver for FileDriver {
         IoFuture::op(future, OpContext { op: "flush", offset: 0 }, map_done)
     }
 
-    fn write_zeroes(&self, offset: u64, length_bytes: u64, may_unmap: bool, priority: IoPriority) -> IoFuture<Result<()>> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length_bytes: u64,
+        may_unmap: bool,
+        priority: IoPriority,
+    ) -> IoFuture<Result<()>> {
         let mode = match may_unmap {
             true => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             false => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
@@ -207,7 +235,13 @@ impl BlockDriver for FileDriver {
     }
 
     fn discard(&self, offset: u64, length_bytes: u64, priority: IoPriority) -> IoFuture<Result<()>> {
-        self.fallocate("discard", libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, length_bytes, priority)
+        self.fallocate(
+            "discard",
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            length_bytes,
+            priority,
+        )
     }
 
     /// From SEEK_DATA/SEEK_HOLE: metadata only, answered by the filesystem without device I/O,

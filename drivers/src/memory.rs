@@ -108,7 +108,13 @@ impl BlockDriver for MemoryDriver {
         IoFuture::ready((Ok(()), buf))
     }
 
-    fn write(&self, offset: u64, buf: AlignedBuf, _flags: WriteFlags, _priority: IoPriority) -> IoFuture<BufResult<()>> {
+    fn write(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        _flags: WriteFlags,
+        _priority: IoPriority,
+    ) -> IoFuture<BufResult<()>> {
         let data_in = buf.as_slice();
         self.for_each_piece(offset, data_in.len() as u64, |chunk, within, piece, at| {
             if !matches!(chunk, Chunk::Data(_)) {
@@ -125,7 +131,13 @@ impl BlockDriver for MemoryDriver {
         IoFuture::ready(Ok(()))
     }
 
-    fn write_zeroes(&self, offset: u64, length_bytes: u64, may_unmap: bool, _priority: IoPriority) -> IoFuture<Result<()>> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length_bytes: u64,
+        may_unmap: bool,
+        _priority: IoPriority,
+    ) -> IoFuture<Result<()>> {
         self.zero_range(offset, length_bytes, if may_unmap { Chunk::Hole } else { Chunk::Zero });
         IoFuture::ready(Ok(()))
     }

@@ -37,7 +37,13 @@ impl BlockDriver for NullDriver {
         IoFuture::ready((Ok(()), buf))
     }
 
-    fn write(&self, _offset: u64, buf: AlignedBuf, _flags: WriteFlags, _priority: IoPriority) -> IoFuture<BufResult<()>> {
+    fn write(
+        &self,
+        _offset: u64,
+        buf: AlignedBuf,
+        _flags: WriteFlags,
+        _priority: IoPriority,
+    ) -> IoFuture<BufResult<()>> {
         IoFuture::ready((Ok(()), buf))
     }
 
@@ -45,7 +51,13 @@ impl BlockDriver for NullDriver {
         IoFuture::ready(Ok(()))
     }
 
-    fn write_zeroes(&self, _offset: u64, _length_bytes: u64, _may_unmap: bool, _priority: IoPriority) -> IoFuture<Result<()>> {
+    fn write_zeroes(
+        &self,
+        _offset: u64,
+        _length_bytes: u64,
+        _may_unmap: bool,
+        _priority: IoPriority,
+    ) -> IoFuture<Result<()>> {
         IoFuture::ready(Ok(()))
     }
 

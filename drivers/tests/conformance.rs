@@ -170,7 +170,10 @@ fn bad_requests_are_refused_and_change_nothing(s: &Subject) {
     }
     if align > 1 {
         let (result, _) = s.disk.write_blocking(align / 2, pattern(4096, 1), WriteFlags::default(), G);
-        assert_eq!(result.unwrap_err(), Error::Misaligned { part: AlignedPart::Offset, value: align / 2, align_bytes: align });
+        assert_eq!(
+            result.unwrap_err(),
+            Error::Misaligned { part: AlignedPart::Offset, value: align / 2, align_bytes: align }
+        );
         let err = s.disk.write_zeroes_blocking(0, align + align / 2, false, G).unwrap_err();
         assert!(matches!(err, Error::Misaligned { part: AlignedPart::Length, .. }), "{err}");
     }
@@ -192,7 +195,8 @@ fn many_tasks_on_every_core(s: &Subject) {
             s.runtime.spawn(move || async move {
                 for i in 0..WRITES {
                     let offset = task * region_bytes + i * 8192;
-                    let (result, _) = disk.write(offset, pattern(8192, task * 1000 + i), WriteFlags::default(), G).await;
+                    let (result, _) =
+                        disk.write(offset, pattern(8192, task * 1000 + i), WriteFlags::default(), G).await;
                     result.unwrap();
                 }
             })

@@ -19,11 +19,13 @@ const DISK_BYTES: u64 = 64 << 20;
 
 fn file_disk(runtime: &Runtime, dir: &tempfile::TempDir) -> Disk {
     let options = FileOptions { create_size_bytes: Some(DISK_BYTES), ..FileOptions::default() };
-    let driver = FileDriver::open(&runtime.handle(), dir.path().join("disk.img"), &options).expect("O_DIRECT file under target/tmp");
+    let driver = FileDriver::open(&runtime.handle(), dir.path().join("disk.img"), &options)
+        .expect("O_DIRECT file under target/tmp");
     let disk = Disk::new(Arc::new(driver));
     // Real data everywhere, so reads go to the device instead of being answered as holes.
     for chunk in 0..DISK_BYTES / (4 << 20) {
-        let (result, _) = disk.write_blocking(chunk * (4 << 20), pattern(4 << 20, chunk), WriteFlags::default(), IoPriority::GUEST);
+        let (result, _) =
+            disk.write_blocking(chunk * (4 << 20), pattern(4 << 20, chunk), WriteFlags::default(), IoPriority::GUEST);
         result.unwrap();
     }
     disk
@@ -137,7 +139,10 @@ fn fallback_child() {
 fn refused_io_uring_falls_back_to_threads() {
     let exe = std::env::current_exe().unwrap();
     let mut command = std::process::Command::new(exe);
-    command.args(["--exact", "fallback_child", "--nocapture", "--test-threads=1"]).env(CHILD_ENV, "1").env_remove("TANDEM_IO_BACKEND");
+    command
+        .args(["--exact", "fallback_child", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .env_remove("TANDEM_IO_BACKEND");
     // SAFETY: pre_exec runs in the forked child before exec; it only makes syscalls.
     unsafe { command.pre_exec(deny_io_uring_setup) };
     let output = command.output().unwrap();
@@ -154,9 +159,24 @@ fn refused_io_uring_falls_back_to_threads() {
 fn deny_io_uring_setup() -> std::io::Result<()> {
     const SYSCALL_NR_OFFSET: u32 = 0;
     let filter = [
-        libc::sock_filter { code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, jt: 0, jf: 0, k: SYSCALL_NR_OFFSET },
-        libc::sock_filter { code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16, jt: 0, jf: 1, k: libc::SYS_io_uring_setup as u32 },
-        libc::sock_filter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32 },
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: SYSCALL_NR_OFFSET,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_io_uring_setup as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        },
         libc::sock_filter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: libc::SECCOMP_RET_ALLOW },
     ];
     let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };

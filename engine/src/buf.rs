@@ -96,7 +96,8 @@ impl AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if let Some(home) = self.home.take() {
-            let buf = AlignedBuf { ptr: self.ptr, len: self.len, capacity: self.capacity, align: self.align, home: None };
+            let buf =
+                AlignedBuf { ptr: self.ptr, len: self.len, capacity: self.capacity, align: self.align, home: None };
             home.give_back(buf);
             return;
         }
@@ -117,7 +118,8 @@ fn layout_for(len: usize, align: usize) -> Result<Layout> {
         return Err(Error::BadAlignment { align_bytes: align as u64 });
     }
     let size = len.max(1).div_ceil(align) * align;
-    Layout::from_size_align(size, align).map_err(|_| Error::TooLarge { length_bytes: len as u64, max_bytes: isize::MAX as u64 })
+    Layout::from_size_align(size, align)
+        .map_err(|_| Error::TooLarge { length_bytes: len as u64, max_bytes: isize::MAX as u64 })
 }
 
 /// A bounded pool of aligned buffers. Cloning shares the pool.

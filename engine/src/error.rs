@@ -45,7 +45,9 @@ pub enum Error {
     ReadOnly { op: &'static str, name: String },
     #[error("{op} is not supported by driver {driver}")]
     Unsupported { op: &'static str, driver: String },
-    #[error("buffer of {requested_bytes} bytes would exceed the pool limit of {limit_bytes} bytes ({in_use_bytes} in use)")]
+    #[error(
+        "buffer of {requested_bytes} bytes would exceed the pool limit of {limit_bytes} bytes ({in_use_bytes} in use)"
+    )]
     BufferLimit { requested_bytes: u64, in_use_bytes: u64, limit_bytes: u64 },
     #[error("alignment {align_bytes} is not a power of two")]
     BadAlignment { align_bytes: u64 },
@@ -67,9 +69,7 @@ impl Error {
     /// The errno behind this error, where there is one.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Io { errno, .. } | Error::Open { errno, .. } | Error::Injected { errno } => {
-                Some(*errno)
-            }
+            Error::Io { errno, .. } | Error::Open { errno, .. } | Error::Injected { errno } => Some(*errno),
             Error::DirectIoRefused { errno, .. } => Some(*errno),
             _ => None,
         }

@@ -133,7 +133,13 @@ impl Disk {
     }
 
     /// Write all of `buf` at `offset`.
-    pub fn write(&self, offset: u64, buf: AlignedBuf, flags: WriteFlags, priority: IoPriority) -> IoFuture<BufResult<()>> {
+    pub fn write(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        flags: WriteFlags,
+        priority: IoPriority,
+    ) -> IoFuture<BufResult<()>> {
         let checked = self.check_writable("write").and_then(|()| self.check_transfer(offset, &buf));
         match checked {
             Ok(()) => self.driver.write(offset, buf, flags, priority),
@@ -145,7 +151,13 @@ impl Disk {
         self.driver.flush(priority)
     }
 
-    pub fn write_zeroes(&self, offset: u64, length_bytes: u64, may_unmap: bool, priority: IoPriority) -> IoFuture<Result<()>> {
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        length_bytes: u64,
+        may_unmap: bool,
+        priority: IoPriority,
+    ) -> IoFuture<Result<()>> {
         let checked = self
             .check_writable("write_zeroes")
             .and_then(|()| self.check_capable("write_zeroes", self.capabilities.write_zeroes))
@@ -181,7 +193,13 @@ impl Disk {
     }
 
     /// Blocking [`Disk::write`].
-    pub fn write_blocking(&self, offset: u64, buf: AlignedBuf, flags: WriteFlags, priority: IoPriority) -> BufResult<()> {
+    pub fn write_blocking(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        flags: WriteFlags,
+        priority: IoPriority,
+    ) -> BufResult<()> {
         block_on(self.write(offset, buf, flags, priority))
     }
 
@@ -191,7 +209,13 @@ impl Disk {
     }
 
     /// Blocking [`Disk::write_zeroes`].
-    pub fn write_zeroes_blocking(&self, offset: u64, length_bytes: u64, may_unmap: bool, priority: IoPriority) -> Result<()> {
+    pub fn write_zeroes_blocking(
+        &self,
+        offset: u64,
+        length_bytes: u64,
+        may_unmap: bool,
+        priority: IoPriority,
+    ) -> Result<()> {
         block_on(self.write_zeroes(offset, length_bytes, may_unmap, priority))
     }
 

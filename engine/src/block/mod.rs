@@ -81,7 +81,13 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// Make every completed write durable.
     fn flush(&self, priority: IoPriority) -> IoFuture<Result<()>>;
     /// Make the range read as zeros; `may_unmap` lets the driver deallocate it.
-    fn write_zeroes(&self, offset: u64, length_bytes: u64, may_unmap: bool, priority: IoPriority) -> IoFuture<Result<()>>;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length_bytes: u64,
+        may_unmap: bool,
+        priority: IoPriority,
+    ) -> IoFuture<Result<()>>;
     /// Tell the device the range is unused; its contents become unspecified.
     fn discard(&self, offset: u64, length_bytes: u64, priority: IoPriority) -> IoFuture<Result<()>>;
     /// The status of the bytes from `offset`: one extent, at most `length_bytes` long.

@@ -102,7 +102,7 @@ impl CoreShared {
             return;
         }
         if let Err(Message::Op(op)) = self.send(Message::Op(op)) {
-            op.complete(RESULT_STOPPED);
+            op.complete(RESULT_STOPPED, |_| None);
         }
     }
 }
@@ -116,12 +116,19 @@ pub(crate) struct Core {
     shared: Arc<CoreShared>,
     inbox: Receiver<Message>,
     backend: Backend,
+    submit_batch_count: usize,
     stopping: bool,
 }
 
 impl Core {
-    pub(crate) fn new(shared: Arc<CoreShared>, inbox: Receiver<Message>, backend: Backend) -> Core {
-        Core { shared, inbox, backend, stopping: false }
+    pub(crate) fn new(
+        shared: Arc<CoreShared>,
+        inbox: Receiver<Message>,
+        backend: Backend,
+        submit_batch_count: usize,
+    ) -> Core {
+        assert!(submit_batch_count > 0);
+        Core { shared, inbox, backend, submit_batch_count, stopping: false }
     }
 
     pub(crate) fn wake_fd(shared: &CoreShared) -> i32 {
@@ -143,7 +150,7 @@ impl Core {
     /// One turn: messages, tasks, submissions, then completions (waiting if idle).
     fn turn(&mut self) {
         self.drain_inbox();
-        run_tasks(TASK_BUDGET_COUNT);
+        run_tasks(TASK_BUDGET_COUNT, self.submit_batch_count);
         let pending_left = self.flush_pending();
         let now = local::refresh_clock();
         let next_timer = local::fire_timers(now);
@@ -229,14 +236,14 @@ impl Core {
     /// Shutdown: refuse what was never submitted, wait for everything the kernel holds, then
     /// drop the tasks here, on their own thread.
     fn stop(&mut self) {
-        PENDING_OPS.with(|q| q.borrow_mut().drain(..).for_each(|op| op.complete(RESULT_STOPPED)));
+        PENDING_OPS.with(|q| q.borrow_mut().drain(..).for_each(|op| op.complete(RESULT_STOPPED, |_| None)));
         if let Backend::Uring(ring) = &mut self.backend {
             ring.drain();
         }
         self.stopping = true;
         while let Ok(message) = self.inbox.try_recv() {
             match message {
-                Message::Op(op) => op.complete(RESULT_STOPPED),
+                Message::Op(op) => op.complete(RESULT_STOPPED, |_| None),
                 other => drop(other),
             }
         }
@@ -245,10 +252,17 @@ impl Core {
     }
 }
 
-fn run_tasks(budget: usize) {
+/// Run up to `budget` runnables, stopping early once `submit_batch_count` operations are
+/// queued: handing I/O to the kernel promptly is worth a syscall (see `Config`).
+fn run_tasks(budget: usize, submit_batch_count: usize) {
     for _ in 0..budget {
-        let Some(runnable) = RUN_QUEUE.with(|q| q.borrow_mut().pop_front()) else { return };
+        let Some(runnable) = RUN_QUEUE.with(|q| q.borrow_mut().pop_front()) else {
+            return;
+        };
         runnable.run();
+        if PENDING_OPS.with(|q| q.borrow().len()) >= submit_batch_count {
+            return;
+        }
     }
 }
 
@@ -260,4 +274,3 @@ fn wait_eventfd(fd: i32, timeout: Option<Duration>) {
     unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
     drain_eventfd(fd);
 }
-

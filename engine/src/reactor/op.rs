@@ -9,15 +9,19 @@
 use crate::buf::AlignedBuf;
 use crate::priority::IoPriority;
 use parking_lot::Mutex;
+use std::cell::Cell;
 use std::future::Future;
 use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 /// What an operation does. Offsets and lengths are in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
+    /// Does nothing: measures the reactor's own round trip.
+    Nop,
     /// Read `buf.len()` bytes at `offset` into the buffer.
     Read { fd: RawFd, offset: u64 },
     /// Write the buffer at `offset`; `fua` makes it durable before completion (RWF_DSYNC).
@@ -56,19 +60,43 @@ struct OpState {
     buf: Option<AlignedBuf>,
     result: Option<i32>,
     waker: Option<Waker>,
+    /// The backend's submission batch this operation went out in.
+    batch: u64,
+    /// When the kernel (or a pool thread) took the operation.
+    submitted_at: Option<Instant>,
+}
+
+thread_local! {
+    static LAST_SUBMITTED_AT: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// When the operation this thread most recently saw complete was handed to the kernel: the
+/// end of its submission syscall (shared by its batch), or when a pool thread picked it up.
+/// A benchmark's completion latency starts here, as fio's `clat` does; `None` if unknown.
+pub fn last_op_submitted_at() -> Option<Instant> {
+    LAST_SUBMITTED_AT.with(|c| c.get())
 }
 
 impl OpShared {
     pub(crate) fn new(op: Op) -> Arc<OpShared> {
-        let state = OpState { kind: op.kind, priority: op.priority, buf: op.buf, result: None, waker: None };
+        let state = OpState {
+            kind: op.kind,
+            priority: op.priority,
+            buf: op.buf,
+            result: None,
+            waker: None,
+            batch: 0,
+            submitted_at: None,
+        };
         Arc::new(OpShared { state: Mutex::new(state) })
     }
 
     /// The operation's description plus the buffer's address and length, for a backend to
     /// build its submission. The buffer stays in place until `complete`.
-    pub(crate) fn describe(&self) -> (OpKind, IoPriority, *mut u8, usize) {
+    pub(crate) fn describe(&self, batch: u64) -> (OpKind, IoPriority, *mut u8, usize) {
         let mut state = self.state.lock();
         assert!(state.result.is_none(), "an operation is submitted once");
+        state.batch = batch;
         let kind = state.kind;
         let priority = state.priority;
         match state.buf.as_mut() {
@@ -77,12 +105,14 @@ impl OpShared {
         }
     }
 
-    /// Record the result and wake the waiter. Called once, by the backend that ran it.
-    pub(crate) fn complete(&self, result: i32) {
+    /// Record the result and wake the waiter. Called once, by the backend that ran it;
+    /// `submitted_at` maps the operation's batch to its submission time.
+    pub(crate) fn complete(&self, result: i32, submitted_at: impl FnOnce(u64) -> Option<Instant>) {
         let waker = {
             let mut state = self.state.lock();
             assert!(state.result.is_none(), "an operation completes once");
             state.result = Some(result);
+            state.submitted_at = submitted_at(state.batch);
             state.waker.take()
         };
         if let Some(waker) = waker {
@@ -110,6 +140,7 @@ impl Future for OpFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<OpOutput> {
         let mut state = self.shared.state.lock();
         if let Some(result) = state.result {
+            LAST_SUBMITTED_AT.with(|c| c.set(state.submitted_at));
             return Poll::Ready(OpOutput { result, buf: state.buf.take() });
         }
         match &state.waker {

@@ -25,7 +25,8 @@ impl ThreadPool {
         let mut workers = Vec::with_capacity(worker_count);
         for index in 0..worker_count {
             let receiver: Receiver<Arc<OpShared>> = receiver.clone();
-            let worker = std::thread::Builder::new().name(format!("tandem-io-{index}")).spawn(move || worker_loop(receiver))?;
+            let worker =
+                std::thread::Builder::new().name(format!("tandem-io-{index}")).spawn(move || worker_loop(receiver))?;
             workers.push(worker);
         }
         Ok(ThreadPool { sender: Some(sender), workers })
@@ -69,13 +70,14 @@ impl ThreadsBackend {
 fn worker_loop(receiver: Receiver<Arc<OpShared>>) {
     let mut priority_set = IoPriority::GUEST;
     while let Ok(op) = receiver.recv() {
-        let (kind, priority, ptr, len) = op.describe();
+        let (kind, priority, ptr, len) = op.describe(0);
+        let submitted_at = std::time::Instant::now();
         if priority != priority_set {
             set_thread_priority(priority);
             priority_set = priority;
         }
         let result = run(kind, ptr, len);
-        op.complete(result);
+        op.complete(result, |_| Some(submitted_at));
     }
 }
 
@@ -91,6 +93,7 @@ fn run(kind: OpKind, ptr: *mut u8, len: usize) -> i32 {
     // holds until it calls complete.
     let ret: i64 = unsafe {
         match kind {
+            OpKind::Nop => 0,
             OpKind::Read { fd, offset } => libc::pread(fd, ptr.cast(), len, offset as i64) as i64,
             OpKind::Write { fd, offset, fua } => {
                 let iov = libc::iovec { iov_base: ptr.cast(), iov_len: len };

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const TOKEN_WAKE_POLL: u64 = 1;
 const RWF_DSYNC: i32 = 0x2;
@@ -49,6 +49,34 @@ pub(crate) struct UringBackend {
     in_flight_max: usize,
     /// Times the kernel told us the completion queue overflowed and we flushed it.
     pub overflow_flush_count: u64,
+    submit_log: SubmitLog,
+}
+
+/// Submission times of recent batches: every operation in a batch shares the timestamp taken
+/// when its submission syscall returned (one clock read per batch, not per operation).
+struct SubmitLog {
+    open_batch: u64,
+    times: Box<[Option<Instant>]>,
+}
+
+/// Batches remembered; an operation still in flight after this many later batches reports no
+/// submission time rather than a wrong one.
+const SUBMIT_LOG_COUNT: u64 = 1024;
+
+impl SubmitLog {
+    fn new() -> SubmitLog {
+        SubmitLog { open_batch: SUBMIT_LOG_COUNT, times: vec![None; SUBMIT_LOG_COUNT as usize].into_boxed_slice() }
+    }
+
+    fn close_batch(&mut self, at: Instant) {
+        self.times[(self.open_batch % SUBMIT_LOG_COUNT) as usize] = Some(at);
+        self.open_batch += 1;
+    }
+
+    fn time_of(&self, batch: u64) -> Option<Instant> {
+        let recent = batch < self.open_batch && self.open_batch - batch <= SUBMIT_LOG_COUNT;
+        recent.then(|| self.times[(batch % SUBMIT_LOG_COUNT) as usize]).flatten()
+    }
 }
 
 /// Build a ring with the best flags this kernel accepts. EINVAL means "flag unknown": try the
@@ -95,7 +123,17 @@ impl UringBackend {
         let _ = ring.submitter().register_iowq_max_workers(&mut workers);
         let in_flight_max = ring.params().sq_entries() as usize - 1;
         assert!(ring.params().cq_entries() as usize > in_flight_max + 1, "CQ holds every op in flight");
-        Ok(UringBackend { ring, flavor, wake_fd, wake_poll_armed: false, in_flight: 0, in_flight_max, overflow_flush_count: 0 })
+        let submit_log = SubmitLog::new();
+        Ok(UringBackend {
+            ring,
+            flavor,
+            wake_fd,
+            wake_poll_armed: false,
+            in_flight: 0,
+            in_flight_max,
+            overflow_flush_count: 0,
+            submit_log,
+        })
     }
 
     /// Queue one operation into the SQ. Returns it back when the in-flight bound is reached.
@@ -103,7 +141,7 @@ impl UringBackend {
         if self.in_flight >= self.in_flight_max {
             return Err(op);
         }
-        let entry = build_entry(&op).user_data(Arc::into_raw(op) as u64);
+        let entry = build_entry(&op, self.submit_log.open_batch).user_data(Arc::into_raw(op) as u64);
         // SAFETY: clauses 1-3: user_data carries the op's strong count; its buffer and fd
         // outlive the completion. The SQ cannot be full: unsubmitted entries count in
         // in_flight, which stays below sq_entries - 1, leaving room for the wake poll.
@@ -119,16 +157,19 @@ impl UringBackend {
         if !wait && queued == 0 && self.in_flight == 0 {
             return 0; // nothing the kernel could tell us: skip the syscall
         }
+        if queued > 0 {
+            // Submit on its own before any wait, so the batch's submission time is known
+            // (completion latency starts there, as fio's clat does).
+            let outcome = self.enter(false, None);
+            self.submit_log.close_batch(Instant::now());
+            report_enter_error(outcome);
+        } else if !wait {
+            // Nothing to submit, but completions may be waiting to be posted (DEFER_TASKRUN).
+            report_enter_error(self.enter(false, None));
+        }
         if wait {
             self.arm_wake_poll();
-        }
-        if let Err(e) = self.enter(wait, timeout) {
-            match e.raw_os_error() {
-                // Timed out, interrupted, or the kernel wants completions reaped first: the
-                // unsubmitted entries stay in the SQ and go with the next enter.
-                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => {}
-                _ => crate::log::line(&format!("io_uring_enter failed: {e}; retrying after reaping")),
-            }
+            report_enter_error(self.enter(true, timeout));
         }
         self.reap()
     }
@@ -171,7 +212,8 @@ impl UringBackend {
             // each completion is reaped exactly once.
             let op = unsafe { Arc::from_raw(cqe.user_data() as *const OpShared) };
             self.in_flight -= 1;
-            op.complete(cqe.result());
+            let log = &self.submit_log;
+            op.complete(cqe.result(), |batch| log.time_of(batch));
             completed += 1;
         }
         completed
@@ -192,7 +234,8 @@ impl UringBackend {
         if self.wake_poll_armed {
             return;
         }
-        let entry = opcode::PollAdd::new(types::Fd(self.wake_fd), libc::POLLIN as u32).build().user_data(TOKEN_WAKE_POLL);
+        let entry =
+            opcode::PollAdd::new(types::Fd(self.wake_fd), libc::POLLIN as u32).build().user_data(TOKEN_WAKE_POLL);
         // SAFETY: a poll names no memory; the eventfd lives as long as the core.
         unsafe { self.ring.submission().push(&entry).expect("one slot is kept for the wake poll") };
         self.wake_poll_armed = true;
@@ -207,10 +250,11 @@ impl UringBackend {
     }
 }
 
-fn build_entry(op: &OpShared) -> squeue::Entry {
-    let (kind, priority, ptr, len) = op.describe();
+fn build_entry(op: &OpShared, batch: u64) -> squeue::Entry {
+    let (kind, priority, ptr, len) = op.describe(batch);
     let ioprio = priority.to_ioprio();
     match kind {
+        OpKind::Nop => opcode::Nop::new().build(),
         OpKind::Read { fd, offset } => {
             opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(offset).ioprio(ioprio).build()
         }
@@ -226,6 +270,16 @@ fn build_entry(op: &OpShared) -> squeue::Entry {
         OpKind::Fallocate { fd, mode, offset, length_bytes } => {
             opcode::Fallocate::new(types::Fd(fd), length_bytes).offset(offset).mode(mode).build()
         }
+    }
+}
+
+fn report_enter_error(outcome: std::io::Result<usize>) {
+    let Err(e) = outcome else { return };
+    match e.raw_os_error() {
+        // Timed out, interrupted, or the kernel wants completions reaped first: unsubmitted
+        // entries stay in the SQ and go with the next enter.
+        Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => {}
+        _ => crate::log::line(&format!("io_uring_enter failed: {e}; retrying after reaping")),
     }
 }
 

@@ -1,0 +1,142 @@
+//! Opening what a job names: a file (created and laid out like fio does when it is missing or
+//! short) or the null device. Jobs that name the same file share one driver.
+
+use crate::fio::JobSpec;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tandem::block::{Disk, WriteFlags};
+use tandem::buf::AlignedBuf;
+use tandem::reactor::RuntimeHandle;
+use tandem::IoPriority;
+use tandem_drivers::{FileDriver, FileOptions, NullDriver};
+
+/// Chunk written when laying out a file.
+const LAYOUT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Errors of the bench harness; each names what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("job '{job}': no filename given (use --filename=PATH, or --ioengine=null)")]
+    NoFilename { job: String },
+    #[error("job '{job}': no size given and {path} does not exist (use --size=)")]
+    NoSize { job: String, path: String },
+    #[error("job '{job}': {source}")]
+    Engine { job: String, source: tandem::Error },
+    #[error("job '{job}': offset {offset_bytes} + size {size_bytes} is beyond the end of {path} ({file_bytes} bytes)")]
+    Region { job: String, path: String, offset_bytes: u64, size_bytes: u64, file_bytes: u64 },
+}
+
+/// What a job does I/O against: a disk and the byte region fio's size/offset select.
+#[derive(Clone)]
+pub struct Target {
+    pub disk: Disk,
+    pub offset_bytes: u64,
+    pub size_bytes: u64,
+}
+
+/// Opens each distinct file once.
+pub struct Targets {
+    runtime: RuntimeHandle,
+    open: HashMap<String, Disk>,
+}
+
+impl Targets {
+    pub fn new(runtime: RuntimeHandle) -> Targets {
+        Targets { runtime, open: HashMap::new() }
+    }
+
+    pub fn open(&mut self, spec: &JobSpec) -> Result<Target, TargetError> {
+        let engine_error = |source| TargetError::Engine { job: spec.name.clone(), source };
+        if spec.ioengine.as_deref() == Some("null") {
+            let size_bytes =
+                spec.size_bytes.ok_or_else(|| TargetError::NoSize { job: spec.name.clone(), path: "null".into() })?;
+            let disk = Disk::new(Arc::new(NullDriver::new(spec.offset_bytes + size_bytes)));
+            return Ok(Target { disk, offset_bytes: spec.offset_bytes, size_bytes });
+        }
+        let path = spec.filename.clone().ok_or_else(|| TargetError::NoFilename { job: spec.name.clone() })?;
+        let disk = match self.open.get(&path) {
+            Some(disk) => disk.clone(),
+            None => {
+                let disk = open_file(&self.runtime, spec, &path).map_err(engine_error)?;
+                self.open.insert(path.clone(), disk.clone());
+                disk
+            }
+        };
+        region(spec, &path, disk)
+    }
+}
+
+fn region(spec: &JobSpec, path: &str, disk: Disk) -> Result<Target, TargetError> {
+    let file_bytes = disk.size_bytes();
+    let size_bytes = spec.size_bytes.unwrap_or_else(|| file_bytes.saturating_sub(spec.offset_bytes));
+    let fits = spec.offset_bytes.checked_add(size_bytes).is_some_and(|end| end <= file_bytes);
+    if !fits || size_bytes < spec.block_size_bytes {
+        return Err(TargetError::Region {
+            job: spec.name.clone(),
+            path: path.to_string(),
+            offset_bytes: spec.offset_bytes,
+            size_bytes,
+            file_bytes,
+        });
+    }
+    Ok(Target { disk, offset_bytes: spec.offset_bytes, size_bytes })
+}
+
+/// Open (creating and laying out if needed) the job's file with O_DIRECT when `direct=1`.
+fn open_file(runtime: &RuntimeHandle, spec: &JobSpec, path: &str) -> tandem::Result<Disk> {
+    let wanted_bytes = spec.size_bytes.map(|size| size + spec.offset_bytes);
+    let existing_bytes = std::fs::metadata(path).map(|m| m.len()).ok();
+    let options = FileOptions {
+        read_only: false,
+        allow_buffered: false,
+        buffered: !spec.direct,
+        create_size_bytes: wanted_bytes,
+    };
+    let driver = FileDriver::open(runtime, path, &options)?;
+    let disk = Disk::new(Arc::new(driver));
+    let start_bytes = existing_bytes.unwrap_or(0);
+    if let Some(end_bytes) = wanted_bytes.filter(|end| *end > start_bytes) {
+        lay_out(&disk, start_bytes, end_bytes)?;
+    }
+    Ok(disk)
+}
+
+/// Write real data over `[start, end)`, as fio does before reading a new file: reads of never
+/// written (or fallocated) extents are answered by the filesystem without touching the device.
+fn lay_out(disk: &Disk, start_bytes: u64, end_bytes: u64) -> tandem::Result<()> {
+    eprintln!("{}: laying out IO file ({} MiB)", disk.name(), (end_bytes - start_bytes) >> 20);
+    let align = disk.alignment().request_bytes;
+    let mut offset = start_bytes / align * align;
+    let mut buf = AlignedBuf::zeroed(LAYOUT_CHUNK_BYTES, 4096)?;
+    fill_random(buf.as_mut_slice(), end_bytes);
+    while offset < end_bytes {
+        let length = (end_bytes - offset).min(LAYOUT_CHUNK_BYTES as u64) as usize;
+        buf.set_len(length);
+        let (result, back) = disk.write_blocking(offset, buf, WriteFlags::default(), IoPriority::GUEST);
+        result?;
+        buf = back;
+        offset += length as u64;
+    }
+    disk.flush_blocking(IoPriority::GUEST)
+}
+
+/// Incompressible bytes from a seed (splitmix64).
+pub fn fill_random(bytes: &mut [u8], seed: u64) {
+    let mut state = seed;
+    for chunk in bytes.chunks_mut(8) {
+        let word = crate::rng::next(&mut state).to_le_bytes();
+        chunk.copy_from_slice(&word[..chunk.len()]);
+    }
+}
+
+/// Create and lay out every job's file now (before timed rounds), on a short-lived runtime.
+pub fn prepare_files(jobs: &[JobSpec]) -> Result<(), String> {
+    let config = tandem::reactor::Config { cores: 1, ..Default::default() };
+    let runtime = tandem::reactor::Runtime::new(config).map_err(|e| e.to_string())?;
+    let mut targets = Targets::new(runtime.handle());
+    for job in jobs {
+        job.validate().map_err(|e| e.to_string())?;
+        targets.open(job).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
