@@ -298,3 +298,41 @@ fn leak_reason(e: std::io::Error) -> &'static str {
         _ => "io_uring_setup failed",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::priority::IoPriority;
+    use crate::reactor::op::Op;
+
+    /// The SQE's ioprio field (bytes 2..4 of the 64-byte `io_uring_sqe`).
+    fn sqe_ioprio(entry: squeue::Entry) -> u16 {
+        // SAFETY: squeue::Entry is a repr(C) wrapper of the 64-byte io_uring_sqe.
+        let bytes: [u8; 64] = unsafe { std::mem::transmute(entry) };
+        u16::from_ne_bytes([bytes[2], bytes[3]])
+    }
+
+    #[test]
+    fn priority_reaches_the_sqe() {
+        for (priority, expected) in [(IoPriority::GUEST, 0), (IoPriority::BACKGROUND, 3 << 13), (IoPriority::from_fio(2, 5).unwrap(), (2 << 13) | 5)] {
+            for kind in [OpKind::Read { fd: 0, offset: 0 }, OpKind::Write { fd: 0, offset: 0, fua: true }] {
+                let op = OpShared::new(Op { kind, buf: Some(crate::buf::AlignedBuf::zeroed(4096, 4096).unwrap()), priority });
+                assert_eq!(sqe_ioprio(build_entry(&op, 0)), expected, "{kind:?} at {priority}");
+            }
+        }
+    }
+
+    #[test]
+    fn submit_log_forgets_old_batches_instead_of_lying() {
+        let mut log = SubmitLog::new();
+        let first = log.open_batch;
+        let at = Instant::now();
+        log.close_batch(at);
+        assert_eq!(log.time_of(first), Some(at));
+        assert_eq!(log.time_of(first + 1), None, "a batch still open has no time");
+        for _ in 0..SUBMIT_LOG_COUNT {
+            log.close_batch(Instant::now());
+        }
+        assert_eq!(log.time_of(first), None, "overwritten slot is not reported");
+    }
+}
