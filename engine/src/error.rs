@@ -59,6 +59,8 @@ pub enum Error {
     Config { name: &'static str, value: String, reason: &'static str },
     #[error("the runtime has shut down")]
     RuntimeStopped,
+    #[error("the task panicked (its core caught the panic and keeps running)")]
+    TaskPanicked,
     #[error("injected fault: {}", errno_text(*.errno))]
     Injected { errno: i32 },
     #[error("simulated crash: the disk is gone until it is reopened")]

@@ -13,6 +13,7 @@ struct Slot<T> {
     value: Option<T>,
     waker: Option<Waker>,
     sender_gone: bool,
+    panicked: bool,
 }
 
 /// The result of a task spawned onto a core. `Send`; await it anywhere, or `join` it from a
@@ -26,7 +27,7 @@ pub(crate) struct JoinSender<T> {
 }
 
 pub(crate) fn join_pair<T>() -> (JoinSender<T>, JoinHandle<T>) {
-    let slot = Arc::new(Mutex::new(Slot { value: None, waker: None, sender_gone: false }));
+    let slot = Arc::new(Mutex::new(Slot { value: None, waker: None, sender_gone: false, panicked: false }));
     (JoinSender { slot: slot.clone() }, JoinHandle { slot })
 }
 
@@ -42,6 +43,8 @@ impl<T> Drop for JoinSender<T> {
         let waker = {
             let mut slot = self.slot.lock();
             slot.sender_gone = true;
+            // Dropped while unwinding: the task panicked (the core caught it and lives on).
+            slot.panicked = std::thread::panicking();
             slot.waker.take()
         };
         if let Some(waker) = waker {
@@ -57,6 +60,9 @@ impl<T> Future for JoinHandle<T> {
         let mut slot = self.slot.lock();
         if let Some(value) = slot.value.take() {
             return Poll::Ready(Ok(value));
+        }
+        if slot.panicked {
+            return Poll::Ready(Err(Error::TaskPanicked));
         }
         if slot.sender_gone {
             // The task was dropped unfinished: its runtime shut down.

@@ -270,7 +270,9 @@ impl RuntimeHandle {
         let schedule_core = core.clone();
         let start = Box::new(move || {
             let future = async move { sender.send(make().await) };
-            let (runnable, task) = async_task::spawn_local(future, move |r| schedule_core.schedule(r));
+            // A panicking task must not take its core (and every other task on it) down.
+            let builder = async_task::Builder::new().propagate_panic(true);
+            let (runnable, task) = builder.spawn_local(move |_| future, move |r| schedule_core.schedule(r));
             task.detach();
             runnable.schedule();
         });
@@ -320,7 +322,8 @@ where
 {
     let _ = local::current_core()?;
     let core = CURRENT_SHARED.with(|c| c.borrow().clone())?;
-    let (runnable, task) = async_task::spawn_local(future, move |r| core.schedule(r));
+    let builder = async_task::Builder::new().propagate_panic(true);
+    let (runnable, task) = builder.spawn_local(move |_| future, move |r| core.schedule(r));
     runnable.schedule();
     Some(task)
 }
@@ -512,6 +515,18 @@ mod tests {
         assert_eq!(parse_backend_env(Some("uring".into())).unwrap(), BackendChoice::Uring);
         let err = parse_backend_env(Some("spdk".into())).unwrap_err().to_string();
         assert!(err.contains("TANDEM_IO_BACKEND = spdk"), "{err}");
+    }
+
+    #[test]
+    fn a_panicking_task_leaves_its_core_running() {
+        let runtime = one_core();
+        let handle = runtime.spawn_on(0, || async {
+            if local::current_core().is_some() {
+                panic!("deliberate panic in a task");
+            }
+        });
+        assert_eq!(handle.join().unwrap_err(), Error::TaskPanicked);
+        assert_eq!(runtime.spawn_on(0, || async { 3 }).join().unwrap(), 3, "core 0 still runs tasks");
     }
 
     #[test]

@@ -314,9 +314,17 @@ mod tests {
 
     #[test]
     fn priority_reaches_the_sqe() {
-        for (priority, expected) in [(IoPriority::GUEST, 0), (IoPriority::BACKGROUND, 3 << 13), (IoPriority::from_fio(2, 5).unwrap(), (2 << 13) | 5)] {
+        for (priority, expected) in [
+            (IoPriority::GUEST, 0),
+            (IoPriority::BACKGROUND, 3 << 13),
+            (IoPriority::from_fio(2, 5).unwrap(), (2 << 13) | 5),
+        ] {
             for kind in [OpKind::Read { fd: 0, offset: 0 }, OpKind::Write { fd: 0, offset: 0, fua: true }] {
-                let op = OpShared::new(Op { kind, buf: Some(crate::buf::AlignedBuf::zeroed(4096, 4096).unwrap()), priority });
+                let op = OpShared::new(Op {
+                    kind,
+                    buf: Some(crate::buf::AlignedBuf::zeroed(4096, 4096).unwrap()),
+                    priority,
+                });
                 assert_eq!(sqe_ioprio(build_entry(&op, 0)), expected, "{kind:?} at {priority}");
             }
         }
