@@ -55,7 +55,12 @@ fn run_command(args: &[String]) -> Result<(), String> {
         return Ok(());
     }
     let config = tandem_bench::fio::parse_command_line(args).map_err(|e| e.to_string())?;
-    let report = tandem_bench::run_jobs(&config.jobs, None)?;
+    tandem_bench::runner::stop_on_interrupt();
+    let mut report = tandem_bench::run_jobs(&config.jobs, None)?;
+    if config.jobs.iter().any(|job| job.group_reporting) {
+        // fio reports one group; every job here is in group 0.
+        report.jobs = vec![tandem_bench::fio::merge_jobs(&report.jobs)];
+    }
     let text = match config.output_format {
         tandem_bench::fio::OutputFormat::Json => {
             serde_json::to_string_pretty(&tandem_bench::fio::render_json(&report)).map_err(|e| e.to_string())? + "\n"
@@ -63,10 +68,12 @@ fn run_command(args: &[String]) -> Result<(), String> {
         tandem_bench::fio::OutputFormat::Normal => tandem_bench::fio::render_normal(&report),
     };
     match &config.output_path {
-        Some(path) => std::fs::write(path, text).map_err(|e| format!("cannot write {path}: {e}")),
-        None => {
-            print!("{text}");
-            Ok(())
-        }
+        Some(path) => std::fs::write(path, text).map_err(|e| format!("cannot write {path}: {e}"))?,
+        None => print!("{text}"),
     }
+    // As fio: the report is still printed, but a job that failed makes the exit status non-zero.
+    if report.jobs.iter().any(|job| job.error != 0) {
+        return Err("one or more jobs ended with an error".into());
+    }
+    Ok(())
 }

@@ -27,8 +27,28 @@ pub struct Live {
     pub write_bytes: AtomicU64,
     pub read_ios: AtomicU64,
     pub write_ios: AtomicU64,
-    /// Set to end every job early (Ctrl-C handling, or a failing peer).
+    /// Set to end every job early (a failing peer); Ctrl-C does the same through
+    /// [`stop_on_interrupt`].
     pub stop: AtomicBool,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_signal: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Make Ctrl-C (SIGINT) end the running jobs early, as fio does: the results so far are still
+/// reported. A second Ctrl-C is not caught specially: the handler stays, jobs are already ending.
+pub fn stop_on_interrupt() {
+    let handler = on_interrupt as extern "C" fn(libc::c_int);
+    // SAFETY: installs a handler that only stores to an atomic.
+    unsafe { libc::signal(libc::SIGINT, handler as libc::sighandler_t) };
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
 }
 
 /// One job instance (numjobs expands into several), ready to run.
@@ -139,12 +159,16 @@ async fn run_instance(instance: Instance, live: Arc<Live>) -> Outcome {
     for lane in lanes {
         lane.await;
     }
-    let elapsed_ms = state.last_completion.get().saturating_duration_since(state.measure_from).as_millis() as u64;
+    let elapsed = state.last_completion.get().saturating_duration_since(state.measure_from);
+    let elapsed_ms = elapsed.as_millis() as u64;
+    // fio rounds a direction's runtime up to whole ms (backend.c update_runtime), so a direction
+    // that did I/O never reports runtime 0 (and with it 0 IOPS and 0 bandwidth).
+    let direction_runtime_ms = u64::try_from(elapsed.as_micros().div_ceil(1000)).unwrap_or(u64::MAX).max(1);
     let mut read = state.read.replace(DirStats::new());
     let mut write = state.write.replace(DirStats::new());
     for stats in [&mut read, &mut write] {
         if stats.total_ios > 0 {
-            stats.runtime_ms = elapsed_ms;
+            stats.runtime_ms = direction_runtime_ms;
         }
     }
     Outcome { read, write, elapsed_ms, error: state.error.get() }
@@ -190,7 +214,8 @@ impl JobState {
         let block_bytes = self.spec.block_size_bytes;
         let past_deadline = self.deadline.is_some_and(|deadline| now() >= deadline);
         let spent = self.issued_bytes.get() >= self.io_bytes_limit;
-        if past_deadline || spent || self.error.get() != 0 || self.live.stop.load(Ordering::Relaxed) {
+        let stopped = self.live.stop.load(Ordering::Relaxed) || interrupted();
+        if past_deadline || spent || self.error.get() != 0 || stopped {
             return None;
         }
         let direction = self.direction();
