@@ -530,6 +530,25 @@ mod tests {
     }
 
     #[test]
+    fn finished_operation_cells_are_reused() {
+        let runtime = one_core();
+        let handle = runtime.handle();
+        let reused = runtime
+            .block_on(move || async move {
+                let nop = || handle.submit(Op { kind: OpKind::Nop, buf: None, priority: crate::IoPriority::GUEST });
+                let first = nop();
+                let first_cell = Arc::as_ptr(&first.shared);
+                assert_eq!(first.await.result, 0);
+                let second = nop();
+                let reused = Arc::as_ptr(&second.shared) == first_cell;
+                assert_eq!(second.await.result, 0);
+                reused
+            })
+            .unwrap();
+        assert!(reused, "the second operation took the first one's cell");
+    }
+
+    #[test]
     fn after_shutdown_spawns_report_stopped() {
         let runtime = one_core();
         let handle = runtime.handle();

@@ -9,7 +9,7 @@
 use crate::buf::AlignedBuf;
 use crate::priority::IoPriority;
 use parking_lot::Mutex;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::os::fd::RawFd;
 use std::pin::Pin;
@@ -68,7 +68,12 @@ struct OpState {
 
 thread_local! {
     static LAST_SUBMITTED_AT: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Finished operations kept for reuse on this thread: no allocation per I/O once warm.
+    static RECYCLED: RefCell<Vec<Arc<OpShared>>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Operation cells a thread keeps for reuse at most.
+const RECYCLED_COUNT_MAX: usize = 1024;
 
 /// When the operation this thread most recently saw complete was handed to the kernel: the
 /// end of its submission syscall (shared by its batch), or when a pool thread picked it up.
@@ -78,6 +83,7 @@ pub fn last_op_submitted_at() -> Option<Instant> {
 }
 
 impl OpShared {
+    /// A cell for `op`: a recycled one from this thread if there is one, else a new one.
     pub(crate) fn new(op: Op) -> Arc<OpShared> {
         let state = OpState {
             kind: op.kind,
@@ -88,7 +94,13 @@ impl OpShared {
             batch: 0,
             submitted_at: None,
         };
-        Arc::new(OpShared { state: Mutex::new(state) })
+        match RECYCLED.with(|r| r.borrow_mut().pop()) {
+            Some(shared) => {
+                *shared.state.lock() = state;
+                shared
+            }
+            None => Arc::new(OpShared { state: Mutex::new(state) }),
+        }
     }
 
     /// The operation's description plus the buffer's address and length, for a backend to
@@ -134,6 +146,30 @@ impl OpFuture {
     }
 }
 
+impl Drop for OpFuture {
+    /// Keep the cell for the next operation when nobody else holds it any more (the backend
+    /// dropped its count at completion) and its result was taken.
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.shared) != 1 {
+            return; // still in flight: the backend frees it on completion
+        }
+        let finished = {
+            let state = self.shared.state.lock();
+            state.result.is_some() && state.buf.is_none() && state.waker.is_none()
+        };
+        if !finished {
+            return;
+        }
+        let shared = self.shared.clone();
+        RECYCLED.with(|r| {
+            let mut recycled = r.borrow_mut();
+            if recycled.len() < RECYCLED_COUNT_MAX {
+                recycled.push(shared);
+            }
+        });
+    }
+}
+
 impl Future for OpFuture {
     type Output = OpOutput;
 
@@ -141,6 +177,7 @@ impl Future for OpFuture {
         let mut state = self.shared.state.lock();
         if let Some(result) = state.result {
             LAST_SUBMITTED_AT.with(|c| c.set(state.submitted_at));
+            state.waker = None;
             return Poll::Ready(OpOutput { result, buf: state.buf.take() });
         }
         match &state.waker {
