@@ -20,8 +20,8 @@ pub fn run_jobs(jobs: &[fio::JobSpec], label: Option<&str>) -> Result<fio::RunRe
     let cpu_count = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Unpinned, as fio runs its jobs: on this VM the disk's interrupts land on one CPU, and a
     // worker pinned elsewhere pays a cross-CPU wake-up (about 20 us) on every completion.
-    let config =
-        tandem::reactor::Config { cores: instance_count.clamp(1, cpu_count), pin: false, ..Default::default() };
+    let cores = instance_count.clamp(1, cpu_count);
+    let config = size_buffers(tandem::reactor::Config { cores, pin: false, ..Default::default() }, jobs, cores);
     let runtime = tandem::reactor::Runtime::new(config).map_err(|e| e.to_string())?;
     let instances = runner::prepare(&runtime, jobs).map_err(|e| e.to_string())?;
     let live = std::sync::Arc::new(runner::Live::default());
@@ -39,4 +39,17 @@ pub fn run_jobs(jobs: &[fio::JobSpec], label: Option<&str>) -> Result<fio::RunRe
         eprintln!("tandem-bench: jobs ended with errors: {}", failed.join(", "));
     }
     Ok(report)
+}
+
+/// Give each core's pool room (and a registered arena) for every lane's buffer of the jobs it
+/// runs, within bounds. Registration may still be refused (memlock): the runtime then logs it
+/// and uses plain reads and writes.
+fn size_buffers(mut config: tandem::reactor::Config, jobs: &[fio::JobSpec], cores: usize) -> tandem::reactor::Config {
+    const ARENA_BYTES_MAX: u64 = 256 << 20;
+    let lane_bytes: u64 = jobs.iter().map(|j| u64::from(j.iodepth) * j.block_size_bytes * u64::from(j.numjobs)).sum();
+    let per_core_bytes = lane_bytes.div_ceil(cores as u64).min(ARENA_BYTES_MAX) as usize;
+    config.registered_buffer_bytes_per_core = config.registered_buffer_bytes_per_core.max(per_core_bytes);
+    config.buffer_pool_bytes_per_core =
+        config.buffer_pool_bytes_per_core.max(config.registered_buffer_bytes_per_core * 2);
+    config
 }

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem::block::WriteFlags;
-use tandem::buf::AlignedBuf;
-use tandem::reactor::{last_op_submitted_at, now, sleep_until, yield_now, JoinHandle, Runtime};
+use tandem::buf::{AlignedBuf, DEFAULT_ALIGN_BYTES};
+use tandem::reactor::{current_buf_pool, last_op_submitted_at, now, sleep_until, yield_now, JoinHandle, Runtime};
 use tandem::IoPriority;
 
 /// Synchronous completions (null driver) a lane may chain before letting its core turn.
@@ -300,7 +300,10 @@ impl JobState {
 async fn run_lane(state: Rc<JobState>, lane: u32) {
     let block_bytes = state.spec.block_size_bytes as usize;
     let align = state.target.disk.alignment().memory_bytes.max(4096) as usize;
-    let Ok(mut buf) = AlignedBuf::zeroed(block_bytes, align) else {
+    // The core's pool hands out buffers registered with its ring (no page pinning per I/O).
+    let pooled =
+        current_buf_pool().filter(|_| align <= DEFAULT_ALIGN_BYTES).and_then(|pool| pool.get(block_bytes).ok());
+    let Some(mut buf) = pooled.or_else(|| AlignedBuf::zeroed(block_bytes, align).ok()) else {
         state.error.set(libc::ENOMEM);
         return;
     };

@@ -61,6 +61,7 @@ conformance!(
     block_status_tells_data_from_holes,
     bad_requests_are_refused_and_change_nothing,
     many_tasks_on_every_core,
+    core_pool_buffers_round_trip,
 );
 
 fn each_driver(backend: BackendChoice, check: fn(&Subject)) {
@@ -214,5 +215,30 @@ fn many_tasks_on_every_core(s: &Subject) {
             let got = read(s, offset, 8192);
             assert_eq!(got.as_slice(), pattern(8192, task * 1000 + i).as_slice(), "task {task} write {i}");
         }
+    }
+}
+
+/// Buffers from a core's pool are registered with its ring (READ_FIXED/WRITE_FIXED on the
+/// uring backend); data must round-trip exactly as with plain buffers, on every core.
+fn core_pool_buffers_round_trip(s: &Subject) {
+    for core in 0..2u64 {
+        let disk = s.disk.clone();
+        let stores_data = s.stores_data;
+        let roundtrip = s.runtime.spawn_on(core as usize, move || async move {
+            let pool = tandem::reactor::current_buf_pool().expect("on a core");
+            let mut out = pool.get(65536).unwrap();
+            let fixed = out.fixed_key().is_some();
+            out.as_mut_slice().copy_from_slice(pattern(65536, 77 + core).as_slice());
+            let offset = (4 << 20) + core * 65536;
+            let (written, _) = disk.write(offset, out, WriteFlags::default(), G).await;
+            written.unwrap();
+            let (read, back) = disk.read(offset, pool.get(65536).unwrap(), G).await;
+            read.unwrap();
+            (fixed, !stores_data || back.as_slice() == pattern(65536, 77 + core).as_slice())
+        });
+        let (fixed, same) = roundtrip.join().unwrap();
+        assert!(same, "{}: pool buffer data on core {core}", s.disk.name());
+        let uring = matches!(s.runtime.backend(), tandem::reactor::BackendKind::Uring(_));
+        assert_eq!(fixed, uring, "pool buffers are registered exactly when the ring is io_uring");
     }
 }

@@ -33,7 +33,12 @@ fn read(disk: &Disk, offset: u64) -> tandem::Result<AlignedBuf> {
 #[test]
 fn errno_by_offset_range_only_hits_the_range() {
     let (driver, disk) = faulty(1, false);
-    let rule = FaultRule { ops: OpMask::WRITE, trigger: Trigger::Range { offset: 65536, length_bytes: 8192 }, fault: Fault::Errno(libc::EIO), fire_count_max: None };
+    let rule = FaultRule {
+        ops: OpMask::WRITE,
+        trigger: Trigger::Range { offset: 65536, length_bytes: 8192 },
+        fault: Fault::Errno(libc::EIO),
+        fire_count_max: None,
+    };
     driver.add_rule(rule);
     assert_eq!(write(&disk, 65536 + 4096, 1, false), Err(Error::Injected { errno: libc::EIO }));
     assert!(write(&disk, 65536 + 8192, 1, false).is_ok(), "just past the range");
@@ -47,13 +52,23 @@ fn errno_by_offset_range_only_hits_the_range() {
 #[test]
 fn nth_operation_and_fire_limit() {
     let (driver, disk) = faulty(1, false);
-    driver.add_rule(FaultRule { ops: OpMask::ALL, trigger: Trigger::Nth(3), fault: Fault::Errno(libc::ENOSPC), fire_count_max: None });
+    driver.add_rule(FaultRule {
+        ops: OpMask::ALL,
+        trigger: Trigger::Nth(3),
+        fault: Fault::Errno(libc::ENOSPC),
+        fire_count_max: None,
+    });
     assert!(write(&disk, 0, 1, false).is_ok());
     assert!(read(&disk, 0).is_ok());
     let err = write(&disk, 4096, 1, false).unwrap_err();
     assert!(err.is_no_space(), "{err}");
     assert!(write(&disk, 4096, 1, false).is_ok(), "only the third");
-    driver.add_rule(FaultRule { ops: OpMask::FLUSH, trigger: Trigger::Always, fault: Fault::Errno(libc::EIO), fire_count_max: Some(2) });
+    driver.add_rule(FaultRule {
+        ops: OpMask::FLUSH,
+        trigger: Trigger::Always,
+        fault: Fault::Errno(libc::EIO),
+        fire_count_max: Some(2),
+    });
     assert!(disk.flush_blocking(G).is_err());
     assert!(disk.flush_blocking(G).is_err());
     assert!(disk.flush_blocking(G).is_ok(), "fire_count_max bounds the rule");
@@ -64,7 +79,12 @@ fn nth_operation_and_fire_limit() {
 fn probability_is_replayable_from_the_seed() {
     let outcomes = |seed| {
         let (driver, disk) = faulty(seed, false);
-        driver.add_rule(FaultRule { ops: OpMask::READ, trigger: Trigger::Probability(0.3), fault: Fault::Errno(libc::EIO), fire_count_max: None });
+        driver.add_rule(FaultRule {
+            ops: OpMask::READ,
+            trigger: Trigger::Probability(0.3),
+            fault: Fault::Errno(libc::EIO),
+            fire_count_max: None,
+        });
         (0..200).map(|i| read(&disk, (i % 64) * 4096).is_err()).collect::<Vec<_>>()
     };
     let first = outcomes(42);
@@ -78,7 +98,12 @@ fn probability_is_replayable_from_the_seed() {
 fn delay_holds_the_operation_then_runs_it() {
     let runtime = runtime(BackendChoice::Uring, 1);
     let (driver, disk) = faulty(1, false);
-    driver.add_rule(FaultRule { ops: OpMask::WRITE, trigger: Trigger::Always, fault: Fault::Delay(Duration::from_millis(30)), fire_count_max: None });
+    driver.add_rule(FaultRule {
+        ops: OpMask::WRITE,
+        trigger: Trigger::Always,
+        fault: Fault::Delay(Duration::from_millis(30)),
+        fire_count_max: None,
+    });
     let started = Instant::now();
     // On a core (the core's timers) and off it (the shared timer).
     let on_core = runtime.block_on({
@@ -113,7 +138,12 @@ fn crash_drops_unflushed_writes_and_keeps_the_rest() {
 fn crash_rule_fires_on_the_nth_write() {
     let (driver, disk) = faulty(7, true);
     write(&disk, 0, 1, false).unwrap();
-    driver.add_rule(FaultRule { ops: OpMask::WRITE, trigger: Trigger::Nth(2), fault: Fault::Crash, fire_count_max: None });
+    driver.add_rule(FaultRule {
+        ops: OpMask::WRITE,
+        trigger: Trigger::Nth(2),
+        fault: Fault::Crash,
+        fire_count_max: None,
+    });
     write(&disk, 4096, 2, false).unwrap(); // first matching write
     assert_eq!(write(&disk, 8192, 3, false), Err(Error::Crashed));
     assert!(driver.is_crashed());

@@ -3,11 +3,16 @@
 //! A buffer moves into an I/O operation and comes back with its result; while the kernel may
 //! touch it, the operation (not the caller) owns it. The pool bounds the bytes handed out so a
 //! runaway caller gets a typed error instead of exhausting memory.
+//!
+//! A core's pool carves its buffers from one arena that the core registers with its ring
+//! (IORING_REGISTER_BUFFERS): I/O on such a buffer uses READ_FIXED/WRITE_FIXED, so the kernel
+//! does not pin the user pages again on every request.
 
 use crate::error::{Error, Result};
 use parking_lot::Mutex;
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Alignment used when the caller has no better figure: a page satisfies every O_DIRECT
@@ -22,6 +27,8 @@ pub struct AlignedBuf {
     capacity: usize,
     align: usize,
     home: Option<Arc<PoolShared>>,
+    /// A slice of its pool's arena: the memory belongs to the arena, never to this buffer.
+    from_arena: bool,
 }
 
 // SAFETY: an AlignedBuf uniquely owns its allocation, like a Vec<u8>.
@@ -36,7 +43,7 @@ impl AlignedBuf {
         // SAFETY: layout has a non-zero size (layout_for rounds 0 up to one alignment unit).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
-        Ok(AlignedBuf { ptr, len, capacity: layout.size(), align, home: None })
+        Ok(AlignedBuf { ptr, len, capacity: layout.size(), align, home: None, from_arena: false })
     }
 
     /// A buffer holding a copy of `data`.
@@ -86,6 +93,15 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
+    /// The key of the ring this buffer is registered with, if any (see [`BufPool`]).
+    pub fn fixed_key(&self) -> Option<u64> {
+        let home = self.home.as_ref().filter(|_| self.from_arena)?;
+        match home.fixed_key.load(Ordering::Acquire) {
+            0 => None,
+            key => Some(key),
+        }
+    }
+
     /// Whether every byte is zero (zero detection for copies).
     pub fn is_all_zero(&self) -> bool {
         let (head, words, tail) = unsafe { self.as_slice().align_to::<u64>() };
@@ -96,10 +112,13 @@ impl AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if let Some(home) = self.home.take() {
-            let buf =
-                AlignedBuf { ptr: self.ptr, len: self.len, capacity: self.capacity, align: self.align, home: None };
-            home.give_back(buf);
+            let (ptr, len, capacity, align, from_arena) =
+                (self.ptr, self.len, self.capacity, self.align, self.from_arena);
+            home.give_back(AlignedBuf { ptr, len, capacity, align, home: None, from_arena });
             return;
+        }
+        if self.from_arena {
+            return; // the arena's own allocation frees it
         }
         let layout = Layout::from_size_align(self.capacity, self.align).expect("layout checked at allocation");
         // SAFETY: allocated in `zeroed` with exactly this layout.
@@ -143,11 +162,17 @@ struct PoolShared {
     align: usize,
     limit_bytes: usize,
     state: Mutex<PoolState>,
+    /// The ring that registered the arena (0: none).
+    fixed_key: AtomicU64,
 }
 
 struct PoolState {
     in_use_bytes: usize,
     free: Vec<AlignedBuf>,
+    /// One allocation the pool carves buffers from (bump allocation; freed slices go to
+    /// `free` and are reused by size). Never handed out itself.
+    arena: Option<AlignedBuf>,
+    arena_used_bytes: usize,
 }
 
 /// Free buffers kept for reuse at most; beyond it they are released to the allocator.
@@ -156,8 +181,30 @@ const POOL_FREE_COUNT_MAX: usize = 1024;
 impl BufPool {
     /// A pool that hands out at most `limit_bytes` at a time, aligned to `align`.
     pub fn new(limit_bytes: usize, align: usize) -> BufPool {
-        let state = Mutex::new(PoolState { in_use_bytes: 0, free: Vec::new() });
-        BufPool { shared: Arc::new(PoolShared { align, limit_bytes, state }) }
+        BufPool::with_arena(limit_bytes, align, 0).expect("no arena to allocate")
+    }
+
+    /// A pool whose first `arena_bytes` of buffers come from one allocation that a ring can
+    /// register (see [`BufPool::arena`]).
+    pub fn with_arena(limit_bytes: usize, align: usize, arena_bytes: usize) -> Result<BufPool> {
+        let arena = match arena_bytes {
+            0 => None,
+            bytes => Some(AlignedBuf::zeroed(bytes, align)?),
+        };
+        let state = Mutex::new(PoolState { in_use_bytes: 0, free: Vec::new(), arena, arena_used_bytes: 0 });
+        Ok(BufPool { shared: Arc::new(PoolShared { align, limit_bytes, state, fixed_key: AtomicU64::new(0) }) })
+    }
+
+    /// The arena's address and length, for registration with a ring.
+    pub fn arena(&self) -> Option<(*mut u8, usize)> {
+        let mut state = self.shared.state.lock();
+        state.arena.as_mut().map(|arena| (arena.as_mut_ptr(), arena.capacity()))
+    }
+
+    /// Record that the ring with `key` registered the arena as its buffer 0.
+    pub fn set_fixed_key(&self, key: u64) {
+        assert_ne!(key, 0, "0 means unregistered");
+        self.shared.fixed_key.store(key, Ordering::Release);
     }
 
     /// A buffer of `len` bytes (contents unspecified), or `BufferLimit` if the pool is spent.
@@ -176,10 +223,13 @@ impl BufPool {
         let reuse = state.free.iter().position(|b| b.capacity == capacity);
         let mut buf = match reuse {
             Some(index) => state.free.swap_remove(index),
-            None => {
-                drop(state);
-                AlignedBuf::zeroed(len, shared.align)?
-            }
+            None => match carve(&mut state, capacity, shared.align) {
+                Some(buf) => buf,
+                None => {
+                    drop(state);
+                    AlignedBuf::zeroed(len, shared.align).inspect_err(|_| self.shared.release(capacity))?
+                }
+            },
         };
         buf.set_len(len);
         buf.home = Some(shared.clone());
@@ -195,12 +245,32 @@ impl BufPool {
     }
 }
 
+/// A slice of the arena's unused tail, if it has room.
+fn carve(state: &mut PoolState, capacity: usize, align: usize) -> Option<AlignedBuf> {
+    let used_bytes = state.arena_used_bytes;
+    let arena = state.arena.as_mut()?;
+    if used_bytes + capacity > arena.capacity() {
+        return None;
+    }
+    // SAFETY: used_bytes + capacity is within the arena's allocation.
+    let ptr = NonNull::new(unsafe { arena.as_mut_ptr().add(used_bytes) }).expect("inside a live allocation");
+    state.arena_used_bytes += capacity;
+    Some(AlignedBuf { ptr, len: capacity, capacity, align, home: None, from_arena: true })
+}
+
 impl PoolShared {
+    fn release(&self, capacity: usize) {
+        let mut state = self.state.lock();
+        assert!(state.in_use_bytes >= capacity, "pool accounting underflow");
+        state.in_use_bytes -= capacity;
+    }
+
     fn give_back(&self, buf: AlignedBuf) {
         let mut state = self.state.lock();
         assert!(state.in_use_bytes >= buf.capacity, "pool accounting underflow");
         state.in_use_bytes -= buf.capacity;
-        if state.free.len() < POOL_FREE_COUNT_MAX {
+        // Arena slices are always kept: their memory cannot go back to the allocator alone.
+        if buf.from_arena || state.free.len() < POOL_FREE_COUNT_MAX {
             state.free.push(buf);
         }
     }
@@ -226,6 +296,28 @@ mod tests {
         let mut buf = AlignedBuf::zeroed(8192, 4096).unwrap();
         buf.as_mut_slice()[8191] = 1;
         assert!(!buf.is_all_zero());
+    }
+
+    #[test]
+    fn arena_slices_are_carved_then_reused_and_never_freed_alone() {
+        let pool = BufPool::with_arena(1 << 20, 4096, 16384).unwrap();
+        let (base, arena_bytes) = pool.arena().unwrap();
+        assert_eq!(arena_bytes, 16384);
+        let a = pool.get(8192).unwrap();
+        let b = pool.get(8192).unwrap();
+        assert_eq!(a.as_ptr(), base as *const u8);
+        assert_eq!(b.as_ptr() as usize, base as usize + 8192);
+        assert_eq!(a.fixed_key(), None, "not registered yet");
+        pool.set_fixed_key(7);
+        assert_eq!(b.fixed_key(), Some(7));
+        let c = pool.get(4096).unwrap();
+        assert_eq!(c.fixed_key(), None, "the arena is full: a heap buffer");
+        let a_ptr = a.as_ptr();
+        drop(a);
+        let again = pool.get(8192).unwrap();
+        assert_eq!(again.as_ptr(), a_ptr, "the freed slice is reused");
+        assert_eq!(again.fixed_key(), Some(7));
+        drop((again, b, c, pool)); // arena freed once, with the pool
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub struct Config {
     pub queue_depth: u32,
     /// Bytes each core's buffer pool may hand out at once.
     pub buffer_pool_bytes_per_core: usize,
+    /// Of those, bytes carved from one arena registered with the core's ring (fixed buffers:
+    /// no page pinning per request). 0 disables it. Without CAP_IPC_LOCK, registration counts
+    /// against RLIMIT_MEMLOCK; a refusal is logged once and the pool works unregistered.
+    pub registered_buffer_bytes_per_core: usize,
     pub backend: BackendChoice,
     /// Cap on io_uring's io-wq worker threads per ring (bounded and unbounded each).
     pub io_workers_max: u32,
@@ -95,6 +99,7 @@ impl Default for Config {
             pin: true,
             queue_depth: 256,
             buffer_pool_bytes_per_core: 256 << 20,
+            registered_buffer_bytes_per_core: 4 << 20,
             backend: BackendChoice::Auto,
             io_workers_max: 8,
             thread_pool_workers: 64,
@@ -114,6 +119,13 @@ impl Config {
         }
         if self.buffer_pool_bytes_per_core < POOL_BYTES_MIN {
             return bad("buffer_pool_bytes_per_core", self.buffer_pool_bytes_per_core.to_string(), "must be >= 4096");
+        }
+        if self.registered_buffer_bytes_per_core > self.buffer_pool_bytes_per_core {
+            return bad(
+                "registered_buffer_bytes_per_core",
+                self.registered_buffer_bytes_per_core.to_string(),
+                "must be <= buffer_pool_bytes_per_core",
+            );
         }
         if self.thread_pool_workers == 0 || self.thread_pool_workers > THREAD_POOL_WORKERS_MAX {
             return bad("thread_pool_workers", self.thread_pool_workers.to_string(), "must be 1..=1024");
@@ -152,6 +164,13 @@ pub struct Runtime {
 
 static RUNTIME_IDS: AtomicU64 = AtomicU64::new(1);
 static BACKEND_LOGGED: AtomicBool = AtomicBool::new(false);
+static FIXED_REFUSED_LOGGED: AtomicBool = AtomicBool::new(false);
+
+fn log_once(flag: &AtomicBool, message: &str) {
+    if !flag.swap(true, Ordering::Relaxed) {
+        crate::log::line(message);
+    }
+}
 
 impl Runtime {
     /// Start the workers. Fails with a typed error naming the bad setting, or the refusal.
@@ -314,6 +333,11 @@ impl RuntimeHandle {
     }
 }
 
+/// The calling core's buffer pool (buffers registered with its ring). `None` off a core.
+pub fn current_buf_pool() -> Option<BufPool> {
+    CURRENT_SHARED.with(|c| c.borrow().as_ref().map(|core| core.pool.clone()))
+}
+
 /// Spawn a task on the calling core. Returns `None` off a reactor core.
 pub fn spawn_local<Fut>(future: Fut) -> Option<async_task::Task<Fut::Output>>
 where
@@ -382,7 +406,12 @@ fn start_core(
     cpu: Option<usize>,
     pool: Option<&threads::ThreadPool>,
 ) -> Result<StartedCore> {
-    let buf_pool = BufPool::new(config.buffer_pool_bytes_per_core, crate::buf::DEFAULT_ALIGN_BYTES);
+    let buf_pool = BufPool::with_arena(
+        config.buffer_pool_bytes_per_core,
+        crate::buf::DEFAULT_ALIGN_BYTES,
+        if pool.is_none() { config.registered_buffer_bytes_per_core } else { 0 },
+    )?;
+    let register_pool = buf_pool.clone();
     let (shared, inbox) = CoreShared::new(id, buf_pool).map_err(|_| Error::Config {
         name: "cores",
         value: config.cores.to_string(),
@@ -401,8 +430,17 @@ fn start_core(
             }
             let backend = match sender {
                 Some(sender) => Ok(Backend::Threads(threads::ThreadsBackend::new(sender))),
-                None => uring::UringBackend::new(queue_depth, Core::wake_fd(&thread_shared), io_workers_max)
-                    .map(Backend::Uring),
+                None => uring::UringBackend::new(queue_depth, Core::wake_fd(&thread_shared), io_workers_max).map(
+                    |mut ring| {
+                        if let Err(e) = ring.register_pool(&register_pool) {
+                            log_once(
+                                &FIXED_REFUSED_LOGGED,
+                                &format!("registered buffers refused ({e}); using plain reads and writes"),
+                            );
+                        }
+                        Backend::Uring(ring)
+                    },
+                ),
             };
             let backend = match backend {
                 Ok(backend) => backend,

@@ -47,6 +47,16 @@ pub struct OpOutput {
     pub buf: Option<AlignedBuf>,
 }
 
+/// What a backend needs to submit an operation. The buffer (`ptr`, `len`) stays in place
+/// until the operation completes; `fixed_key` names the ring that registered it, if any.
+pub(crate) struct Described {
+    pub kind: OpKind,
+    pub priority: IoPriority,
+    pub ptr: *mut u8,
+    pub len: usize,
+    pub fixed_key: Option<u64>,
+}
+
 /// Result code given to operations that could not be submitted because the runtime stopped.
 pub const RESULT_STOPPED: i32 = -libc::ESHUTDOWN;
 
@@ -105,15 +115,16 @@ impl OpShared {
 
     /// The operation's description plus the buffer's address and length, for a backend to
     /// build its submission. The buffer stays in place until `complete`.
-    pub(crate) fn describe(&self, batch: u64) -> (OpKind, IoPriority, *mut u8, usize) {
+    pub(crate) fn describe(&self, batch: u64) -> Described {
         let mut state = self.state.lock();
         assert!(state.result.is_none(), "an operation is submitted once");
         state.batch = batch;
-        let kind = state.kind;
-        let priority = state.priority;
+        let (kind, priority) = (state.kind, state.priority);
         match state.buf.as_mut() {
-            Some(buf) => (kind, priority, buf.as_mut_ptr(), buf.len()),
-            None => (kind, priority, std::ptr::null_mut(), 0),
+            Some(buf) => {
+                Described { kind, priority, ptr: buf.as_mut_ptr(), len: buf.len(), fixed_key: buf.fixed_key() }
+            }
+            None => Described { kind, priority, ptr: std::ptr::null_mut(), len: 0, fixed_key: None },
         }
     }
 

@@ -2,7 +2,7 @@
 //! threads, for kernels or sandboxes where io_uring is refused. Same operations, same owned
 //! buffers: a worker holds the operation (and so its buffer) until it has completed it.
 
-use super::op::{OpKind, OpShared};
+use super::op::{Described, OpKind, OpShared};
 use crate::priority::IoPriority;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::sync::Arc;
@@ -70,7 +70,7 @@ impl ThreadsBackend {
 fn worker_loop(receiver: Receiver<Arc<OpShared>>) {
     let mut priority_set = IoPriority::GUEST;
     while let Ok(op) = receiver.recv() {
-        let (kind, priority, ptr, len) = op.describe(0);
+        let Described { kind, priority, ptr, len, .. } = op.describe(0);
         let submitted_at = std::time::Instant::now();
         if priority != priority_set {
             set_thread_priority(priority);

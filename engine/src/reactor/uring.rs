@@ -10,10 +10,12 @@
 //!    file open for as long as any of their futures exist, and the ring is only dropped after
 //!    `drain` saw every operation complete.
 
-use super::op::{OpKind, OpShared};
+use super::op::{Described, OpKind, OpShared};
+use crate::buf::BufPool;
 use crate::error::{Error, Result};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,8 +41,12 @@ impl RingFlavor {
     }
 }
 
+/// Ring keys: a registered buffer is used as fixed only on the ring that registered it.
+static RING_KEYS: AtomicU64 = AtomicU64::new(1);
+
 pub(crate) struct UringBackend {
     ring: IoUring,
+    key: u64,
     pub flavor: RingFlavor,
     wake_fd: RawFd,
     wake_poll_armed: bool,
@@ -126,6 +132,7 @@ impl UringBackend {
         let submit_log = SubmitLog::new();
         Ok(UringBackend {
             ring,
+            key: RING_KEYS.fetch_add(1, Ordering::Relaxed),
             flavor,
             wake_fd,
             wake_poll_armed: false,
@@ -136,12 +143,26 @@ impl UringBackend {
         })
     }
 
+    /// Register `pool`'s arena as this ring's buffer 0, so I/O on its buffers skips the
+    /// kernel's per-request page pinning. Returns the refusal (e.g. ENOMEM under a small
+    /// RLIMIT_MEMLOCK); the pool then keeps working with plain reads and writes.
+    pub(crate) fn register_pool(&mut self, pool: &BufPool) -> std::io::Result<()> {
+        let Some((base, length_bytes)) = pool.arena() else { return Ok(()) };
+        let iovec = libc::iovec { iov_base: base.cast(), iov_len: length_bytes };
+        // SAFETY: the arena is one live allocation owned by the pool; the pool outlives every
+        // operation that names it as fixed (its buffers hold the pool), and the kernel keeps
+        // its own page references for as long as the registration lasts.
+        unsafe { self.ring.submitter().register_buffers(&[iovec])? };
+        pool.set_fixed_key(self.key);
+        Ok(())
+    }
+
     /// Queue one operation into the SQ. Returns it back when the in-flight bound is reached.
     pub(crate) fn push(&mut self, op: Arc<OpShared>) -> std::result::Result<(), Arc<OpShared>> {
         if self.in_flight >= self.in_flight_max {
             return Err(op);
         }
-        let entry = build_entry(&op, self.submit_log.open_batch).user_data(Arc::into_raw(op) as u64);
+        let entry = build_entry(&op, self.submit_log.open_batch, self.key).user_data(Arc::into_raw(op) as u64);
         // SAFETY: clauses 1-3: user_data carries the op's strong count; its buffer and fd
         // outlive the completion. The SQ cannot be full: unsubmitted entries count in
         // in_flight, which stays below sq_entries - 1, leaving room for the wake poll.
@@ -250,11 +271,26 @@ impl UringBackend {
     }
 }
 
-fn build_entry(op: &OpShared, batch: u64) -> squeue::Entry {
-    let (kind, priority, ptr, len) = op.describe(batch);
+/// Registered buffer index of a pool's arena (each ring registers one arena).
+const ARENA_BUF_INDEX: u16 = 0;
+
+fn build_entry(op: &OpShared, batch: u64, ring_key: u64) -> squeue::Entry {
+    let Described { kind, priority, ptr, len, fixed_key } = op.describe(batch);
     let ioprio = priority.to_ioprio();
+    let fixed = fixed_key == Some(ring_key);
     match kind {
         OpKind::Nop => opcode::Nop::new().build(),
+        OpKind::Read { fd, offset } if fixed => opcode::ReadFixed::new(types::Fd(fd), ptr, len as u32, ARENA_BUF_INDEX)
+            .offset(offset)
+            .ioprio(ioprio)
+            .build(),
+        OpKind::Write { fd, offset, fua } if fixed => {
+            opcode::WriteFixed::new(types::Fd(fd), ptr, len as u32, ARENA_BUF_INDEX)
+                .offset(offset)
+                .ioprio(ioprio)
+                .rw_flags(if fua { RWF_DSYNC } else { 0 })
+                .build()
+        }
         OpKind::Read { fd, offset } => {
             opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(offset).ioprio(ioprio).build()
         }
@@ -325,7 +361,7 @@ mod tests {
                     buf: Some(crate::buf::AlignedBuf::zeroed(4096, 4096).unwrap()),
                     priority,
                 });
-                assert_eq!(sqe_ioprio(build_entry(&op, 0)), expected, "{kind:?} at {priority}");
+                assert_eq!(sqe_ioprio(build_entry(&op, 0, 1)), expected, "{kind:?} at {priority}");
             }
         }
     }
