@@ -169,6 +169,9 @@ fn fio_figures(parsed: &Value) -> Result<Figures, String> {
 
 /// The same figures from Tandem's report, computed the way fio defines them.
 fn tandem_figures(report: &RunReport) -> Result<Figures, String> {
+    if let Some(failed) = report.jobs.iter().find(|job| job.error != 0) {
+        return Err(format!("Tandem's job '{}' failed with errno {}", failed.spec.name, failed.error));
+    }
     tandem_figures_from(&report.jobs).ok_or_else(|| "Tandem ran no job".to_string())
 }
 

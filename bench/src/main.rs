@@ -72,8 +72,10 @@ fn run_command(args: &[String]) -> Result<(), String> {
         None => print!("{text}"),
     }
     // As fio: the report is still printed, but a job that failed makes the exit status non-zero.
-    if report.jobs.iter().any(|job| job.error != 0) {
-        return Err("one or more jobs ended with an error".into());
+    let failed: Vec<_> =
+        report.jobs.iter().filter(|r| r.error != 0).map(|r| format!("{} (errno {})", r.spec.name, r.error)).collect();
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(format!("jobs ended with errors: {}", failed.join(", "))),
     }
-    Ok(())
 }

@@ -321,8 +321,10 @@ async fn run_lane(state: Rc<JobState>, lane: u32) {
         };
         buf = back;
         if let Err(e) = result {
-            eprintln!("{}: {e}", state.spec.name);
-            state.error.set(e.errno().unwrap_or(libc::EIO));
+            if state.error.get() == 0 {
+                eprintln!("{}: {e}", state.spec.name); // the first error ends the job, as in fio
+                state.error.set(e.errno().unwrap_or(libc::EINVAL));
+            }
             return;
         }
         // Completion latency starts when the kernel took the request (fio's clat); the time

@@ -24,6 +24,8 @@ pub enum TargetError {
     Engine { job: String, source: tandem::Error },
     #[error("job '{job}': offset {offset_bytes} + size {size_bytes} is beyond the end of {path} ({file_bytes} bytes)")]
     Region { job: String, path: String, offset_bytes: u64, size_bytes: u64, file_bytes: u64 },
+    #[error("job '{job}': offset {offset_bytes} + size {size_bytes} overflows 64 bits")]
+    Overflow { job: String, offset_bytes: u64, size_bytes: u64 },
 }
 
 /// What a job does I/O against: a disk and the byte region fio's size/offset select.
@@ -47,11 +49,15 @@ impl Targets {
 
     pub fn open(&mut self, spec: &JobSpec) -> Result<Target, TargetError> {
         let engine_error = |source| TargetError::Engine { job: spec.name.clone(), source };
+        if let Some(size_bytes) = spec.size_bytes.filter(|size| size.checked_add(spec.offset_bytes).is_none()) {
+            return Err(TargetError::Overflow { job: spec.name.clone(), offset_bytes: spec.offset_bytes, size_bytes });
+        }
         if spec.ioengine.as_deref() == Some("null") {
             let size_bytes =
                 spec.size_bytes.ok_or_else(|| TargetError::NoSize { job: spec.name.clone(), path: "null".into() })?;
             let disk = Disk::new(Arc::new(NullDriver::new(spec.offset_bytes + size_bytes)));
-            return Ok(Target { disk, offset_bytes: spec.offset_bytes, size_bytes });
+            // The same checks as for a file: a region smaller than one block has no offsets.
+            return region(spec, "null", disk);
         }
         let path = spec.filename.clone().ok_or_else(|| TargetError::NoFilename { job: spec.name.clone() })?;
         let disk = match self.open.get(&path) {

@@ -2,11 +2,16 @@
 //! lines, and `;`/`#` comments. Every option goes through `apply_option`; errors carry
 //! the file path and 1-based line number.
 
+use std::io::Read;
 use std::path::Path;
 
 use super::error::OptionError;
 use super::options::apply_option;
 use super::spec::JobSpec;
+
+/// Longest job file read. Job files are a few lines of text; the cap turns a job file that
+/// never ends (`/dev/zero`) or is not text into an error instead of exhausting memory.
+const JOB_FILE_MAX_BYTES: u64 = 16 << 20;
 
 /// Which section the lines being read belong to.
 enum Section {
@@ -35,8 +40,14 @@ pub fn parse_job_str(text: &str, path: &str, defaults: &JobSpec) -> Result<Vec<J
 /// carry over to later job files, as fio's shared default job does.
 pub(crate) fn parse_job_file_into(path: &Path, globals: &mut JobSpec) -> Result<Vec<JobSpec>, OptionError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| OptionError::JobFileRead { path: shown.clone(), reason: err.to_string() })?;
+    let read_error = |reason: String| OptionError::JobFileRead { path: shown.clone(), reason };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(JOB_FILE_MAX_BYTES + 1).read_to_string(&mut text))
+        .map_err(|err| read_error(err.to_string()))?;
+    if text.len() as u64 > JOB_FILE_MAX_BYTES {
+        return Err(read_error(format!("larger than {} MiB: not a job file", JOB_FILE_MAX_BYTES >> 20)));
+    }
     parse_job_text(&text, &shown, globals)
 }
 
@@ -214,5 +225,15 @@ iodepth=16
         assert_eq!(jobs.len(), 2);
         let missing = parse_job_file(&dir.path().join("nope.fio"), &JobSpec::default()).unwrap_err();
         assert!(matches!(missing, OptionError::JobFileRead { .. }));
+    }
+
+    /// Found by fuzzing (`run /dev/full` ran out of memory): endless input is an error.
+    #[test]
+    fn endless_job_file_is_refused() {
+        let err = parse_job_file(Path::new("/dev/zero"), &JobSpec::default()).unwrap_err();
+        assert!(
+            matches!(err, OptionError::JobFileRead { ref path, ref reason } if path == "/dev/zero" && reason.contains("larger than")),
+            "{err:?}"
+        );
     }
 }
