@@ -33,6 +33,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Like any Unix filter: a closed pipe (`| head`) ends the process quietly instead of
+    // making print! panic.
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Run { args } => run_command(&args),

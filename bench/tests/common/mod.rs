@@ -1,0 +1,152 @@
+//! Helpers for the CLI tests: run the real `tandem-bench` binary (with a time limit, so a
+//! hung run fails the test instead of the suite) on scratch files under Cargo's target tmp dir.
+
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest any single command may take; far above what each test asks for.
+const TIME_LIMIT: Duration = Duration::from_secs(120);
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tandem-bench")
+}
+
+/// A scratch directory for one test under `CARGO_TARGET_TMPDIR` (a real filesystem, unlike
+/// /tmp which may be tmpfs), removed when dropped. Fails if the directory refuses O_DIRECT.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new(test: &str) -> Scratch {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-tests");
+        std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("cannot create {}: {e}", root.display()));
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{test}-"))
+            .tempdir_in(&root)
+            .unwrap_or_else(|e| panic!("cannot create a scratch dir in {}: {e}", root.display()));
+        let probe = dir.path().join("o_direct_probe");
+        if let Err(e) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&probe)
+        {
+            panic!(
+                "{} refuses O_DIRECT ({e}); tandem-bench opens files with O_DIRECT, so run the tests with \
+                 CARGO_TARGET_DIR on a disk-backed filesystem (not tmpfs)",
+                dir.path().display()
+            );
+        }
+        let _ = std::fs::remove_file(&probe);
+        Scratch { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `path(name)` as a string, for `--filename=`.
+    pub fn file(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+}
+
+/// What one run printed and how it ended.
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub what: String,
+}
+
+impl Run {
+    /// Panics with the whole output unless the run exited 0.
+    pub fn ok(self) -> Run {
+        assert!(
+            self.status.success(),
+            "{} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            self.what,
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self.assert_no_panic();
+        self
+    }
+
+    /// Panics unless the run exited non-zero, without a panic and with nothing on stdout.
+    pub fn failed(self) -> Run {
+        assert!(!self.status.success(), "{} should fail but exited 0:\nstdout:\n{}", self.what, self.stdout);
+        assert_eq!(
+            self.status.code(),
+            Some(1),
+            "{}: exit status {} (101 would be a panic)\n{}",
+            self.what,
+            self.status,
+            self.stderr
+        );
+        self.assert_no_panic();
+        self
+    }
+
+    pub fn assert_no_panic(&self) {
+        assert!(!self.stderr.contains("panicked"), "{} panicked:\n{}", self.what, self.stderr);
+    }
+
+    /// stdout as JSON (anything before the first `{`, as fio sometimes prints, is skipped).
+    pub fn json(&self) -> serde_json::Value {
+        let start = self.stdout.find('{').unwrap_or_else(|| panic!("{} printed no JSON:\n{}", self.what, self.stdout));
+        serde_json::from_str(&self.stdout[start..])
+            .unwrap_or_else(|e| panic!("{} printed invalid JSON ({e}):\n{}", self.what, self.stdout))
+    }
+}
+
+/// Runs `program args` with `env` added to the environment, killing it after [`TIME_LIMIT`].
+pub fn run_program(program: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let what = format!(
+        "`{} {}`",
+        Path::new(program).file_name().map_or(program.into(), |n| n.to_string_lossy()),
+        args.join(" ")
+    );
+    let mut child = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the child") {
+            break status;
+        }
+        if started.elapsed() > TIME_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} took longer than {TIME_LIMIT:?} and was killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Run { status, stdout: stdout.join().expect("stdout reader"), stderr: stderr.join().expect("stderr reader"), what }
+}
+
+/// Runs `tandem-bench args`.
+pub fn tandem(args: &[&str]) -> Run {
+    run_program(bin(), args, &[])
+}
