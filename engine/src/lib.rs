@@ -12,12 +12,15 @@
 //! assert_eq!(buf.as_ptr() as usize % 4096, 0);
 //! ```
 
+pub mod bitmap;
 pub mod block;
 pub mod buf;
 pub mod error;
+pub mod inflight;
 pub mod log;
 pub mod priority;
 pub mod reactor;
+mod sync;
 
 pub use error::{Error, Result};
 pub use priority::{IoClass, IoPriority};

@@ -6,6 +6,7 @@
 //! copy-before-write): every guest request already passes through this one place.
 
 use super::{Alignment, BlockDriver, BufResult, Capabilities, Extent, IoFuture, WriteFlags};
+use crate::bitmap::BitmapRegistry;
 use crate::buf::AlignedBuf;
 use crate::error::{AlignedPart, Error, Result};
 use crate::priority::IoPriority;
@@ -48,13 +49,21 @@ pub struct Disk {
     size_bytes: u64,
     alignment: Alignment,
     capabilities: Capabilities,
+    /// Named dirty bitmaps: every enabled one records each accepted write.
+    bitmaps: BitmapRegistry,
 }
 
 impl Disk {
     pub fn new(driver: Arc<dyn BlockDriver>) -> Disk {
         let alignment = driver.alignment();
         assert!(alignment.request_bytes.is_power_of_two() && alignment.memory_bytes.is_power_of_two());
-        Disk { size_bytes: driver.size_bytes(), capabilities: driver.capabilities(), alignment, driver }
+        let (size_bytes, capabilities) = (driver.size_bytes(), driver.capabilities());
+        Disk { size_bytes, capabilities, alignment, driver, bitmaps: BitmapRegistry::for_disk(size_bytes) }
+    }
+
+    /// The disk's named dirty bitmaps (their size must be the disk's).
+    pub fn bitmaps(&self) -> &BitmapRegistry {
+        &self.bitmaps
     }
 
     pub fn name(&self) -> &str {
@@ -142,7 +151,12 @@ impl Disk {
     ) -> IoFuture<BufResult<()>> {
         let checked = self.check_writable("write").and_then(|()| self.check_transfer(offset, &buf));
         match checked {
-            Ok(()) => self.driver.write(offset, buf, flags, priority),
+            Ok(()) => {
+                // Marked before the write starts: a bitmap may over-report a failed write,
+                // never miss a done one.
+                self.bitmaps.mark(offset, buf.len() as u64);
+                self.driver.write(offset, buf, flags, priority)
+            }
             Err(e) => IoFuture::ready((Err(e), buf)),
         }
     }
@@ -163,7 +177,10 @@ impl Disk {
             .and_then(|()| self.check_capable("write_zeroes", self.capabilities.write_zeroes))
             .and_then(|()| self.check_range(offset, length_bytes));
         match checked {
-            Ok(()) => self.driver.write_zeroes(offset, length_bytes, may_unmap, priority),
+            Ok(()) => {
+                self.bitmaps.mark(offset, length_bytes);
+                self.driver.write_zeroes(offset, length_bytes, may_unmap, priority)
+            }
             Err(e) => IoFuture::ready(Err(e)),
         }
     }
@@ -174,7 +191,10 @@ impl Disk {
             .and_then(|()| self.check_capable("discard", self.capabilities.discard))
             .and_then(|()| self.check_range(offset, length_bytes));
         match checked {
-            Ok(()) => self.driver.discard(offset, length_bytes, priority),
+            Ok(()) => {
+                self.bitmaps.mark(offset, length_bytes);
+                self.driver.discard(offset, length_bytes, priority)
+            }
             Err(e) => IoFuture::ready(Err(e)),
         }
     }
