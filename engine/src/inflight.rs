@@ -139,12 +139,22 @@ impl InflightTable {
     }
 
     /// [`InflightTable::register`] for plain threads (never on a reactor core).
-    pub fn register_blocking(&self, offset: u64, length_bytes: u64, kind: InflightKind) -> Result<InflightGuard, InflightError> {
+    pub fn register_blocking(
+        &self,
+        offset: u64,
+        length_bytes: u64,
+        kind: InflightKind,
+    ) -> Result<InflightGuard, InflightError> {
         crate::reactor::block_on(self.register(offset, length_bytes, kind))
     }
 
     /// Register only if that needs no wait; `Ok(None)` otherwise (nothing is queued).
-    pub fn try_register(&self, offset: u64, length_bytes: u64, kind: InflightKind) -> Result<Option<InflightGuard>, InflightError> {
+    pub fn try_register(
+        &self,
+        offset: u64,
+        length_bytes: u64,
+        kind: InflightKind,
+    ) -> Result<Option<InflightGuard>, InflightError> {
         let end = check(offset, length_bytes)?;
         let mut state = self.inner.state.lock();
         let probe = Range { id: 0, start: offset, end, kind };

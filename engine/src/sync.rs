@@ -2,9 +2,9 @@
 //! normal builds, loom's models under `--cfg loom` so the same code is model-checked.
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 /// A mutex whose `lock` cannot fail (poisoning does not apply: a panic under it is a bug
 /// report, and the data stays consistent because every critical section is short and total).

@@ -37,13 +37,21 @@ impl Model {
         let start = self.next(from, true)?;
         let chunk_max = (max / self.granularity).max(1);
         let mut end_chunk = start / self.granularity;
-        while (end_chunk as usize) < self.bits.len() && self.bits[end_chunk as usize] && end_chunk - start / self.granularity < chunk_max {
+        while (end_chunk as usize) < self.bits.len()
+            && self.bits[end_chunk as usize]
+            && end_chunk - start / self.granularity < chunk_max
+        {
             end_chunk += 1;
         }
         Some((start, (end_chunk * self.granularity).min(self.size) - start))
     }
     fn dirty_bytes(&self) -> u64 {
-        self.bits.iter().enumerate().filter(|(_, b)| **b).map(|(c, _)| ((c as u64 + 1) * self.granularity).min(self.size) - c as u64 * self.granularity).sum()
+        self.bits
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b)
+            .map(|(c, _)| ((c as u64 + 1) * self.granularity).min(self.size) - c as u64 * self.granularity)
+            .sum()
     }
 }
 
@@ -126,7 +134,8 @@ fn apply(bitmap: &DirtyBitmap, model: &mut Model, op: &Op) {
 }
 
 fn scenario() -> impl Strategy<Value = (u64, u64, Vec<Op>)> {
-    geometry().prop_flat_map(|(granularity, size)| (Just(granularity), Just(size), prop::collection::vec(op(size), 1..60)))
+    geometry()
+        .prop_flat_map(|(granularity, size)| (Just(granularity), Just(size), prop::collection::vec(op(size), 1..60)))
 }
 
 proptest! {
@@ -155,7 +164,10 @@ proptest! {
 #[test]
 fn bad_input_is_named_and_changes_nothing() {
     for granularity in [0, 256, 1000, 128 << 20] {
-        assert_eq!(DirtyBitmap::new(granularity, 1 << 30).err(), Some(BitmapError::BadGranularity { granularity_bytes: granularity }));
+        assert_eq!(
+            DirtyBitmap::new(granularity, 1 << 30).err(),
+            Some(BitmapError::BadGranularity { granularity_bytes: granularity })
+        );
     }
     assert!(DirtyBitmap::new(65536, 0).is_err());
     let bitmap = DirtyBitmap::new(65536, 1 << 20).unwrap();
@@ -241,8 +253,14 @@ fn concurrent_markers_and_resetter_lose_nothing() {
 fn a_leased_bitmap_is_busy_for_everyone_else() {
     let registry = BitmapRegistry::for_disk(1 << 20);
     registry.add("nightly", DirtyBitmap::new(65536, 1 << 20).unwrap()).unwrap();
-    assert_eq!(registry.add("nightly", DirtyBitmap::new(65536, 1 << 20).unwrap()).err(), Some(BitmapError::Exists { name: "nightly".into() }));
-    assert!(matches!(registry.add("other", DirtyBitmap::new(65536, 2 << 20).unwrap()), Err(BitmapError::GeometryMismatch { .. })));
+    assert_eq!(
+        registry.add("nightly", DirtyBitmap::new(65536, 1 << 20).unwrap()).err(),
+        Some(BitmapError::Exists { name: "nightly".into() })
+    );
+    assert!(matches!(
+        registry.add("other", DirtyBitmap::new(65536, 2 << 20).unwrap()),
+        Err(BitmapError::GeometryMismatch { .. })
+    ));
     assert!(matches!(registry.add("", DirtyBitmap::new(65536, 1 << 20).unwrap()), Err(BitmapError::BadName { .. })));
     let lease = registry.acquire("nightly", "backup job 7").unwrap();
     let busy = BitmapError::Busy { name: "nightly".into(), owner: "backup job 7".into() };
@@ -289,24 +307,51 @@ impl tandem::block::BlockDriver for RamDisk {
         tandem::block::Alignment { request_bytes: 512, memory_bytes: 512 }
     }
     fn capabilities(&self) -> tandem::block::Capabilities {
-        tandem::block::Capabilities { read_only: false, fua: true, write_zeroes: true, discard: true, block_status: false }
+        tandem::block::Capabilities {
+            read_only: false,
+            fua: true,
+            write_zeroes: true,
+            discard: true,
+            block_status: false,
+        }
     }
-    fn read(&self, _: u64, b: tandem::buf::AlignedBuf, _: tandem::IoPriority) -> tandem::block::IoFuture<tandem::block::BufResult<()>> {
+    fn read(
+        &self,
+        _: u64,
+        b: tandem::buf::AlignedBuf,
+        _: tandem::IoPriority,
+    ) -> tandem::block::IoFuture<tandem::block::BufResult<()>> {
         tandem::block::IoFuture::ready((Ok(()), b))
     }
-    fn write(&self, _: u64, b: tandem::buf::AlignedBuf, _: tandem::block::WriteFlags, _: tandem::IoPriority) -> tandem::block::IoFuture<tandem::block::BufResult<()>> {
+    fn write(
+        &self,
+        _: u64,
+        b: tandem::buf::AlignedBuf,
+        _: tandem::block::WriteFlags,
+        _: tandem::IoPriority,
+    ) -> tandem::block::IoFuture<tandem::block::BufResult<()>> {
         tandem::block::IoFuture::ready((Ok(()), b))
     }
     fn flush(&self, _: tandem::IoPriority) -> tandem::block::IoFuture<tandem::Result<()>> {
         tandem::block::IoFuture::ready(Ok(()))
     }
-    fn write_zeroes(&self, _: u64, _: u64, _: bool, _: tandem::IoPriority) -> tandem::block::IoFuture<tandem::Result<()>> {
+    fn write_zeroes(
+        &self,
+        _: u64,
+        _: u64,
+        _: bool,
+        _: tandem::IoPriority,
+    ) -> tandem::block::IoFuture<tandem::Result<()>> {
         tandem::block::IoFuture::ready(Ok(()))
     }
     fn discard(&self, _: u64, _: u64, _: tandem::IoPriority) -> tandem::block::IoFuture<tandem::Result<()>> {
         tandem::block::IoFuture::ready(Ok(()))
     }
     fn block_status(&self, o: u64, l: u64) -> tandem::block::IoFuture<tandem::Result<tandem::block::Extent>> {
-        tandem::block::IoFuture::ready(Ok(tandem::block::Extent { status: tandem::block::BlockStatus::Data, offset: o, length_bytes: l }))
+        tandem::block::IoFuture::ready(Ok(tandem::block::Extent {
+            status: tandem::block::BlockStatus::Data,
+            offset: o,
+            length_bytes: l,
+        }))
     }
 }

@@ -32,7 +32,7 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
         2 => any::<usize>().prop_map(Op::Finish),
         1 => any::<usize>().prop_map(Op::Withdraw),
     ];
-    prop::collection::vec(op, 1..80)
+    prop::collection::vec(op, 1..120)
 }
 
 /// The model: intervals under way plus a FIFO of waiting intervals, admitted by the rule
@@ -60,7 +60,7 @@ impl Model {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn agrees_with_the_interval_model(capacity in 1usize..5, ops in ops()) {
@@ -71,7 +71,13 @@ proptest! {
         for (id, op) in ops.iter().enumerate() {
             match op {
                 Op::Register(o, l) => {
-                    pending.push((id, table.register(*o, *l, KIND)));
+                    let mut register = table.register(*o, *l, KIND);
+                    if model.waiting.len() >= 16 * capacity {
+                        let full = matches!(poll_now(&mut register), Some(Err(InflightError::Full { .. })));
+                        prop_assert!(full, "the waiting bound holds");
+                        continue;
+                    }
+                    pending.push((id, register));
                     model.waiting.push((id, *o, o + l));
                 }
                 Op::Finish(i) if !guards.is_empty() => {
@@ -183,7 +189,8 @@ fn bad_input_is_named_and_registers_nothing() {
 /// sections apart (no two overlapping operations are ever under way together).
 #[test]
 fn tasks_on_two_cores_never_overlap() {
-    let runtime = tandem::reactor::Runtime::new(tandem::reactor::Config { cores: 2, pin: false, ..Default::default() }).unwrap();
+    let runtime =
+        tandem::reactor::Runtime::new(tandem::reactor::Config { cores: 2, pin: false, ..Default::default() }).unwrap();
     let table = InflightTable::new(64).unwrap();
     let inside = Arc::new(AtomicUsize::new(0));
     let handles: Vec<_> = (0..8u64)

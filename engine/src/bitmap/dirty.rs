@@ -1,23 +1,30 @@
 //! [`DirtyBitmap`]: one bit per chunk of `granularity` bytes.
 //!
-//! Layout: chunks are grouped in shards of 32768 (512 words, 4 KiB, allocated on first set,
-//! so a mostly clean 64 TiB disk costs little). Each shard's bits sit behind its own
-//! `parking_lot` mutex, with a per-shard summary word mask (which words are non-zero). A top
-//! level keeps one bit per shard (non-empty) in atomics, so a scan of an empty bitmap reads
-//! one bit per shard and no lock.
+//! Layout: chunks are grouped in shards of 32768 (512 words, 4 KiB, allocated on first set and
+//! kept until the bitmap drops, so a mostly clean 64 TiB disk costs little). Every change to a
+//! shard happens behind its own `parking_lot` mutex, with a per-shard summary word mask (which
+//! words are non-zero). A top level keeps one bit per shard (non-empty) in atomics, so a scan
+//! of an empty bitmap reads one bit per shard and no lock. The words themselves are atomics:
+//! a `set` whose chunks are all already dirty (the common case: a guest rewriting a hot
+//! region) returns after one load, with no lock and no write, so cores marking the same
+//! regions do not fight over cache lines. Counts are kept per shard and in 16 padded stripes,
+//! so the O(1) count costs no shared cache line per mark.
 //!
 //! Memory ordering. Every change to a shard (its words, summary, `dirty_count` and its top
-//! bit) is made under that shard's lock; the shard's `dirty_count` is stored with Release
-//! and its top bit changed with AcqRel read-modify-writes, so a reader that loads either with
-//! Acquire sees the words as they were when that value was written. A scanner that skips a
+//! bit) is made under that shard's lock; the shard's `dirty_count` and its words are stored
+//! with Release and its top bit changed with AcqRel read-modify-writes, so a reader that loads
+//! any of them with Acquire sees the shard as it was when that value was written. The
+//! lock-free "already set" check in `set` reads a word with Acquire: if it sees the bits, they
+//! were set by a store it synchronises with, and returning without writing is exactly what the
+//! locked path would have done. A scanner that skips a
 //! shard on a zero top bit may therefore miss only bits set *concurrently* with its scan, never
 //! a bit set before it synchronised with the setter (joined the writer, took a lock the writer
 //! released, received its message): what a job needs, since a chunk set during a scan is
-//! found by the next scan and `dirty_chunk_count` stays exact. The global count is updated
-//! after the shard, under the same lock, with AcqRel.
+//! found by the next scan. `dirty_chunk_count` sums the stripes: exact whenever no mark or
+//! reset runs concurrently, and never off by more than the operations in progress.
 
 use super::error::BitmapError;
-use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::sync::{AtomicBool, AtomicPtr, AtomicU64, Mutex, Ordering};
 
 pub const GRANULARITY_BYTES_MIN: u64 = 512;
 pub const GRANULARITY_BYTES_MAX: u64 = 64 << 20;
@@ -26,18 +33,60 @@ const SHARD_CHUNK_SHIFT: u32 = 15;
 const SHARD_CHUNK_COUNT: u64 = 1 << SHARD_CHUNK_SHIFT;
 const SHARD_WORD_COUNT: usize = (SHARD_CHUNK_COUNT / 64) as usize;
 const SUMMARY_WORD_COUNT: usize = SHARD_WORD_COUNT / 64;
+const COUNT_STRIPE_COUNT: usize = 16;
 
+type Words = [AtomicU64; SHARD_WORD_COUNT];
+
+/// Keeps a value on its own cache line(s), so writers elsewhere do not evict it.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// What only the lock holder touches.
 struct ShardBits {
-    /// `None` until the first chunk of the shard is set.
-    words: Option<Box<[u64; SHARD_WORD_COUNT]>>,
-    /// Bit `i` set iff `words[i] != 0`.
+    /// Bit `i` set iff word `i` is non-zero.
     summary: [u64; SUMMARY_WORD_COUNT],
 }
 
+#[repr(align(128))]
 struct Shard {
     bits: Mutex<ShardBits>,
+    /// Null until the first chunk of the shard is set; then set once, under `bits`, and freed
+    /// only when the bitmap drops, so a reader holding `&self` may follow it without the lock.
+    words: AtomicPtr<Words>,
     /// Chunks set in this shard (written under `bits`).
     dirty_count: AtomicU64,
+}
+
+impl Shard {
+    fn words(&self) -> Option<&Words> {
+        let ptr = self.words.load(Ordering::Acquire);
+        // SAFETY: non-null pointers come from Box::into_raw in `words_or_insert` and stay
+        // valid until `drop`, which needs `&mut self`.
+        (!ptr.is_null()).then(|| unsafe { &*ptr })
+    }
+
+    /// The words, allocating them. Only with the shard's lock held (`_locked` proves it).
+    fn words_or_insert(&self, _locked: &mut ShardBits) -> &Words {
+        if let Some(words) = self.words() {
+            return words;
+        }
+        let words: Box<Words> = Box::new(std::array::from_fn(|_| AtomicU64::new(0)));
+        let ptr = Box::into_raw(words);
+        self.words.store(ptr, Ordering::Release);
+        // SAFETY: just allocated; lives until drop.
+        unsafe { &*ptr }
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        let ptr = self.words.load(Ordering::Acquire);
+        if !ptr.is_null() {
+            // SAFETY: allocated by Box::into_raw in `words_or_insert`; nobody else holds the
+            // shard any more (`&mut self`).
+            drop(unsafe { Box::from_raw(ptr) });
+        }
+    }
 }
 
 /// A dirty bitmap over `size_bytes` of disk.
@@ -60,8 +109,9 @@ pub struct DirtyBitmap {
     shards: Box<[Shard]>,
     /// Bit per shard: set iff the shard's `dirty_count` is non-zero.
     top: Box<[AtomicU64]>,
-    dirty_count: AtomicU64,
-    enabled: AtomicBool,
+    /// Dirty chunks, striped by shard index so markers on different shards rarely share a line.
+    count_stripes: Box<[Padded<AtomicU64>]>,
+    enabled: Padded<AtomicBool>,
 }
 
 impl DirtyBitmap {
@@ -79,7 +129,8 @@ impl DirtyBitmap {
         let shard_count = chunk_count.div_ceil(SHARD_CHUNK_COUNT) as usize;
         let shards = (0..shard_count)
             .map(|_| Shard {
-                bits: Mutex::new(ShardBits { words: None, summary: [0; SUMMARY_WORD_COUNT] }),
+                bits: Mutex::new(ShardBits { summary: [0; SUMMARY_WORD_COUNT] }),
+                words: AtomicPtr::new(std::ptr::null_mut()),
                 dirty_count: AtomicU64::new(0),
             })
             .collect();
@@ -90,8 +141,8 @@ impl DirtyBitmap {
             chunk_count,
             shards,
             top,
-            dirty_count: AtomicU64::new(0),
-            enabled: AtomicBool::new(true),
+            count_stripes: (0..COUNT_STRIPE_COUNT).map(|_| Padded(AtomicU64::new(0))).collect(),
+            enabled: Padded(AtomicBool::new(true)),
         })
     }
 
@@ -107,9 +158,9 @@ impl DirtyBitmap {
         self.chunk_count
     }
 
-    /// Dirty chunks, O(1).
+    /// Dirty chunks, O(1) (a sum of 16 stripes).
     pub fn dirty_chunk_count(&self) -> u64 {
-        self.dirty_count.load(Ordering::Acquire)
+        self.count_stripes.iter().map(|stripe| stripe.0.load(Ordering::Acquire)).sum()
     }
 
     /// Dirty bytes (a dirty last chunk counts only its bytes inside the disk), O(1).
@@ -124,12 +175,12 @@ impl DirtyBitmap {
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.enabled.load(Ordering::Acquire)
+        self.enabled.0.load(Ordering::Acquire)
     }
 
     /// A disabled bitmap records nothing (`set` is a no-op); scans, reset and merge still work.
     pub fn set_enabled(&self, enabled: bool) {
-        self.enabled.store(enabled, Ordering::Release);
+        self.enabled.0.store(enabled, Ordering::Release);
     }
 
     fn check_range(&self, offset: u64, length_bytes: u64) -> Result<(), BitmapError> {
@@ -150,9 +201,23 @@ impl DirtyBitmap {
             return Ok(());
         }
         let first = offset >> self.granularity_shift;
-        let end = (offset + length_bytes - 1) >> self.granularity_shift;
-        self.update_chunks(first, end + 1, true);
+        let last = (offset + length_bytes - 1) >> self.granularity_shift;
+        if !self.all_set(first, last) {
+            self.update_chunks(first, last + 1, true);
+        }
         Ok(())
+    }
+
+    /// Lock-free check that chunks `[first, last]` (within one word) are all dirty already.
+    fn all_set(&self, first: u64, last: u64) -> bool {
+        if first / 64 != last / 64 {
+            return false; // spans words: take the locked path
+        }
+        let shard = &self.shards[(first >> SHARD_CHUNK_SHIFT) as usize];
+        let Some(words) = shard.words() else { return false };
+        let within = first & (SHARD_CHUNK_COUNT - 1);
+        let mask = word_mask(first % 64, last % 64 + 1);
+        words[(within / 64) as usize].load(Ordering::Acquire) & mask == mask
     }
 
     /// Mark clean every chunk that `[offset, offset + length_bytes)` covers whole; chunks it
@@ -183,7 +248,9 @@ impl DirtyBitmap {
         for (index, shard) in self.shards.iter().enumerate() {
             let mut bits = shard.bits.lock();
             let removed = shard.dirty_count.load(Ordering::Relaxed);
-            bits.words = None;
+            if let Some(words) = shard.words() {
+                words.iter().filter(|w| w.load(Ordering::Relaxed) != 0).for_each(|w| w.store(0, Ordering::Release));
+            }
             bits.summary = [0; SUMMARY_WORD_COUNT];
             self.account(index, shard, removed, false);
         }
@@ -199,7 +266,7 @@ impl DirtyBitmap {
             let shard = &self.shards[shard_index];
             let mut bits = shard.bits.lock();
             let base = (shard_index as u64) << SHARD_CHUNK_SHIFT;
-            let changed = update_shard(&mut bits, chunk - base, shard_end - base, set);
+            let changed = update_shard(shard, &mut bits, chunk - base, shard_end - base, set);
             self.account(shard_index, shard, changed, set);
             chunk = shard_end;
         }
@@ -221,17 +288,18 @@ impl DirtyBitmap {
             (false, true) => drop(self.top[index / 64].fetch_and(!top_bit, Ordering::AcqRel)),
             _ => {}
         }
+        let stripe = &self.count_stripes[index % COUNT_STRIPE_COUNT].0;
         match set {
-            true => self.dirty_count.fetch_add(changed, Ordering::AcqRel),
-            false => self.dirty_count.fetch_sub(changed, Ordering::AcqRel),
+            true => stripe.fetch_add(changed, Ordering::AcqRel),
+            false => stripe.fetch_sub(changed, Ordering::AcqRel),
         };
     }
 
     fn chunk_is_set(&self, chunk: u64) -> bool {
         let shard = &self.shards[(chunk >> SHARD_CHUNK_SHIFT) as usize];
-        let bits = shard.bits.lock();
+        let _bits = shard.bits.lock();
         let within = (chunk & (SHARD_CHUNK_COUNT - 1)) as usize;
-        bits.words.as_ref().is_some_and(|words| words[within / 64] & (1 << (within % 64)) != 0)
+        shard.words().is_some_and(|words| words[within / 64].load(Ordering::Relaxed) & (1 << (within % 64)) != 0)
     }
 
     /// Offset of the first dirty chunk at or after the chunk holding `from_offset`.
@@ -316,10 +384,10 @@ impl DirtyBitmap {
         self.check_geometry(other)?;
         for (index, other_shard) in other.shards.iter().enumerate() {
             // Copy out under the other's lock, then apply under ours: never both at once.
-            let Some(words) = other_shard.bits.lock().words.clone() else { continue };
+            let Some(words) = copy_words(other_shard) else { continue };
             let shard = &self.shards[index];
             let mut bits = shard.bits.lock();
-            let changed = or_words(&mut bits, &words);
+            let changed = or_words(shard, &mut bits, &words);
             self.account(index, shard, changed, true);
         }
         Ok(())
@@ -352,8 +420,7 @@ impl DirtyBitmap {
         let word_count = self.chunk_count.div_ceil(64) as usize;
         let mut out = vec![0u64; word_count];
         for (index, shard) in self.shards.iter().enumerate() {
-            let bits = shard.bits.lock();
-            let Some(words) = bits.words.as_ref() else { continue };
+            let Some(words) = copy_words(shard) else { continue };
             let start = index * SHARD_WORD_COUNT;
             let count = SHARD_WORD_COUNT.min(word_count - start);
             out[start..start + count].copy_from_slice(&words[..count]);
@@ -385,45 +452,65 @@ impl DirtyBitmap {
             full[..chunk.len()].copy_from_slice(chunk);
             let shard = &bitmap.shards[index];
             let mut bits = shard.bits.lock();
-            let changed = or_words(&mut bits, &full);
+            let changed = or_words(shard, &mut bits, &full);
             bitmap.account(index, shard, changed, true);
         }
         Ok(bitmap)
     }
 }
 
-/// Set or clear chunks `[first, end)` of one shard (shard-relative); returns how many changed.
-fn update_shard(bits: &mut ShardBits, first: u64, end: u64, set: bool) -> u64 {
-    if !set && bits.words.is_none() {
+/// Bits `low..high` (0 <= low < high <= 64) of a word.
+fn word_mask(low: u64, high: u64) -> u64 {
+    debug_assert!(low < high && high <= 64);
+    if high - low == 64 {
+        !0
+    } else {
+        ((1u64 << (high - low)) - 1) << low
+    }
+}
+
+/// The shard's words as plain values, read under its lock; `None` if never allocated.
+fn copy_words(shard: &Shard) -> Option<Box<[u64; SHARD_WORD_COUNT]>> {
+    let _bits = shard.bits.lock();
+    let words = shard.words()?;
+    Some(Box::new(std::array::from_fn(|i| words[i].load(Ordering::Relaxed))))
+}
+
+/// Set or clear chunks `[first, end)` of one shard (shard-relative), with its lock held;
+/// returns how many changed. Unchanged words are not written.
+fn update_shard(shard: &Shard, bits: &mut ShardBits, first: u64, end: u64, set: bool) -> u64 {
+    if !set && shard.words().is_none() {
         return 0;
     }
-    let ShardBits { words, summary } = bits;
-    let words = words.get_or_insert_with(|| Box::new([0; SHARD_WORD_COUNT]));
+    let words = shard.words_or_insert(bits);
     let mut changed = 0u64;
     let mut chunk = first;
     while chunk < end {
         let word_index = (chunk / 64) as usize;
-        let low = chunk % 64;
         let high = (end - word_index as u64 * 64).min(64);
-        let mask = if high - low == 64 { !0 } else { ((1u64 << (high - low)) - 1) << low };
-        let old = words[word_index];
+        let mask = word_mask(chunk % 64, high);
+        let old = words[word_index].load(Ordering::Relaxed);
         let new = if set { old | mask } else { old & !mask };
-        changed += u64::from((old ^ new).count_ones());
-        words[word_index] = new;
-        set_summary(summary, word_index, new != 0);
+        if new != old {
+            changed += u64::from((old ^ new).count_ones());
+            words[word_index].store(new, Ordering::Release);
+            set_summary(&mut bits.summary, word_index, new != 0);
+        }
         chunk = word_index as u64 * 64 + high;
     }
     changed
 }
 
-fn or_words(bits: &mut ShardBits, source: &[u64; SHARD_WORD_COUNT]) -> u64 {
-    let ShardBits { words, summary } = bits;
-    let words = words.get_or_insert_with(|| Box::new([0; SHARD_WORD_COUNT]));
+fn or_words(shard: &Shard, bits: &mut ShardBits, source: &[u64; SHARD_WORD_COUNT]) -> u64 {
+    let words = shard.words_or_insert(bits);
     let mut changed = 0u64;
-    for (word_index, (word, add)) in words.iter_mut().zip(source.iter()).enumerate() {
-        changed += u64::from((add & !*word).count_ones());
-        *word |= add;
-        set_summary(summary, word_index, *word != 0);
+    for (word_index, add) in source.iter().enumerate() {
+        let old = words[word_index].load(Ordering::Relaxed);
+        if add & !old != 0 {
+            changed += u64::from((add & !old).count_ones());
+            words[word_index].store(old | add, Ordering::Release);
+            set_summary(&mut bits.summary, word_index, true);
+        }
     }
     changed
 }
@@ -443,7 +530,7 @@ fn scan_shard(shard: &Shard, within: u64, dirty: bool) -> Option<u64> {
         return None;
     }
     let bits = shard.bits.lock();
-    let Some(words) = bits.words.as_ref() else {
+    let Some(words) = shard.words() else {
         return (!dirty).then_some(within);
     };
     let mut word_index = (within / 64) as usize;
@@ -454,7 +541,8 @@ fn scan_shard(shard: &Shard, within: u64, dirty: bool) -> Option<u64> {
             mask = !0;
             continue;
         }
-        let word = if dirty { words[word_index] } else { !words[word_index] } & mask;
+        let value = words[word_index].load(Ordering::Relaxed);
+        let word = if dirty { value } else { !value } & mask;
         if word != 0 {
             return Some(word_index as u64 * 64 + u64::from(word.trailing_zeros()));
         }

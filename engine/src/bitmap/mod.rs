@@ -4,8 +4,13 @@
 
 mod dirty;
 mod error;
+mod persist;
 mod registry;
 
 pub use dirty::{DirtyBitmap, GRANULARITY_BYTES_MAX, GRANULARITY_BYTES_MIN};
 pub use error::BitmapError;
+pub use persist::{
+    clear_inconsistent, load, open_for_recording, save, LoadedBitmap, PersistError, RecordingBitmap, FORMAT_VERSION,
+    MAGIC,
+};
 pub use registry::{BitmapLease, BitmapRegistry};
