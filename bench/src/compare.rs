@@ -20,7 +20,10 @@ struct Figures {
     cpu_us_per_io: f64,
 }
 
-const METRICS: [(&str, &str, fn(&Figures) -> f64); 5] = [
+/// A metric: JSON key, table title, and how to read it from a round's figures.
+type Metric = (&'static str, &'static str, fn(&Figures) -> f64);
+
+const METRICS: [Metric; 5] = [
     ("iops", "IOPS", |f| f.iops),
     ("mib_per_s", "MiB/s", |f| f.mib_per_s),
     ("clat_p50_us", "clat p50 (us)", |f| f.clat_p50_us),

@@ -96,10 +96,10 @@ impl Disk {
             return Err(Error::OutOfBounds { offset, length_bytes, size_bytes: self.size_bytes });
         }
         let align_bytes = self.alignment.request_bytes;
-        if offset % align_bytes != 0 {
+        if !offset.is_multiple_of(align_bytes) {
             return Err(Error::Misaligned { part: AlignedPart::Offset, value: offset, align_bytes });
         }
-        if length_bytes % align_bytes != 0 {
+        if !length_bytes.is_multiple_of(align_bytes) {
             return Err(Error::Misaligned { part: AlignedPart::Length, value: length_bytes, align_bytes });
         }
         Ok(())
@@ -113,7 +113,7 @@ impl Disk {
         }
         let address = buf.as_ptr() as u64;
         let align_bytes = self.alignment.memory_bytes;
-        if address % align_bytes != 0 {
+        if !address.is_multiple_of(align_bytes) {
             return Err(Error::Misaligned { part: AlignedPart::BufferAddress, value: address, align_bytes });
         }
         Ok(())

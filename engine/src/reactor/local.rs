@@ -43,9 +43,9 @@ impl Ord for Timer {
 
 thread_local! {
     pub(crate) static CORE: Cell<Option<CoreId>> = const { Cell::new(None) };
-    pub(crate) static RUN_QUEUE: RefCell<VecDeque<Runnable>> = RefCell::new(VecDeque::new());
-    pub(crate) static PENDING_OPS: RefCell<VecDeque<Arc<OpShared>>> = RefCell::new(VecDeque::new());
-    pub(crate) static TIMERS: RefCell<BinaryHeap<Reverse<Timer>>> = RefCell::new(BinaryHeap::new());
+    pub(crate) static RUN_QUEUE: RefCell<VecDeque<Runnable>> = const { RefCell::new(VecDeque::new()) };
+    pub(crate) static PENDING_OPS: RefCell<VecDeque<Arc<OpShared>>> = const { RefCell::new(VecDeque::new()) };
+    pub(crate) static TIMERS: RefCell<BinaryHeap<Reverse<Timer>>> = const { RefCell::new(BinaryHeap::new()) };
     static TIMER_SEQUENCE: Cell<u64> = const { Cell::new(0) };
     pub(crate) static CLOCK: Cell<Option<Instant>> = const { Cell::new(None) };
 }
