@@ -6,7 +6,6 @@ pub mod compare;
 pub mod demo;
 pub mod fio;
 pub mod progress;
-pub mod rng;
 pub mod runner;
 pub mod target;
 

@@ -3,7 +3,6 @@
 //! hdrhistogram and counts bytes. Jobs start together; CPU time is the whole process's.
 
 use crate::fio::{DirStats, JobResult, JobSpec, RwMode};
-use crate::rng;
 use crate::target::{fill_random, Target, TargetError, Targets};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -13,6 +12,7 @@ use std::time::{Duration, Instant};
 use tandem::block::WriteFlags;
 use tandem::buf::{AlignedBuf, DEFAULT_ALIGN_BYTES};
 use tandem::reactor::{current_buf_pool, last_op_submitted_at, now, sleep_until, yield_now, JoinHandle, Runtime};
+use tandem::rng;
 use tandem::IoPriority;
 
 /// Synchronous completions (null driver) a lane may chain before letting its core turn.

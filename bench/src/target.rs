@@ -130,7 +130,7 @@ fn lay_out(disk: &Disk, start_bytes: u64, end_bytes: u64) -> tandem::Result<()> 
 pub fn fill_random(bytes: &mut [u8], seed: u64) {
     let mut state = seed;
     for chunk in bytes.chunks_mut(8) {
-        let word = crate::rng::next(&mut state).to_le_bytes();
+        let word = tandem::rng::next(&mut state).to_le_bytes();
         chunk.copy_from_slice(&word[..chunk.len()]);
     }
 }

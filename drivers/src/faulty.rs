@@ -237,17 +237,8 @@ fn fires(trigger: Trigger, matched_count: u64, range: Option<(u64, u64)>, rng: &
         Trigger::Range { offset, length_bytes } => {
             range.is_some_and(|(start, length)| start < offset + length_bytes && offset < start + length)
         }
-        Trigger::Probability(p) => (next_random(rng) as f64 / u64::MAX as f64) < p,
+        Trigger::Probability(p) => (tandem::rng::next(rng) as f64 / u64::MAX as f64) < p,
     }
-}
-
-/// splitmix64: tiny, seedable, good enough to spread faults.
-fn next_random(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 async fn roll_back(inner: Arc<dyn BlockDriver>, entries: Vec<UndoEntry>) -> Result<()> {

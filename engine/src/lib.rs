@@ -20,6 +20,7 @@ pub mod inflight;
 pub mod log;
 pub mod priority;
 pub mod reactor;
+pub mod rng;
 mod sync;
 
 pub use error::{Error, Result};

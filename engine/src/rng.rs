@@ -1,5 +1,5 @@
-//! splitmix64: the harness's one random generator. Seeded, so a run repeats exactly
-//! (fio's randrepeat=1), and a few instructions per draw, far below the cost of an I/O.
+//! splitmix64: the project's one seeded random generator (bench offsets, fault injection,
+//! test data). Seeded so a run or a failure repeats exactly; a few instructions per draw.
 
 /// Next value of the sequence; advances `state`.
 pub fn next(state: &mut u64) -> u64 {
