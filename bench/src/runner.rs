@@ -271,12 +271,6 @@ impl JobState {
 
     fn record(&self, direction: Direction, started: Instant, submitted: Instant, finished: Instant) {
         let block_bytes = self.spec.block_size_bytes;
-        let (live_bytes, live_ios) = match direction {
-            Direction::Read => (&self.live.read_bytes, &self.live.read_ios),
-            Direction::Write => (&self.live.write_bytes, &self.live.write_ios),
-        };
-        live_bytes.fetch_add(block_bytes, Ordering::Relaxed);
-        live_ios.fetch_add(1, Ordering::Relaxed);
         if started < self.measure_from {
             return; // ramp time: run, but do not count
         }
@@ -309,6 +303,7 @@ async fn run_lane(state: Rc<JobState>, lane: u32) {
     };
     fill_random(buf.as_mut_slice(), u64::from(lane) + 1);
     let mut chained = 0u32;
+    let mut unpublished = Unpublished::default();
     while let Some((direction, offset)) = state.next_io() {
         if let Some(slot) = state.rate_slot() {
             sleep_until(slot).await;
@@ -325,17 +320,49 @@ async fn run_lane(state: Rc<JobState>, lane: u32) {
                 eprintln!("{}: {e}", state.spec.name); // the first error ends the job, as in fio
                 state.error.set(e.errno().unwrap_or(libc::EINVAL));
             }
-            return;
+            break;
         }
         // Completion latency starts when the kernel took the request (fio's clat); the time
         // before that, in our queue and the submit syscall, is submission latency (slat).
         let submitted = last_op_submitted_at().unwrap_or(started).max(started);
         state.record(direction, started, submitted, now());
+        unpublished.add(direction);
         chained += 1;
         if chained == LANE_BUDGET_COUNT {
             chained = 0;
+            unpublished.publish(&state.live, state.spec.block_size_bytes);
             yield_now().await;
         }
+    }
+    unpublished.publish(&state.live, state.spec.block_size_bytes);
+}
+
+/// A lane's I/Os not yet added to the live counters: published every `LANE_BUDGET_COUNT`
+/// I/Os, so the progress display costs no shared atomic per I/O.
+#[derive(Default)]
+struct Unpublished {
+    read_ios: u64,
+    write_ios: u64,
+}
+
+impl Unpublished {
+    fn add(&mut self, direction: Direction) {
+        match direction {
+            Direction::Read => self.read_ios += 1,
+            Direction::Write => self.write_ios += 1,
+        }
+    }
+
+    fn publish(&mut self, live: &Live, block_bytes: u64) {
+        for (ios, live_ios, live_bytes) in
+            [(self.read_ios, &live.read_ios, &live.read_bytes), (self.write_ios, &live.write_ios, &live.write_bytes)]
+        {
+            if ios > 0 {
+                live_ios.fetch_add(ios, Ordering::Relaxed);
+                live_bytes.fetch_add(ios * block_bytes, Ordering::Relaxed);
+            }
+        }
+        *self = Unpublished::default();
     }
 }
 

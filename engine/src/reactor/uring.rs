@@ -246,6 +246,10 @@ impl UringBackend {
         if !self.ring.submission().cq_overflow() {
             return false;
         }
+        if self.overflow_flush_count == 0 {
+            // The in-flight bound should make this impossible: say so once if it happens.
+            crate::log::line("completion queue overflowed; flushing the kernel's overflow list");
+        }
         self.overflow_flush_count += 1;
         let _ = self.ring.submitter().submit_and_wait(0);
         true
