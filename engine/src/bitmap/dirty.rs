@@ -1,27 +1,41 @@
 //! [`DirtyBitmap`]: one bit per chunk of `granularity` bytes.
 //!
 //! Layout: chunks are grouped in shards of 32768 (512 words, 4 KiB, allocated on first set and
-//! kept until the bitmap drops, so a mostly clean 64 TiB disk costs little). Every change to a
-//! shard happens behind its own `parking_lot` mutex, with a per-shard summary word mask (which
-//! words are non-zero). A top level keeps one bit per shard (non-empty) in atomics, so a scan
-//! of an empty bitmap reads one bit per shard and no lock. The words themselves are atomics:
-//! a `set` whose chunks are all already dirty (the common case: a guest rewriting a hot
-//! region) returns after one load, with no lock and no write, so cores marking the same
-//! regions do not fight over cache lines. Counts are kept per shard and in 16 padded stripes,
-//! so the O(1) count costs no shared cache line per mark.
+//! kept until the bitmap drops, so a mostly clean 64 TiB disk costs little). Each shard has a
+//! `parking_lot` mutex over a summary word mask (which words are non-zero). A top level keeps
+//! one bit per shard (non-empty) in atomics, so a scan of an empty bitmap reads one bit per
+//! shard and no lock. The O(1) count lives in 16 padded stripes picked by thread.
 //!
-//! Memory ordering. Every change to a shard (its words, summary, `dirty_count` and its top
-//! bit) is made under that shard's lock; the shard's `dirty_count` and its words are stored
-//! with Release and its top bit changed with AcqRel read-modify-writes, so a reader that loads
-//! any of them with Acquire sees the shard as it was when that value was written. The
-//! lock-free "already set" check in `set` reads a word with Acquire: if it sees the bits, they
-//! were set by a store it synchronises with, and returning without writing is exactly what the
-//! locked path would have done. A scanner that skips a
-//! shard on a zero top bit may therefore miss only bits set *concurrently* with its scan, never
-//! a bit set before it synchronised with the setter (joined the writer, took a lock the writer
-//! released, received its message): what a job needs, since a chunk set during a scan is
-//! found by the next scan. `dirty_chunk_count` sums the stripes: exact whenever no mark or
-//! reset runs concurrently, and never off by more than the operations in progress.
+//! A guest write's mark touches as few shared cache lines as it can, because with several
+//! cores marking random offsets every shared line a mark writes moves between cores (measured:
+//! two threads gained nothing over one while each mark took the shard lock). So a `set` whose
+//! word is already non-zero never locks: chunks already dirty cost one load; new ones one
+//! `fetch_or` on the word and an add to the thread's own stripe. Only a word going from zero
+//! to non-zero takes the lock, to set its summary bit and the shard's top bit.
+//!
+//! The invariant: with no `set` in progress, a non-zero word has its summary bit set and a
+//! shard with a summary bit set has its top bit set. Memory ordering, and why it holds:
+//! - Words change only by read-modify-writes (`fetch_or`, `fetch_and`, `swap`; AcqRel), by
+//!   setters with or without the lock and by resets and clears under it. RMWs on one word are
+//!   totally ordered, so no bit is ever lost between a lock-free setter and a locked reset, and
+//!   each RMW's old value says exactly how many chunks it changed (the counts stay exact).
+//! - A lock-free setter proceeds only if its RMW returned a non-zero old value: the word was
+//!   non-zero at that point in its order, so the summary and top bits were set by whoever made
+//!   it non-zero (under the lock, before releasing it). A reset that later zeroes the word sees
+//!   the setter's bit in its RMW (clearing it is then the reset's job; counting it is exact).
+//!   If the RMW returned zero (a reset emptied the word after the setter's first look) the
+//!   setter takes the lock and publishes the word as a first set would.
+//! - Summary and top bits are cleared only under the lock, by a reset whose own RMW left the
+//!   word zero; a setter that races in after that RMW sees a zero old value and re-publishes
+//!   under the lock once the reset releases it.
+//! - Top bits are changed with AcqRel RMWs after the word; a scanner that loads one with
+//!   Acquire and then locks the shard sees the words as they were when it was written.
+//!
+//! A scanner may therefore miss only bits set *concurrently* with its scan, never a bit set
+//! before it synchronised with the setter (joined the writer, took a lock the writer released,
+//! received its message): what a job needs, since a chunk set during a scan is found by the
+//! next scan. `dirty_chunk_count` sums the stripes: exact whenever no mark or reset runs
+//! concurrently, and never off by more than the operations in progress.
 
 use super::error::BitmapError;
 use crate::sync::{AtomicBool, AtomicPtr, AtomicU64, Mutex, Ordering};
@@ -37,13 +51,24 @@ const COUNT_STRIPE_COUNT: usize = 16;
 
 type Words = [AtomicU64; SHARD_WORD_COUNT];
 
+/// This thread's count stripe. Striping by thread rather than by shard keeps a marking core
+/// on its own cache line: two cores marking random shards would otherwise meet on the same
+/// 16 stripes nearly every mark (measured: that sharing alone held 2 threads to 1.4x of one).
+fn count_stripe_index() -> usize {
+    static NEXT_STRIPE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT_STRIPE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % COUNT_STRIPE_COUNT;
+    }
+    STRIPE.with(|stripe| *stripe)
+}
+
 /// Keeps a value on its own cache line(s), so writers elsewhere do not evict it.
 #[repr(align(128))]
 struct Padded<T>(T);
 
 /// What only the lock holder touches.
 struct ShardBits {
-    /// Bit `i` set iff word `i` is non-zero.
+    /// Bit `i` set if word `i` is non-zero (see the invariant at the top of the file).
     summary: [u64; SUMMARY_WORD_COUNT],
 }
 
@@ -53,8 +78,6 @@ struct Shard {
     /// Null until the first chunk of the shard is set; then set once, under `bits`, and freed
     /// only when the bitmap drops, so a reader holding `&self` may follow it without the lock.
     words: AtomicPtr<Words>,
-    /// Chunks set in this shard (written under `bits`).
-    dirty_count: AtomicU64,
 }
 
 impl Shard {
@@ -107,7 +130,7 @@ pub struct DirtyBitmap {
     size_bytes: u64,
     chunk_count: u64,
     shards: Box<[Shard]>,
-    /// Bit per shard: set iff the shard's `dirty_count` is non-zero.
+    /// Bit per shard: set if any of the shard's summary bits is (see the invariant at the top).
     top: Box<[AtomicU64]>,
     /// Dirty chunks, striped by shard index so markers on different shards rarely share a line.
     count_stripes: Box<[Padded<AtomicU64>]>,
@@ -131,7 +154,6 @@ impl DirtyBitmap {
             .map(|_| Shard {
                 bits: Mutex::new(ShardBits { summary: [0; SUMMARY_WORD_COUNT] }),
                 words: AtomicPtr::new(std::ptr::null_mut()),
-                dirty_count: AtomicU64::new(0),
             })
             .collect();
         let top = (0..shard_count.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
@@ -160,7 +182,14 @@ impl DirtyBitmap {
 
     /// Dirty chunks, O(1) (a sum of 16 stripes).
     pub fn dirty_chunk_count(&self) -> u64 {
-        self.count_stripes.iter().map(|stripe| stripe.0.load(Ordering::Acquire)).sum()
+        let sum =
+            self.count_stripes.iter().fold(0u64, |sum, stripe| sum.wrapping_add(stripe.0.load(Ordering::Acquire)));
+        // A stripe goes "negative" (wraps) when its thread clears chunks another thread set;
+        // only the sum means anything. Mid-update it can be briefly below zero: clamp.
+        match sum as i64 {
+            negative if negative < 0 => 0,
+            _ => sum.min(self.chunk_count),
+        }
     }
 
     /// Dirty bytes (a dirty last chunk counts only its bytes inside the disk), O(1).
@@ -210,27 +239,55 @@ impl DirtyBitmap {
         Ok(())
     }
 
-    /// Set chunks `[first, last]`, all in one word: one load if they are already set, else one
-    /// lock, one store and the counts.
+    /// Set chunks `[first, last]`, all in one word. Already set: one load. Word already
+    /// non-zero: one `fetch_or` and the thread's stripe, no lock. Otherwise the lock, to
+    /// publish the word in the summary and top level (ordering argument at the top).
     fn set_in_word(&self, first: u64, last: u64) {
         let shard_index = (first >> SHARD_CHUNK_SHIFT) as usize;
         let shard = &self.shards[shard_index];
         let word_index = ((first & (SHARD_CHUNK_COUNT - 1)) / 64) as usize;
         let mask = word_mask(first % 64, last % 64 + 1);
-        if shard.words().is_some_and(|words| words[word_index].load(Ordering::Acquire) & mask == mask) {
-            return;
+        // One new chunk is the common case; count_ones is ~20 instructions without POPCNT.
+        let added = |old: u64| if first == last { 1 } else { u64::from((mask & !old).count_ones()) };
+        if let Some(words) = shard.words() {
+            let current = words[word_index].load(Ordering::Acquire);
+            if current & mask == mask {
+                return;
+            }
+            if current != 0 {
+                let old = words[word_index].fetch_or(mask, Ordering::AcqRel);
+                if old & mask != mask {
+                    self.count(added(old), true);
+                }
+                if old != 0 {
+                    return;
+                }
+                // A reset emptied the word since the load: publish it as a first set would.
+                let mut bits = shard.bits.lock();
+                self.publish_word(shard_index, &mut bits, word_index);
+                return;
+            }
         }
         let mut bits = shard.bits.lock();
-        let word = &shard.words_or_insert(&mut bits)[word_index];
-        let old = word.load(Ordering::Relaxed);
-        if old & mask == mask {
-            return;
+        let old = shard.words_or_insert(&mut bits)[word_index].fetch_or(mask, Ordering::AcqRel);
+        if old & mask != mask {
+            self.count(added(old), true);
         }
-        word.store(old | mask, Ordering::Release);
+        self.publish_word(shard_index, &mut bits, word_index);
+    }
+
+    /// Summary and top-level bits for a word just made non-zero; with the shard's lock held.
+    fn publish_word(&self, shard_index: usize, bits: &mut ShardBits, word_index: usize) {
         bits.summary[word_index / 64] |= 1 << (word_index % 64);
-        // One new chunk is the common case; count_ones is ~20 instructions without POPCNT.
-        let added = if first == last { 1 } else { u64::from((mask & !old).count_ones()) };
-        self.account(shard_index, shard, added, true);
+        self.publish_shard(shard_index);
+    }
+
+    fn publish_shard(&self, shard_index: usize) {
+        let top_word = &self.top[shard_index / 64];
+        let top_bit = 1u64 << (shard_index % 64);
+        if top_word.load(Ordering::Acquire) & top_bit == 0 {
+            top_word.fetch_or(top_bit, Ordering::AcqRel);
+        }
     }
 
     /// Mark clean every chunk that `[offset, offset + length_bytes)` covers whole; chunks it
@@ -260,12 +317,16 @@ impl DirtyBitmap {
     pub fn clear(&self) {
         for (index, shard) in self.shards.iter().enumerate() {
             let mut bits = shard.bits.lock();
-            let removed = shard.dirty_count.load(Ordering::Relaxed);
-            if let Some(words) = shard.words() {
-                words.iter().filter(|w| w.load(Ordering::Relaxed) != 0).for_each(|w| w.store(0, Ordering::Release));
+            let Some(words) = shard.words() else { continue };
+            let mut removed = 0u64;
+            for (word_index, word) in words.iter().enumerate() {
+                if word.load(Ordering::Relaxed) != 0 {
+                    removed += u64::from(word.swap(0, Ordering::AcqRel).count_ones());
+                }
+                set_summary(&mut bits.summary, word_index, word.load(Ordering::Acquire) != 0);
             }
-            bits.summary = [0; SUMMARY_WORD_COUNT];
-            self.account(index, shard, removed, false);
+            self.count(removed, false);
+            self.unpublish_if_empty(index, &bits);
         }
     }
 
@@ -280,28 +341,28 @@ impl DirtyBitmap {
             let mut bits = shard.bits.lock();
             let base = (shard_index as u64) << SHARD_CHUNK_SHIFT;
             let changed = update_shard(shard, &mut bits, chunk - base, shard_end - base, set);
-            self.account(shard_index, shard, changed, set);
+            self.count(changed, set);
+            match set {
+                true => self.publish_shard(shard_index),
+                false => self.unpublish_if_empty(shard_index, &bits),
+            }
             chunk = shard_end;
         }
     }
 
-    /// Counts and the top bit after `changed` chunks of shard `index` were set or cleared.
-    /// Called with the shard's lock held.
-    fn account(&self, index: usize, shard: &Shard, changed: u64, set: bool) {
+    /// Clear the shard's top bit if its summary says every word is zero; lock held.
+    fn unpublish_if_empty(&self, shard_index: usize, bits: &ShardBits) {
+        if bits.summary.iter().all(|word| *word == 0) {
+            self.top[shard_index / 64].fetch_and(!(1u64 << (shard_index % 64)), Ordering::AcqRel);
+        }
+    }
+
+    /// Add or remove `changed` chunks from the count, on this thread's stripe.
+    fn count(&self, changed: u64, set: bool) {
         if changed == 0 {
             return;
         }
-        let before = shard.dirty_count.load(Ordering::Relaxed);
-        let after = if set { before + changed } else { before - changed };
-        assert!(after <= SHARD_CHUNK_COUNT, "shard count out of range");
-        shard.dirty_count.store(after, Ordering::Release);
-        let top_bit = 1u64 << (index % 64);
-        match (before == 0, after == 0) {
-            (true, false) => drop(self.top[index / 64].fetch_or(top_bit, Ordering::AcqRel)),
-            (false, true) => drop(self.top[index / 64].fetch_and(!top_bit, Ordering::AcqRel)),
-            _ => {}
-        }
-        let stripe = &self.count_stripes[index % COUNT_STRIPE_COUNT].0;
+        let stripe = &self.count_stripes[count_stripe_index()].0;
         match set {
             true => stripe.fetch_add(changed, Ordering::AcqRel),
             false => stripe.fetch_sub(changed, Ordering::AcqRel),
@@ -312,7 +373,7 @@ impl DirtyBitmap {
         let shard = &self.shards[(chunk >> SHARD_CHUNK_SHIFT) as usize];
         let _bits = shard.bits.lock();
         let within = (chunk & (SHARD_CHUNK_COUNT - 1)) as usize;
-        shard.words().is_some_and(|words| words[within / 64].load(Ordering::Relaxed) & (1 << (within % 64)) != 0)
+        shard.words().is_some_and(|words| words[within / 64].load(Ordering::Acquire) & (1 << (within % 64)) != 0)
     }
 
     /// Offset of the first dirty chunk at or after the chunk holding `from_offset`.
@@ -401,7 +462,8 @@ impl DirtyBitmap {
             let shard = &self.shards[index];
             let mut bits = shard.bits.lock();
             let changed = or_words(shard, &mut bits, &words);
-            self.account(index, shard, changed, true);
+            self.count(changed, true);
+            self.publish_shard(index);
         }
         Ok(())
     }
@@ -466,7 +528,8 @@ impl DirtyBitmap {
             let shard = &bitmap.shards[index];
             let mut bits = shard.bits.lock();
             let changed = or_words(shard, &mut bits, &full);
-            bitmap.account(index, shard, changed, true);
+            bitmap.count(changed, true);
+            bitmap.publish_shard(index);
         }
         Ok(bitmap)
     }
@@ -486,7 +549,7 @@ fn word_mask(low: u64, high: u64) -> u64 {
 fn copy_words(shard: &Shard) -> Option<Box<[u64; SHARD_WORD_COUNT]>> {
     let _bits = shard.bits.lock();
     let words = shard.words()?;
-    Some(Box::new(std::array::from_fn(|i| words[i].load(Ordering::Relaxed))))
+    Some(Box::new(std::array::from_fn(|i| words[i].load(Ordering::Acquire))))
 }
 
 /// Set or clear chunks `[first, end)` of one shard (shard-relative), with its lock held;
@@ -502,11 +565,13 @@ fn update_shard(shard: &Shard, bits: &mut ShardBits, first: u64, end: u64, set: 
         let word_index = (chunk / 64) as usize;
         let high = (end - word_index as u64 * 64).min(64);
         let mask = word_mask(chunk % 64, high);
-        let old = words[word_index].load(Ordering::Relaxed);
-        let new = if set { old | mask } else { old & !mask };
-        if new != old {
+        let word = &words[word_index];
+        let current = word.load(Ordering::Acquire);
+        // RMWs, never load-then-store: a lock-free setter may change the word meanwhile.
+        if (set && current & mask != mask) || (!set && current & mask != 0) {
+            let old = if set { word.fetch_or(mask, Ordering::AcqRel) } else { word.fetch_and(!mask, Ordering::AcqRel) };
+            let new = if set { old | mask } else { old & !mask };
             changed += u64::from((old ^ new).count_ones());
-            words[word_index].store(new, Ordering::Release);
             set_summary(&mut bits.summary, word_index, new != 0);
         }
         chunk = word_index as u64 * 64 + high;
@@ -518,10 +583,9 @@ fn or_words(shard: &Shard, bits: &mut ShardBits, source: &[u64; SHARD_WORD_COUNT
     let words = shard.words_or_insert(bits);
     let mut changed = 0u64;
     for (word_index, add) in source.iter().enumerate() {
-        let old = words[word_index].load(Ordering::Relaxed);
-        if add & !old != 0 {
+        if add & !words[word_index].load(Ordering::Acquire) != 0 {
+            let old = words[word_index].fetch_or(*add, Ordering::AcqRel);
             changed += u64::from((add & !old).count_ones());
-            words[word_index].store(old | add, Ordering::Release);
             set_summary(&mut bits.summary, word_index, true);
         }
     }
@@ -538,10 +602,6 @@ fn set_summary(summary: &mut [u64; SUMMARY_WORD_COUNT], word_index: usize, nonze
 
 /// First shard-relative chunk `>= within` whose bit equals `dirty`.
 fn scan_shard(shard: &Shard, within: u64, dirty: bool) -> Option<u64> {
-    let count = shard.dirty_count.load(Ordering::Acquire);
-    if (dirty && count == 0) || (!dirty && count == SHARD_CHUNK_COUNT) {
-        return None;
-    }
     let bits = shard.bits.lock();
     let Some(words) = shard.words() else {
         return (!dirty).then_some(within);
@@ -554,7 +614,7 @@ fn scan_shard(shard: &Shard, within: u64, dirty: bool) -> Option<u64> {
             mask = !0;
             continue;
         }
-        let value = words[word_index].load(Ordering::Relaxed);
+        let value = words[word_index].load(Ordering::Acquire);
         let word = if dirty { value } else { !value } & mask;
         if word != 0 {
             return Some(word_index as u64 * 64 + u64::from(word.trailing_zeros()));
