@@ -65,6 +65,10 @@ pub enum Error {
     Injected { errno: i32 },
     #[error("simulated crash: the disk is gone until it is reopened")]
     Crashed,
+    #[error("disk {name} is busy: a job's filter is already on it")]
+    DiskBusy { name: String },
+    #[error("{name} cannot take the disk's place: {why}")]
+    UnfitTarget { name: String, why: String },
 }
 
 impl Error {

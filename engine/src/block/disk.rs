@@ -2,15 +2,18 @@
 //! the device's size and alignment before anything reaches the driver, and answers bad input
 //! with a typed error naming the offending value, changing nothing.
 //!
-//! Later layers hang their filters here (dirty tracking, mirror's active write path,
-//! copy-before-write): every guest request already passes through this one place.
+//! After the checks, a write passes the disk's write gate (so a job can drain writes) and its
+//! filter, if a job inserted one (mirror's active write path, copy-before-write), then reaches
+//! the driver. A job can also switch the disk over to another driver (mirror's pivot).
 
+use super::filter::{DrainGuard, WriteFilter, WriteGate, WriteTicket};
 use super::{Alignment, BlockDriver, BufResult, Capabilities, Extent, IoFuture, WriteFlags};
 use crate::bitmap::BitmapRegistry;
 use crate::buf::AlignedBuf;
 use crate::error::{AlignedPart, Error, Result};
 use crate::priority::IoPriority;
 use crate::reactor::block_on;
+use arc_swap::ArcSwap;
 use std::sync::Arc;
 
 /// Largest single request: io_uring lengths are 32-bit and results signed, and no workload
@@ -45,12 +48,27 @@ pub const MAX_REQUEST_BYTES: u64 = 1 << 30;
 /// ```
 #[derive(Clone)]
 pub struct Disk {
-    driver: Arc<dyn BlockDriver>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    name: String,
+    /// Size, alignment and capabilities are the disk's for life: a driver it switches over to
+    /// must offer at least these (see [`Disk::switch_to`]).
     size_bytes: u64,
     alignment: Alignment,
     capabilities: Capabilities,
+    /// The driver and filter in use; swapped whole, read without a lock on every request.
+    node: ArcSwap<Node>,
     /// Named dirty bitmaps: every enabled one records each accepted write.
     bitmaps: BitmapRegistry,
+    gate: Arc<WriteGate>,
+}
+
+/// What a disk's requests currently go through.
+struct Node {
+    driver: Arc<dyn BlockDriver>,
+    filter: Option<Arc<dyn WriteFilter>>,
 }
 
 impl Disk {
@@ -58,32 +76,124 @@ impl Disk {
         let alignment = driver.alignment();
         assert!(alignment.request_bytes.is_power_of_two() && alignment.memory_bytes.is_power_of_two());
         let (size_bytes, capabilities) = (driver.size_bytes(), driver.capabilities());
-        Disk { size_bytes, capabilities, alignment, driver, bitmaps: BitmapRegistry::for_disk(size_bytes) }
+        let shared = Shared {
+            name: driver.name().to_string(),
+            size_bytes,
+            capabilities,
+            alignment,
+            node: ArcSwap::from_pointee(Node { driver, filter: None }),
+            bitmaps: BitmapRegistry::for_disk(size_bytes),
+            gate: Arc::new(WriteGate::new()),
+        };
+        Disk { shared: Arc::new(shared) }
     }
 
     /// The disk's named dirty bitmaps (their size must be the disk's).
     pub fn bitmaps(&self) -> &BitmapRegistry {
-        &self.bitmaps
+        &self.shared.bitmaps
     }
 
+    /// The name of the driver the disk was created on (kept across a switch-over).
     pub fn name(&self) -> &str {
-        self.driver.name()
+        &self.shared.name
     }
 
     pub fn size_bytes(&self) -> u64 {
-        self.size_bytes
+        self.shared.size_bytes
     }
 
     pub fn alignment(&self) -> Alignment {
-        self.alignment
+        self.shared.alignment
     }
 
     pub fn capabilities(&self) -> Capabilities {
-        self.capabilities
+        self.shared.capabilities
     }
 
-    pub fn driver(&self) -> &Arc<dyn BlockDriver> {
-        &self.driver
+    /// The driver requests currently reach (below any filter).
+    pub fn driver(&self) -> Arc<dyn BlockDriver> {
+        self.shared.node.load().driver.clone()
+    }
+
+    /// Whether a job's filter sits on this disk.
+    pub fn has_filter(&self) -> bool {
+        self.shared.node.load().filter.is_some()
+    }
+
+    /// Whether two handles are the same disk.
+    pub fn same_disk(&self, other: &Disk) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// Hold new guest writes back and resolve once none is in progress. `None` if a drain is
+    /// already under way (one job owns a disk's drains at a time).
+    ///
+    /// Never await a drain from a task whose own writes to this disk are still pending: it
+    /// would wait for itself.
+    pub fn drain(&self) -> Option<super::filter::Drain> {
+        self.shared.gate.drain()
+    }
+
+    /// Guest writes in progress (counted by the write gate).
+    pub fn writes_in_progress(&self) -> u64 {
+        self.shared.gate.in_progress_count()
+    }
+
+    /// Put `filter` on the write path. Only while drained (`_drained` proves it), so no write
+    /// that missed the filter is still in progress when this returns. Fails if another filter
+    /// is there.
+    pub fn insert_filter(&self, _drained: &DrainGuard, filter: Arc<dyn WriteFilter>) -> Result<()> {
+        let node = self.shared.node.load();
+        if node.filter.is_some() {
+            return Err(Error::DiskBusy { name: self.name().to_string() });
+        }
+        self.shared.node.store(Arc::new(Node { driver: node.driver.clone(), filter: Some(filter) }));
+        Ok(())
+    }
+
+    /// Take the filter off the write path (while drained).
+    pub fn remove_filter(&self, _drained: &DrainGuard) {
+        let driver = self.shared.node.load().driver.clone();
+        self.shared.node.store(Arc::new(Node { driver, filter: None }));
+    }
+
+    /// Switch the disk over to `driver` and drop any filter (mirror's pivot), while drained.
+    /// The new driver must be at least as large, no stricter in alignment, writable, and able
+    /// to do what the disk advertises.
+    pub fn switch_to(&self, _drained: &DrainGuard, driver: Arc<dyn BlockDriver>) -> Result<()> {
+        self.check_replacement(driver.as_ref())?;
+        self.shared.node.store(Arc::new(Node { driver, filter: None }));
+        Ok(())
+    }
+
+    /// Whether `driver` could replace this disk's (see [`Disk::switch_to`]).
+    pub fn check_replacement(&self, driver: &dyn BlockDriver) -> Result<()> {
+        let (ours, theirs) = (self.shared.capabilities, driver.capabilities());
+        let unfit = |why: String| Err(Error::UnfitTarget { name: driver.name().to_string(), why });
+        if driver.size_bytes() < self.size_bytes() {
+            return unfit(format!("{} bytes, smaller than the disk's {}", driver.size_bytes(), self.size_bytes()));
+        }
+        let (align, their_align) = (self.shared.alignment, driver.alignment());
+        if their_align.request_bytes > align.request_bytes || their_align.memory_bytes > align.memory_bytes {
+            return unfit(format!(
+                "alignment {}/{} bytes, stricter than the disk's {}/{}",
+                their_align.request_bytes, their_align.memory_bytes, align.request_bytes, align.memory_bytes
+            ));
+        }
+        let missing = [
+            (theirs.read_only && !ours.read_only, "writes"),
+            (ours.write_zeroes && !theirs.write_zeroes, "write_zeroes"),
+            (ours.discard && !theirs.discard, "discard"),
+        ];
+        match missing.iter().find(|(lacks, _)| *lacks) {
+            Some((_, what)) => unfit(format!("cannot do {what}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Count a guest write in, or come back through the gate once a drain lets it.
+    fn enter(&self) -> Option<WriteTicket> {
+        self.shared.gate.enter()
     }
 
     /// Check a byte range: non-empty, no overflow, inside the disk, aligned, not too large.
@@ -92,10 +202,10 @@ impl Disk {
             return Err(Error::EmptyRequest { offset });
         }
         let end = offset.checked_add(length_bytes).ok_or(Error::Overflow { offset, length_bytes })?;
-        if end > self.size_bytes {
-            return Err(Error::OutOfBounds { offset, length_bytes, size_bytes: self.size_bytes });
+        if end > self.size_bytes() {
+            return Err(Error::OutOfBounds { offset, length_bytes, size_bytes: self.size_bytes() });
         }
-        let align_bytes = self.alignment.request_bytes;
+        let align_bytes = self.shared.alignment.request_bytes;
         if !offset.is_multiple_of(align_bytes) {
             return Err(Error::Misaligned { part: AlignedPart::Offset, value: offset, align_bytes });
         }
@@ -112,7 +222,7 @@ impl Disk {
             return Err(Error::TooLarge { length_bytes, max_bytes: MAX_REQUEST_BYTES });
         }
         let address = buf.as_ptr() as u64;
-        let align_bytes = self.alignment.memory_bytes;
+        let align_bytes = self.shared.alignment.memory_bytes;
         if !address.is_multiple_of(align_bytes) {
             return Err(Error::Misaligned { part: AlignedPart::BufferAddress, value: address, align_bytes });
         }
@@ -120,7 +230,7 @@ impl Disk {
     }
 
     fn check_writable(&self, op: &'static str) -> Result<()> {
-        match self.capabilities.read_only {
+        match self.shared.capabilities.read_only {
             true => Err(Error::ReadOnly { op, name: self.name().to_string() }),
             false => Ok(()),
         }
@@ -136,7 +246,7 @@ impl Disk {
     /// Read `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: AlignedBuf, priority: IoPriority) -> IoFuture<BufResult<()>> {
         match self.check_transfer(offset, &buf) {
-            Ok(()) => self.driver.read(offset, buf, priority),
+            Ok(()) => self.shared.node.load().driver.read(offset, buf, priority),
             Err(e) => IoFuture::ready((Err(e), buf)),
         }
     }
@@ -150,19 +260,29 @@ impl Disk {
         priority: IoPriority,
     ) -> IoFuture<BufResult<()>> {
         let checked = self.check_writable("write").and_then(|()| self.check_transfer(offset, &buf));
-        match checked {
-            Ok(()) => {
-                // Marked before the write starts: a bitmap may over-report a failed write,
-                // never miss a done one.
-                self.bitmaps.mark(offset, buf.len() as u64);
-                self.driver.write(offset, buf, flags, priority)
-            }
-            Err(e) => IoFuture::ready((Err(e), buf)),
+        if let Err(e) = checked {
+            return IoFuture::ready((Err(e), buf));
         }
+        let Some(ticket) = self.enter() else {
+            let (disk, gate) = (self.clone(), self.shared.gate.opened());
+            return IoFuture::boxed(async move {
+                gate.await;
+                disk.write(offset, buf, flags, priority).await
+            });
+        };
+        // Marked before the write starts: a bitmap may over-report a failed write, never miss
+        // a done one.
+        self.shared.bitmaps.mark(offset, buf.len() as u64);
+        let node = self.shared.node.load();
+        let future = match &node.filter {
+            Some(filter) => filter.write(&node.driver, offset, buf, flags, priority),
+            None => node.driver.write(offset, buf, flags, priority),
+        };
+        future.holding(ticket)
     }
 
     pub fn flush(&self, priority: IoPriority) -> IoFuture<Result<()>> {
-        self.driver.flush(priority)
+        self.shared.node.load().driver.flush(priority)
     }
 
     pub fn write_zeroes(
@@ -174,35 +294,55 @@ impl Disk {
     ) -> IoFuture<Result<()>> {
         let checked = self
             .check_writable("write_zeroes")
-            .and_then(|()| self.check_capable("write_zeroes", self.capabilities.write_zeroes))
+            .and_then(|()| self.check_capable("write_zeroes", self.shared.capabilities.write_zeroes))
             .and_then(|()| self.check_range(offset, length_bytes));
-        match checked {
-            Ok(()) => {
-                self.bitmaps.mark(offset, length_bytes);
-                self.driver.write_zeroes(offset, length_bytes, may_unmap, priority)
-            }
-            Err(e) => IoFuture::ready(Err(e)),
+        if let Err(e) = checked {
+            return IoFuture::ready(Err(e));
         }
+        let Some(ticket) = self.enter() else {
+            let (disk, gate) = (self.clone(), self.shared.gate.opened());
+            return IoFuture::boxed(async move {
+                gate.await;
+                disk.write_zeroes(offset, length_bytes, may_unmap, priority).await
+            });
+        };
+        self.shared.bitmaps.mark(offset, length_bytes);
+        let node = self.shared.node.load();
+        let future = match &node.filter {
+            Some(filter) => filter.write_zeroes(&node.driver, offset, length_bytes, may_unmap, priority),
+            None => node.driver.write_zeroes(offset, length_bytes, may_unmap, priority),
+        };
+        future.holding(ticket)
     }
 
     pub fn discard(&self, offset: u64, length_bytes: u64, priority: IoPriority) -> IoFuture<Result<()>> {
         let checked = self
             .check_writable("discard")
-            .and_then(|()| self.check_capable("discard", self.capabilities.discard))
+            .and_then(|()| self.check_capable("discard", self.shared.capabilities.discard))
             .and_then(|()| self.check_range(offset, length_bytes));
-        match checked {
-            Ok(()) => {
-                self.bitmaps.mark(offset, length_bytes);
-                self.driver.discard(offset, length_bytes, priority)
-            }
-            Err(e) => IoFuture::ready(Err(e)),
+        if let Err(e) = checked {
+            return IoFuture::ready(Err(e));
         }
+        let Some(ticket) = self.enter() else {
+            let (disk, gate) = (self.clone(), self.shared.gate.opened());
+            return IoFuture::boxed(async move {
+                gate.await;
+                disk.discard(offset, length_bytes, priority).await
+            });
+        };
+        self.shared.bitmaps.mark(offset, length_bytes);
+        let node = self.shared.node.load();
+        let future = match &node.filter {
+            Some(filter) => filter.discard(&node.driver, offset, length_bytes, priority),
+            None => node.driver.discard(offset, length_bytes, priority),
+        };
+        future.holding(ticket)
     }
 
     /// The status of the bytes from `offset`, one extent of at most `length_bytes`.
     pub fn block_status(&self, offset: u64, length_bytes: u64) -> IoFuture<Result<Extent>> {
         match self.check_range(offset, length_bytes) {
-            Ok(()) => self.driver.block_status(offset, length_bytes),
+            Ok(()) => self.shared.node.load().driver.block_status(offset, length_bytes),
             Err(e) => IoFuture::ready(Err(e)),
         }
     }

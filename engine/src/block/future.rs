@@ -2,6 +2,7 @@
 //! boxing the common cases. A reactor operation is awaited in place and mapped by a plain
 //! function; a result known at once costs nothing; only composite operations box.
 
+use super::filter::WriteTicket;
 use super::BufResult;
 use crate::error::{Error, Result};
 use crate::reactor::{OpFuture, OpOutput, RESULT_STOPPED};
@@ -18,7 +19,7 @@ pub struct OpContext {
 }
 
 /// A `Send` future of a block operation.
-pub struct IoFuture<T>(Inner<T>);
+pub struct IoFuture<T>(Inner<T>, Option<WriteTicket>);
 
 enum Inner<T> {
     Ready(Option<T>),
@@ -32,17 +33,24 @@ impl<T> Unpin for IoFuture<T> {}
 impl<T> IoFuture<T> {
     /// A future that is already done.
     pub fn ready(value: T) -> IoFuture<T> {
-        IoFuture(Inner::Ready(Some(value)))
+        IoFuture(Inner::Ready(Some(value)), None)
     }
 
     /// Await a reactor operation, then map its raw result with `map`.
     pub fn op(future: OpFuture, context: OpContext, map: fn(OpOutput, OpContext) -> T) -> IoFuture<T> {
-        IoFuture(Inner::Op { future, context, map })
+        IoFuture(Inner::Op { future, context, map }, None)
     }
 
     /// Any other future (composite operations, injected delays).
     pub fn boxed(future: impl Future<Output = T> + Send + 'static) -> IoFuture<T> {
-        IoFuture(Inner::Boxed(Box::pin(future)))
+        IoFuture(Inner::Boxed(Box::pin(future)), None)
+    }
+
+    /// Keep a guest write counted in its disk's write gate until this future is done or
+    /// dropped.
+    pub(crate) fn holding(mut self, ticket: WriteTicket) -> IoFuture<T> {
+        self.1 = Some(ticket);
+        self
     }
 }
 
@@ -50,11 +58,16 @@ impl<T> Future for IoFuture<T> {
     type Output = T;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        match &mut self.get_mut().0 {
+        let this = self.get_mut();
+        let poll = match &mut this.0 {
             Inner::Ready(value) => Poll::Ready(value.take().expect("IoFuture polled after completion")),
             Inner::Op { future, context, map } => Pin::new(future).poll(cx).map(|out| map(out, *context)),
             Inner::Boxed(future) => future.as_mut().poll(cx),
+        };
+        if poll.is_ready() {
+            this.1 = None; // the write is done: count it out now, not when the future drops
         }
+        poll
     }
 }
 

@@ -4,9 +4,11 @@
 //! Drivers know nothing of jobs; jobs reach devices only through `Disk` and `BlockDriver`.
 
 mod disk;
+mod filter;
 mod future;
 
 pub use disk::{Disk, MAX_REQUEST_BYTES};
+pub use filter::{Drain, DrainGuard, WriteFilter};
 pub use future::{map_done, map_transfer, IoFuture, OpContext};
 
 use crate::buf::AlignedBuf;
