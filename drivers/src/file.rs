@@ -192,6 +192,12 @@ impl BlockDriver for FileDriver {
         &self.name
     }
 
+    fn device_id(&self) -> Option<(u64, u64)> {
+        // SAFETY: fstat fills a zeroed struct on the stack.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        (unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+    }
+
     fn size_bytes(&self) -> u64 {
         self.size_bytes
     }

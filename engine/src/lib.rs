@@ -17,6 +17,7 @@ pub mod block;
 pub mod buf;
 pub mod error;
 pub mod inflight;
+pub mod job;
 pub mod log;
 pub mod priority;
 pub mod reactor;

@@ -139,16 +139,25 @@ impl Disk {
         self.shared.gate.in_progress_count()
     }
 
-    /// Put `filter` on the write path. Only while drained (`_drained` proves it), so no write
-    /// that missed the filter is still in progress when this returns. Fails if another filter
-    /// is there.
-    pub fn insert_filter(&self, _drained: &DrainGuard, filter: Arc<dyn WriteFilter>) -> Result<()> {
-        let node = self.shared.node.load();
-        if node.filter.is_some() {
-            return Err(Error::DiskBusy { name: self.name().to_string() });
+    /// Put `filter` on the write path: every write submitted after this returns passes it.
+    /// Writes already in progress did not; a [`Disk::drain`] afterwards waits them out. Fails
+    /// if another filter is there.
+    pub fn insert_filter(&self, filter: Arc<dyn WriteFilter>) -> Result<()> {
+        let mut busy = false;
+        self.shared.node.rcu(|node| match node.filter {
+            Some(_) => {
+                busy = true;
+                node.clone()
+            }
+            None => {
+                busy = false;
+                Arc::new(Node { driver: node.driver.clone(), filter: Some(filter.clone()) })
+            }
+        });
+        match busy {
+            true => Err(Error::DiskBusy { name: self.name().to_string() }),
+            false => Ok(()),
         }
-        self.shared.node.store(Arc::new(Node { driver: node.driver.clone(), filter: Some(filter) }));
-        Ok(())
     }
 
     /// Take the filter off the write path (while drained).

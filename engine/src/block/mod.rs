@@ -94,4 +94,10 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn discard(&self, offset: u64, length_bytes: u64, priority: IoPriority) -> IoFuture<Result<()>>;
     /// The status of the bytes from `offset`: one extent, at most `length_bytes` long.
     fn block_status(&self, offset: u64, length_bytes: u64) -> IoFuture<Result<Extent>>;
+
+    /// What the driver stores to, as (device, inode) where that means something (a file),
+    /// so a job can refuse a target that is its own source under another name.
+    fn device_id(&self) -> Option<(u64, u64)> {
+        None
+    }
 }

@@ -1,0 +1,344 @@
+//! [`Job`], the handle users drive a job with, and [`JobCore`], the state it shares with the
+//! job's task: status, requests, events, progress, speed.
+//!
+//! Lock order: `control`, then the event channel's internal lock (status events are sent
+//! under `control` to keep their order); nothing else is taken under either.
+
+use super::{transition_allowed, verb_allowed, JobError, JobEvent, JobFigures, JobKind, JobStatus, JobVerb, Signal};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use parking_lot::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Events a job keeps for its watchers before it drops the oldest-unread ones (counted).
+const EVENT_QUEUE_COUNT_MAX: usize = 4096;
+
+/// What a job has done: `done_bytes` of `total_bytes` (the total grows while a guest writes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobProgress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// A request that ends a job's main loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopRequest {
+    Cancel { force: bool },
+    Complete,
+}
+
+struct Control {
+    status: JobStatus,
+    /// Pauses by users and by the `stop` error policy; `resume` takes one back.
+    pause_count: u32,
+    stop: Option<StopRequest>,
+    finalize_requested: bool,
+    auto_finalize: bool,
+    auto_dismiss: bool,
+    error: Option<String>,
+}
+
+/// A job-specific run-time change (the `change` verb), applied by the job's own code.
+pub(crate) type ChangeFn = Box<dyn Fn(&super::JobChange) -> Result<(), JobError> + Send + Sync>;
+
+pub(crate) struct JobCore {
+    pub(crate) id: String,
+    pub(crate) kind: JobKind,
+    control: Mutex<Control>,
+    status_changed: Condvar,
+    /// Wakes the job's task: verbs, finished copies, guest writes in active modes.
+    pub(crate) signal: Signal,
+    events: Sender<JobEvent>,
+    receiver: Receiver<JobEvent>,
+    dropped_event_count: AtomicU64,
+    done_bytes: AtomicU64,
+    remaining_bytes: AtomicU64,
+    speed_bytes_per_s: AtomicU64,
+    /// Mirror: every guest write reaches the target before it completes, and nothing is dirty.
+    actively_synced: AtomicBool,
+    on_change: ChangeFn,
+}
+
+impl JobCore {
+    pub(crate) fn new(
+        id: String,
+        kind: JobKind,
+        auto_finalize: bool,
+        auto_dismiss: bool,
+        speed_bytes_per_s: u64,
+        on_change: ChangeFn,
+    ) -> Arc<JobCore> {
+        let (events, receiver) = crossbeam_channel::bounded(EVENT_QUEUE_COUNT_MAX);
+        let control = Control {
+            status: JobStatus::Undefined,
+            pause_count: 0,
+            stop: None,
+            finalize_requested: false,
+            auto_finalize,
+            auto_dismiss,
+            error: None,
+        };
+        let core = JobCore {
+            id,
+            kind,
+            control: Mutex::new(control),
+            status_changed: Condvar::new(),
+            signal: Signal::default(),
+            events,
+            receiver,
+            dropped_event_count: AtomicU64::new(0),
+            done_bytes: AtomicU64::new(0),
+            remaining_bytes: AtomicU64::new(0),
+            speed_bytes_per_s: AtomicU64::new(speed_bytes_per_s),
+            actively_synced: AtomicBool::new(false),
+            on_change,
+        };
+        let core = Arc::new(core);
+        core.set_status(JobStatus::Created);
+        core
+    }
+
+    /// Send an event; if nobody has read the last `EVENT_QUEUE_COUNT_MAX`, drop the oldest.
+    pub(crate) fn emit(&self, event: JobEvent) {
+        let mut event = event;
+        loop {
+            match self.events.try_send(event) {
+                Ok(()) => return,
+                Err(TrySendError::Full(back)) => {
+                    let _ = self.receiver.try_recv();
+                    self.dropped_event_count.fetch_add(1, Ordering::Relaxed);
+                    event = back;
+                }
+                Err(TrySendError::Disconnected(_)) => return,
+            }
+        }
+    }
+
+    /// Move to `to` (which the transition table must allow) and tell the watchers.
+    pub(crate) fn set_status(&self, to: JobStatus) {
+        let mut control = self.control.lock();
+        let from = control.status;
+        assert!(transition_allowed(from, to), "job {}: illegal transition {from} -> {to}", self.id);
+        control.status = to;
+        // Sent under the lock (the channel's own lock is a leaf): whoever sees the new status
+        // finds its event already queued, and events keep the order of the changes.
+        self.emit(JobEvent::StatusChange { id: self.id.clone(), status: to });
+        drop(control);
+        self.status_changed.notify_all();
+    }
+
+    pub(crate) fn status(&self) -> JobStatus {
+        self.control.lock().status
+    }
+
+    pub(crate) fn pause_requested(&self) -> bool {
+        self.control.lock().pause_count > 0
+    }
+
+    /// The `stop` error policy: pause as a user would; `resume` retries.
+    pub(crate) fn pause_for_error(&self) {
+        self.control.lock().pause_count += 1;
+    }
+
+    pub(crate) fn stop_request(&self) -> Option<StopRequest> {
+        self.control.lock().stop
+    }
+
+    /// Whether the job may leave `pending` now (auto-finalize, or a user's finalize).
+    pub(crate) fn finalize_allowed(&self) -> bool {
+        let control = self.control.lock();
+        control.auto_finalize || control.finalize_requested
+    }
+
+    pub(crate) fn auto_dismiss(&self) -> bool {
+        self.control.lock().auto_dismiss
+    }
+
+    pub(crate) fn set_error(&self, message: String) {
+        self.control.lock().error.get_or_insert(message);
+    }
+
+    pub(crate) fn error(&self) -> Option<String> {
+        self.control.lock().error.clone()
+    }
+
+    pub(crate) fn add_done_bytes(&self, bytes: u64) {
+        self.done_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_remaining_bytes(&self, bytes: u64) {
+        self.remaining_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn speed_bytes_per_s(&self) -> u64 {
+        self.speed_bytes_per_s.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_actively_synced(&self, synced: bool) {
+        self.actively_synced.store(synced, Ordering::Relaxed);
+    }
+
+    pub(crate) fn actively_synced(&self) -> bool {
+        self.actively_synced.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn progress(&self) -> JobProgress {
+        let done_bytes = self.done_bytes.load(Ordering::Relaxed);
+        JobProgress { done_bytes, total_bytes: done_bytes + self.remaining_bytes.load(Ordering::Relaxed) }
+    }
+
+    pub(crate) fn figures(&self) -> JobFigures {
+        let progress = self.progress();
+        JobFigures { len: progress.total_bytes, offset: progress.done_bytes, speed: self.speed_bytes_per_s() }
+    }
+
+    /// Check `verb` against the state, then apply `act` to the control state, atomically.
+    fn verb(&self, verb: JobVerb, act: impl FnOnce(&mut Control) -> Result<(), JobError>) -> Result<(), JobError> {
+        {
+            let mut control = self.control.lock();
+            if !verb_allowed(verb, control.status) {
+                return Err(JobError::VerbNotAllowed {
+                    id: self.id.clone(),
+                    verb: verb.name(),
+                    status: control.status,
+                });
+            }
+            act(&mut control)?;
+        }
+        self.signal.notify();
+        Ok(())
+    }
+}
+
+/// A handle on a running job; cheap to clone, usable from any thread.
+///
+/// Verbs are checked against the job's state and refused with [`JobError::VerbNotAllowed`]
+/// where QEMU's job API refuses them; an accepted verb takes effect at the job's next step.
+#[derive(Clone)]
+pub struct Job {
+    pub(crate) core: Arc<JobCore>,
+}
+
+impl Job {
+    pub fn id(&self) -> &str {
+        &self.core.id
+    }
+
+    pub fn kind(&self) -> JobKind {
+        self.core.kind
+    }
+
+    pub fn status(&self) -> JobStatus {
+        self.core.status()
+    }
+
+    pub fn progress(&self) -> JobProgress {
+        self.core.progress()
+    }
+
+    /// Mirror: whether every guest write now reaches the target before it completes and
+    /// nothing is left to copy (an active copy mode, READY, no background write in progress).
+    pub fn actively_synced(&self) -> bool {
+        self.core.actively_synced()
+    }
+
+    /// Why the job failed, once it has.
+    pub fn error(&self) -> Option<String> {
+        self.core.error()
+    }
+
+    /// The job's events, in order. Every clone of the receiver drains the same queue.
+    pub fn events(&self) -> Receiver<JobEvent> {
+        self.core.receiver.clone()
+    }
+
+    /// Events dropped because nobody read them (the queue holds 4096).
+    pub fn dropped_event_count(&self) -> u64 {
+        self.core.dropped_event_count.load(Ordering::Relaxed)
+    }
+
+    /// Pause: copying stops at the next step (running becomes paused, ready becomes standby).
+    /// Pauses nest: each needs a `resume`.
+    pub fn pause(&self) -> Result<(), JobError> {
+        self.core.verb(JobVerb::Pause, |control| {
+            control.pause_count += 1;
+            Ok(())
+        })
+    }
+
+    /// Take back one pause (a user's, or the one an error policy of `stop` made).
+    pub fn resume(&self) -> Result<(), JobError> {
+        let id = self.core.id.clone();
+        self.core.verb(JobVerb::Resume, |control| match control.pause_count {
+            0 => Err(JobError::NotPaused { id }),
+            _ => {
+                control.pause_count -= 1;
+                Ok(())
+            }
+        })
+    }
+
+    /// Cancel. Before ready, or with `force`, the job ends as cancelled and the target is
+    /// undefined; a mirror that is ready ends instead with a consistent target and no
+    /// switch-over, reported as completed.
+    pub fn cancel(&self, force: bool) -> Result<(), JobError> {
+        self.core.verb(JobVerb::Cancel, |control| {
+            control.stop = Some(StopRequest::Cancel { force });
+            control.pause_count = 0; // a paused job must wake up to end
+            Ok(())
+        })
+    }
+
+    /// Finish a ready job (a mirror switches the disk over to the target).
+    pub fn complete(&self) -> Result<(), JobError> {
+        self.core.verb(JobVerb::Complete, |control| {
+            control.stop = Some(StopRequest::Complete);
+            Ok(())
+        })
+    }
+
+    /// Let a pending job (auto-finalize off) make its changes and conclude.
+    pub fn finalize(&self) -> Result<(), JobError> {
+        self.core.verb(JobVerb::Finalize, |control| {
+            control.finalize_requested = true;
+            Ok(())
+        })
+    }
+
+    /// Remove a concluded job (auto-dismiss off).
+    pub fn dismiss(&self) -> Result<(), JobError> {
+        self.core.verb(JobVerb::Dismiss, |_| Ok(()))?;
+        self.core.set_status(JobStatus::Null);
+        Ok(())
+    }
+
+    /// Limit copying to `bytes_per_s` (0: no limit).
+    pub fn set_speed(&self, bytes_per_s: u64) -> Result<(), JobError> {
+        self.core.verb(JobVerb::SetSpeed, |_| Ok(()))?;
+        self.core.speed_bytes_per_s.store(bytes_per_s, Ordering::Relaxed);
+        self.core.signal.notify();
+        Ok(())
+    }
+
+    /// Change an option while the job runs.
+    pub fn change(&self, change: super::JobChange) -> Result<(), JobError> {
+        self.core.verb(JobVerb::Change, |_| Ok(()))?;
+        (self.core.on_change)(&change)?;
+        self.core.signal.notify();
+        Ok(())
+    }
+
+    /// Block until the job's status satisfies `wanted` or `timeout` passes; returns the status
+    /// then. For threads outside the reactor (tests, tools).
+    pub fn wait_for(&self, wanted: impl Fn(JobStatus) -> bool, timeout: Duration) -> JobStatus {
+        let deadline = Instant::now() + timeout;
+        let mut control = self.core.control.lock();
+        while !wanted(control.status) {
+            if self.core.status_changed.wait_until(&mut control, deadline).timed_out() {
+                break;
+            }
+        }
+        control.status
+    }
+}

@@ -1,0 +1,483 @@
+//! The mirror job's task: puts the filter on the source, fills the dirty bitmap for the sync
+//! mode, then loops: reap finished copies, apply error policies and verbs, start copies from
+//! the dirty bitmap in large contiguous runs, report READY. At the end it drains the source,
+//! copies what is left and switches over (complete), or just detaches (cancel).
+
+use super::copy::{copy_range, fill_bitmap, CopyOptions, CopyResult};
+use super::filter::MirrorShared;
+use super::{CopyMode, MirrorConfig};
+use crate::bitmap::BitmapLease;
+use crate::block::BlockDriver;
+use crate::buf::AlignedBuf;
+use crate::error::Error;
+use crate::inflight::InflightKind;
+use crate::job::{ErrorAction, IoOperation, JobEvent, JobStatus, RateLimit, StopRequest};
+use crate::reactor::sleep;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+// Deadlines use `Instant::now()`, not the reactor's per-turn clock: this task loops without
+// yielding when a wait is already due, so the turn's clock would never move.
+
+/// How long the task sleeps when it has nothing to do and nobody wakes it (a background
+/// guest write does not wake it: marking must stay cheap).
+const IDLE_WAIT: Duration = Duration::from_millis(5);
+/// Auto mode's rule: one window...
+pub const AUTO_WINDOW: Duration = Duration::from_millis(500);
+/// ...and this many windows in a row, with guest writes, in which the dirty bytes did not
+/// reach a new low, switch to write-behind. One window without a guest write switches back.
+pub const AUTO_WINDOW_COUNT: u32 = 3;
+/// Dirty areas skipped in a row because an active write holds them, before the task waits.
+const SKIPS_MAX: u32 = 64;
+
+/// How the main loop ended.
+enum Outcome {
+    /// Complete (switch over) or a soft cancel after READY (no switch).
+    Complete {
+        switch_over: bool,
+    },
+    Cancelled,
+    Failed(String),
+}
+
+struct CopyDone {
+    offset: u64,
+    length_bytes: u64,
+    result: CopyResult,
+    buf: AlignedBuf,
+}
+
+/// Auto mode's observations.
+struct AutoState {
+    window_start: Instant,
+    guest_count_at_start: u64,
+    dirty_low_bytes: u64,
+    stalled_window_count: u32,
+}
+
+struct Runner {
+    shared: Arc<MirrorShared>,
+    config: MirrorConfig,
+    source: Arc<dyn BlockDriver>,
+    done: Rc<RefCell<Vec<CopyDone>>>,
+    copies_in_flight: usize,
+    buf_in_flight_bytes: u64,
+    free_bufs: Vec<AlignedBuf>,
+    buf_align: usize,
+    cursor: u64,
+    rate: RateLimit,
+    ready: bool,
+    failure: Option<String>,
+    auto: AutoState,
+    reported_mode: (CopyMode, CopyMode),
+}
+
+pub(super) async fn run(shared: Arc<MirrorShared>, config: MirrorConfig, lease: Option<BitmapLease>) {
+    let source = shared.source.driver();
+    let buf_align = (source.alignment().memory_bytes.max(shared.target.alignment().memory_bytes)) as usize;
+    let mut runner = Runner {
+        rate: RateLimit::new(shared.core.speed_bytes_per_s()),
+        auto: AutoState {
+            window_start: Instant::now(),
+            guest_count_at_start: 0,
+            dirty_low_bytes: u64::MAX,
+            stalled_window_count: 0,
+        },
+        reported_mode: (shared.mode.requested(), shared.mode.in_force()),
+        shared,
+        config,
+        source,
+        done: Rc::default(),
+        copies_in_flight: 0,
+        buf_in_flight_bytes: 0,
+        free_bufs: Vec::new(),
+        buf_align,
+        cursor: 0,
+        ready: false,
+        failure: None,
+    };
+    let outcome = match runner.attach(lease.as_ref()).await {
+        Ok(()) => runner.main_loop().await,
+        Err(message) => Outcome::Failed(message),
+    };
+    runner.finish(outcome).await;
+    drop(lease);
+}
+
+impl Runner {
+    /// The filter went on in `start`; a drain waits out the writes that were in progress then
+    /// (they missed it), so none lands after the copy of its range. Then the bitmap is filled.
+    async fn attach(&mut self, lease: Option<&BitmapLease>) -> Result<(), String> {
+        self.shared.core.set_status(JobStatus::Running);
+        let source = &self.shared.source;
+        let drain = source.drain().ok_or_else(|| format!("disk {} is being drained by another job", source.name()))?;
+        drop(drain.await);
+        let named = lease.map(|lease| lease.bitmap().as_ref());
+        fill_bitmap(self.config.sync, &self.source, &self.shared.dirty, named).await.map_err(|e| e.to_string())?;
+        self.update_progress();
+        Ok(())
+    }
+
+    async fn main_loop(&mut self) -> Outcome {
+        loop {
+            let generation = self.shared.core.signal.generation();
+            self.reap();
+            if let Some(message) = self.failure.take() {
+                return Outcome::Failed(message);
+            }
+            match self.shared.core.stop_request() {
+                Some(StopRequest::Cancel { force }) if force || !self.ready => return Outcome::Cancelled,
+                Some(StopRequest::Cancel { .. }) => return Outcome::Complete { switch_over: false },
+                Some(StopRequest::Complete) => return Outcome::Complete { switch_over: true },
+                None => {}
+            }
+            if self.shared.core.pause_requested() {
+                self.pause().await;
+                continue;
+            }
+            self.step().await;
+            let wait = if self.copies_in_flight == 0 && self.shared.dirty.dirty_chunk_count() > 0 {
+                Duration::ZERO // only a rate limit or active writes held copies back: try again
+            } else {
+                IDLE_WAIT
+            };
+            self.shared.core.signal.wait_until(generation, Instant::now() + wait.max(Duration::from_millis(1))).await;
+        }
+    }
+
+    /// One round of work: copy-mode bookkeeping, new copies, progress, READY.
+    async fn step(&mut self) {
+        self.auto_tick();
+        self.report_mode();
+        self.rate.set_speed(self.shared.core.speed_bytes_per_s());
+        self.start_copies(true).await;
+        self.update_progress();
+        let synced = self.shared.dirty.dirty_chunk_count() == 0 && self.copies_in_flight == 0;
+        if synced && !self.ready {
+            self.ready = true;
+            self.shared.core.set_status(JobStatus::Ready);
+            let core = &self.shared.core;
+            core.emit(JobEvent::Ready { id: core.id.clone(), kind: core.kind, figures: core.figures() });
+        }
+        let active = self.shared.mode.in_force().is_active();
+        let quiet = self.shared.background_in_progress.load(Ordering::Acquire) == 0;
+        self.shared.core.set_actively_synced(self.ready && synced && active && quiet);
+    }
+
+    /// Paused by a user or an error policy: let copies finish, then wait for resume (or an
+    /// end). Guest writes keep flowing through the filter meanwhile.
+    async fn pause(&mut self) {
+        self.wait_for_copies().await;
+        let (paused, resumed) = match self.ready {
+            true => (JobStatus::Standby, JobStatus::Ready),
+            false => (JobStatus::Paused, JobStatus::Running),
+        };
+        self.shared.core.set_status(paused);
+        while self.shared.core.pause_requested() && self.shared.core.stop_request().is_none() {
+            let generation = self.shared.core.signal.generation();
+            if !self.shared.core.pause_requested() {
+                break;
+            }
+            self.shared.core.signal.wait_until(generation, Instant::now() + Duration::from_secs(1)).await;
+        }
+        self.shared.core.set_status(resumed);
+    }
+
+    /// Start copies from the dirty bitmap while ops and buffer bytes allow.
+    async fn start_copies(&mut self, limited: bool) {
+        let granularity = self.config.granularity_bytes;
+        let mut skip_count = 0;
+        while self.copies_in_flight < self.config.copy_ops_max && skip_count < SKIPS_MAX {
+            let room_bytes = self.config.buf_size_bytes - self.buf_in_flight_bytes;
+            if room_bytes < granularity.min(self.config.copy_bytes_max) {
+                break;
+            }
+            let length_max = self.config.copy_bytes_max.min(room_bytes);
+            let Some((offset, length_bytes)) = self.next_area(length_max) else { break };
+            self.cursor = offset + length_bytes;
+            if limited {
+                let wait = self.rate.grant(length_bytes, Instant::now());
+                if !wait.is_zero() {
+                    sleep(wait).await;
+                }
+            }
+            let guard = match self.shared.inflight.try_register(offset, length_bytes, InflightKind::Copy) {
+                Ok(Some(guard)) => guard,
+                _ => {
+                    skip_count += 1; // an active write holds it: later
+                    continue;
+                }
+            };
+            // Cleared before the read: a background write landing after the read marks it
+            // again (see the argument in mod.rs).
+            self.shared.dirty.reset(offset, length_bytes).expect("an area of the bitmap is inside it");
+            self.spawn_copy(offset, length_bytes, guard);
+        }
+    }
+
+    /// The next dirty run at or after the cursor, wrapping once to the start.
+    fn next_area(&mut self, length_max: u64) -> Option<(u64, u64)> {
+        let dirty = &self.shared.dirty;
+        if self.cursor >= dirty.size_bytes() {
+            self.cursor = 0;
+        }
+        dirty.next_dirty_area(self.cursor, length_max).or_else(|| {
+            self.cursor = 0;
+            dirty.next_dirty_area(0, length_max)
+        })
+    }
+
+    fn spawn_copy(&mut self, offset: u64, length_bytes: u64, guard: crate::inflight::InflightGuard) {
+        let buf = match self.free_bufs.pop() {
+            Some(buf) => buf,
+            None => match AlignedBuf::zeroed(self.config.copy_bytes_max as usize, self.buf_align) {
+                Ok(buf) => buf,
+                Err(error) => {
+                    self.shared.mark_dirty(offset, length_bytes);
+                    self.failure = Some(format!("cannot allocate a copy buffer: {error}"));
+                    return;
+                }
+            },
+        };
+        let options = CopyOptions {
+            unmap: self.config.unmap,
+            detect_zeroes: self.config.detect_zeroes,
+            priority: self.config.copy_priority,
+        };
+        let (source, target) = (self.source.clone(), self.shared.target.clone());
+        let (done, shared) = (self.done.clone(), self.shared.clone());
+        let task = async move {
+            let (result, buf) = copy_range(source, target, offset, length_bytes, buf, options).await;
+            drop(guard);
+            done.borrow_mut().push(CopyDone { offset, length_bytes, result, buf });
+            shared.core.signal.notify();
+        };
+        let task = crate::reactor::spawn_local(task).expect("the mirror task runs on a reactor core");
+        task.detach();
+        self.copies_in_flight += 1;
+        self.buf_in_flight_bytes += length_bytes;
+    }
+
+    /// Account finished copies and guest-path failures; apply the error policies.
+    fn reap(&mut self) {
+        let finished = std::mem::take(&mut *self.done.borrow_mut());
+        for copy in finished {
+            self.copies_in_flight -= 1;
+            self.buf_in_flight_bytes -= copy.length_bytes;
+            self.free_bufs.push(copy.buf);
+            match copy.result {
+                Ok(()) => self.shared.core.add_done_bytes(copy.length_bytes),
+                Err((operation, error)) => {
+                    self.shared.mark_dirty(copy.offset, copy.length_bytes);
+                    self.on_error(operation, error);
+                }
+            }
+        }
+        while let Some(failure) = self.shared.take_failure() {
+            self.on_error(failure.operation, failure.error);
+        }
+    }
+
+    fn on_error(&mut self, operation: IoOperation, error: Error) {
+        let policy = match operation {
+            IoOperation::Read => self.config.on_source_error,
+            IoOperation::Write => self.config.on_target_error,
+        };
+        let action = policy.action(&error);
+        let core = &self.shared.core;
+        let message = error.to_string();
+        core.emit(JobEvent::Error { id: core.id.clone(), operation, action, message: message.clone() });
+        match action {
+            ErrorAction::Ignore => {}
+            ErrorAction::Stop => core.pause_for_error(),
+            ErrorAction::Report => {
+                self.failure.get_or_insert(message);
+            }
+        }
+    }
+
+    async fn wait_for_copies(&mut self) {
+        while self.copies_in_flight > 0 {
+            let generation = self.shared.core.signal.generation();
+            self.reap();
+            if self.copies_in_flight == 0 {
+                break;
+            }
+            self.shared.core.signal.wait_until(generation, Instant::now() + IDLE_WAIT).await;
+        }
+    }
+
+    fn update_progress(&self) {
+        let remaining = self.shared.dirty.dirty_bytes() + self.buf_in_flight_bytes;
+        self.shared.core.set_remaining_bytes(remaining);
+    }
+
+    /// Auto mode: write-behind when the copier stops gaining on the guest, background when
+    /// the guest goes quiet (the rule in `CopyMode::Auto`).
+    fn auto_tick(&mut self) {
+        let mode = &self.shared.mode;
+        let at = Instant::now();
+        if mode.requested() != CopyMode::Auto || at.duration_since(self.auto.window_start) < AUTO_WINDOW {
+            return;
+        }
+        let guest_count = self.shared.guest_request_count.load(Ordering::Relaxed);
+        let guest_wrote = guest_count != self.auto.guest_count_at_start;
+        let dirty_bytes = self.shared.dirty.dirty_bytes();
+        match mode.in_force() {
+            CopyMode::Background if dirty_bytes > 0 && guest_wrote => {
+                if dirty_bytes < self.auto.dirty_low_bytes {
+                    self.auto.dirty_low_bytes = dirty_bytes;
+                    self.auto.stalled_window_count = 0;
+                } else {
+                    self.auto.stalled_window_count += 1;
+                }
+                if self.auto.stalled_window_count >= AUTO_WINDOW_COUNT {
+                    mode.auto_switch(CopyMode::WriteBehind);
+                }
+            }
+            CopyMode::WriteBehind if !guest_wrote => {
+                mode.auto_switch(CopyMode::Background);
+                self.auto.dirty_low_bytes = u64::MAX;
+                self.auto.stalled_window_count = 0;
+            }
+            _ => {}
+        }
+        self.auto.window_start = at;
+        self.auto.guest_count_at_start = guest_count;
+    }
+
+    /// An event whenever the requested or in-force copy mode changed.
+    fn report_mode(&mut self) {
+        let mode = (self.shared.mode.requested(), self.shared.mode.in_force());
+        if mode == self.reported_mode {
+            return;
+        }
+        self.reported_mode = mode;
+        let core = &self.shared.core;
+        core.emit(JobEvent::CopyModeChange {
+            id: core.id.clone(),
+            requested: mode.0.name(),
+            in_force: mode.1.name(),
+            actively_synced: core.actively_synced(),
+        });
+    }
+
+    /// Conclude: converge and switch over (or not), or detach after a cancel or failure.
+    async fn finish(&mut self, outcome: Outcome) {
+        let outcome = match outcome {
+            Outcome::Complete { switch_over } => self.complete(switch_over).await,
+            other => other,
+        };
+        self.wait_for_copies().await;
+        let core = self.shared.core.clone();
+        // The result event goes out before `concluded`, so a watcher that sees the job
+        // concluded finds it queued.
+        let (id, kind, figures) = (core.id.clone(), core.kind, core.figures());
+        match outcome {
+            Outcome::Complete { .. } => core.emit(JobEvent::Completed { id, kind, figures, error: None }),
+            Outcome::Cancelled | Outcome::Failed(_) => {
+                self.detach().await;
+                self.to_aborting();
+                match outcome {
+                    Outcome::Failed(message) => {
+                        core.set_error(message.clone());
+                        core.emit(JobEvent::Completed { id, kind, figures, error: Some(message) });
+                    }
+                    _ => core.emit(JobEvent::Cancelled { id, kind, figures }),
+                }
+            }
+        }
+        core.set_status(JobStatus::Concluded);
+        if core.auto_dismiss() {
+            core.set_status(JobStatus::Null);
+        }
+    }
+
+    /// READY → waiting → pending; wait for finalize (still copying); then drain, copy what is
+    /// left and switch over or detach.
+    async fn complete(&mut self, switch_over: bool) -> Outcome {
+        let core = self.shared.core.clone();
+        core.set_status(JobStatus::Waiting);
+        core.set_status(JobStatus::Pending);
+        while !core.finalize_allowed() {
+            let generation = core.signal.generation();
+            self.reap();
+            if let Some(message) = self.failure.take() {
+                return Outcome::Failed(message);
+            }
+            if let Some(StopRequest::Cancel { .. }) = core.stop_request() {
+                return Outcome::Cancelled;
+            }
+            self.start_copies(true).await;
+            self.update_progress();
+            core.signal.wait_until(generation, Instant::now() + IDLE_WAIT).await;
+        }
+        match self.converge(switch_over).await {
+            Ok(()) => Outcome::Complete { switch_over },
+            Err(message) => Outcome::Failed(message),
+        }
+    }
+
+    /// With guest writes held back: every operation done, every dirty chunk copied, the target
+    /// flushed; then the switch (or only the filter's removal). Any error here fails the job
+    /// and leaves the disk on its source.
+    async fn converge(&mut self, switch_over: bool) -> Result<(), String> {
+        let source = self.shared.source.clone();
+        let drain = source.drain().ok_or_else(|| format!("disk {} is being drained by another job", source.name()))?;
+        let guard = drain.await;
+        loop {
+            let generation = self.shared.core.signal.generation();
+            self.reap();
+            if let Some(message) = self.failure.take() {
+                source.remove_filter(&guard);
+                return Err(message);
+            }
+            let idle = self.copies_in_flight == 0 && self.shared.inflight.counts() == (0, 0);
+            if idle && self.shared.dirty.dirty_chunk_count() == 0 {
+                break;
+            }
+            self.start_copies(false).await;
+            self.shared.core.signal.wait_until(generation, Instant::now() + Duration::from_millis(1)).await;
+        }
+        if let Err(error) = self.shared.target.flush(self.config.copy_priority).await {
+            source.remove_filter(&guard);
+            return Err(format!("flush of the target: {error}"));
+        }
+        self.update_progress();
+        match switch_over {
+            true => source.switch_to(&guard, self.shared.target.clone()).map_err(|e| e.to_string()),
+            false => {
+                source.remove_filter(&guard);
+                Ok(())
+            }
+        }
+    }
+
+    /// Take the filter off (cancel, failure) once the last active write is done.
+    async fn detach(&mut self) {
+        let source = self.shared.source.clone();
+        if let Some(drain) = source.drain() {
+            let guard = drain.await;
+            source.remove_filter(&guard);
+        }
+        while self.shared.inflight.counts() != (0, 0) || self.shared.behind.outstanding_bytes() > 0 {
+            sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Move to aborting from wherever the loop left the job.
+    fn to_aborting(&self) {
+        let core = &self.shared.core;
+        match core.status() {
+            JobStatus::Paused => core.set_status(JobStatus::Running),
+            JobStatus::Standby => core.set_status(JobStatus::Ready),
+            _ => {}
+        }
+        if core.status() != JobStatus::Aborting {
+            core.set_status(JobStatus::Aborting);
+        }
+    }
+}
