@@ -441,7 +441,7 @@ fn pause_and_resume_follow_the_state_machine() {
     job.set_speed(0).unwrap();
     job.resume().unwrap();
     wait_status(&job, JobStatus::Ready);
-    assert!(job.progress().done_bytes > done);
+    assert!(job.progress().done_bytes > done, "{done} bytes done when paused, {:?} now", job.progress());
     job.pause().unwrap();
     wait_status(&job, JobStatus::Standby);
     job.resume().unwrap();

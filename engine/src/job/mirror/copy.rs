@@ -104,7 +104,10 @@ pub(crate) async fn fill_bitmap(
     let size_bytes = dirty.size_bytes();
     match sync {
         SyncMode::None => Ok(()),
-        SyncMode::Full => Ok(dirty.set(0, size_bytes).expect("whole disk is in range")),
+        SyncMode::Full => {
+            dirty.set(0, size_bytes).expect("whole disk is in range");
+            Ok(())
+        }
         SyncMode::Bitmap => {
             let named = named.expect("sync=bitmap was checked to have a bitmap");
             for (offset, length) in named.areas() {

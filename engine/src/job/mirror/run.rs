@@ -73,6 +73,8 @@ struct Runner {
     failure: Option<String>,
     auto: AutoState,
     reported_mode: (CopyMode, CopyMode),
+    /// The named bitmap of sync=bitmap, held until the job's result is out.
+    lease: Option<BitmapLease>,
 }
 
 pub(super) async fn run(shared: Arc<MirrorShared>, config: MirrorConfig, lease: Option<BitmapLease>) {
@@ -98,24 +100,24 @@ pub(super) async fn run(shared: Arc<MirrorShared>, config: MirrorConfig, lease: 
         cursor: 0,
         ready: false,
         failure: None,
+        lease,
     };
-    let outcome = match runner.attach(lease.as_ref()).await {
+    let outcome = match runner.attach().await {
         Ok(()) => runner.main_loop().await,
         Err(message) => Outcome::Failed(message),
     };
     runner.finish(outcome).await;
-    drop(lease);
 }
 
 impl Runner {
     /// The filter went on in `start`; a drain waits out the writes that were in progress then
     /// (they missed it), so none lands after the copy of its range. Then the bitmap is filled.
-    async fn attach(&mut self, lease: Option<&BitmapLease>) -> Result<(), String> {
+    async fn attach(&mut self) -> Result<(), String> {
         self.shared.core.set_status(JobStatus::Running);
         let source = &self.shared.source;
         let drain = source.drain().ok_or_else(|| format!("disk {} is being drained by another job", source.name()))?;
         drop(drain.await);
-        let named = lease.map(|lease| lease.bitmap().as_ref());
+        let named = self.lease.as_ref().map(|lease| lease.bitmap().as_ref());
         fill_bitmap(self.config.sync, &self.source, &self.shared.dirty, named).await.map_err(|e| e.to_string())?;
         self.update_progress();
         Ok(())
@@ -191,6 +193,11 @@ impl Runner {
         let granularity = self.config.granularity_bytes;
         let mut skip_count = 0;
         while self.copies_in_flight < self.config.copy_ops_max && skip_count < SKIPS_MAX {
+            // A pause or an end takes effect between copies, not after a whole batch.
+            let core = &self.shared.core;
+            if limited && (core.pause_requested() || matches!(core.stop_request(), Some(StopRequest::Cancel { .. }))) {
+                break;
+            }
             let room_bytes = self.config.buf_size_bytes - self.buf_in_flight_bytes;
             if room_bytes < granularity.min(self.config.copy_bytes_max) {
                 break;
@@ -373,8 +380,9 @@ impl Runner {
         };
         self.wait_for_copies().await;
         let core = self.shared.core.clone();
-        // The result event goes out before `concluded`, so a watcher that sees the job
-        // concluded finds it queued.
+        // The lease and the result event go before `concluded`, so a watcher that sees the
+        // job concluded finds the bitmap free and the event queued.
+        drop(self.lease.take());
         let (id, kind, figures) = (core.id.clone(), core.kind, core.figures());
         match outcome {
             Outcome::Complete { .. } => core.emit(JobEvent::Completed { id, kind, figures, error: None }),
