@@ -1,10 +1,11 @@
 //! `tandem-bench` as a library: the fio-compatible option parser and report writer, the job
-//! runner on the Tandem reactor, `compare-fio` and the demo. The binary is a thin CLI over it;
+//! runner on the Tandem reactor, `compare-fio`, the mirror scenario and the demo. The binary is a thin CLI over it;
 //! the fuzz targets and integration tests use it directly.
 
 pub mod compare;
 pub mod demo;
 pub mod fio;
+pub mod mirror;
 pub mod progress;
 pub mod runner;
 pub mod target;

@@ -1,6 +1,7 @@
 //! `tandem-bench`: the fio-like harness for Tandem. `run` takes fio's flags and job files and
 //! prints fio-compatible text or JSON; `compare-fio` runs fio and Tandem side by side on the
-//! same job; `demo` is the README's first command.
+//! same job; `mirror` measures a mirror job under guest load; `demo` is the README's first
+//! command.
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -30,6 +31,10 @@ enum Command {
     },
     /// A short, visible tour on scratch files: a few benchmarks with progress, then clean up.
     Demo(tandem_bench::demo::DemoArgs),
+    /// Mirror a disk to a target under an optional guest load and measure it: time to READY,
+    /// copy MiB/s, CPU per GiB, the guest's IOPS and latency before and during the job, and
+    /// whether source and target end identical.
+    Mirror(tandem_bench::mirror::MirrorArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
         Command::Run { args } => run_command(&args),
         Command::CompareFio { args } => tandem_bench::compare::compare_command(&args),
         Command::Demo(args) => tandem_bench::demo::demo_command(&args),
+        Command::Mirror(args) => tandem_bench::mirror::mirror_command(&args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

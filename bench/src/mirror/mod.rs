@@ -1,0 +1,416 @@
+//! `tandem-bench mirror`: one mirror job on real files, measured. With a guest (fio's words:
+//! `--guest-rw randwrite --guest-bs 4k --guest-iodepth 16 [--guest-rate-iops N]
+//! --guest-runtime 20`) it first runs the guest alone (the baseline), then again with the
+//! mirror started a second in: phase one runs to READY, phase two holds READY until the guest
+//! stops. Then it completes the job and checks with `qemu-img compare` that source and target
+//! are identical. Guest figures per phase count only completions inside that phase.
+
+mod guest;
+
+pub use guest::{GuestFigures, GuestRecord, GuestRw, GuestSpec};
+
+use crate::fio;
+use crate::runner::rusage;
+use serde_json::json;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem::block::{BlockDriver, Disk};
+use tandem::job::mirror::{CopyMode, MirrorConfig, SyncMode};
+use tandem::job::{Job, JobStatus};
+use tandem::reactor::{Config, Runtime};
+use tandem_drivers::{FileDriver, FileOptions};
+
+/// The job starts this long after the guest, so phase one starts from a running guest.
+const JOB_DELAY: Duration = Duration::from_secs(1);
+/// Longest the bench waits for READY or the end before it gives up.
+const JOB_WAIT_MAX: Duration = Duration::from_secs(3600);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct MirrorArgs {
+    /// Source image (created with --size and random data if missing or too small).
+    #[arg(long, default_value = "target/tandem-mirror/source.img")]
+    pub source: PathBuf,
+    /// Target image (created and preallocated). On a filesystem that refuses O_DIRECT, such as
+    /// /dev/shm, it is opened through the page cache (with a note).
+    #[arg(long, default_value = "target/tandem-mirror/target.img")]
+    pub target: PathBuf,
+    /// Disk size, fio syntax.
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    pub size: u64,
+    /// Keep the images afterwards.
+    #[arg(long)]
+    pub keep: bool,
+    /// full, top, none or bitmap.
+    #[arg(long, default_value = "full")]
+    pub sync: String,
+    /// background, write-blocking, write-behind or auto.
+    #[arg(long = "copy-mode", default_value = "background")]
+    pub copy_mode: String,
+    /// Dirty-tracking chunk, fio size syntax.
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub granularity: u64,
+    /// Copy buffer bytes in flight, fio size syntax.
+    #[arg(long = "buf-size", default_value = "16M", value_parser = parse_size)]
+    pub buf_size: u64,
+    /// Bytes one copy moves at most, fio size syntax.
+    #[arg(long = "max-chunk", default_value = "1M", value_parser = parse_size)]
+    pub max_chunk: u64,
+    /// Copy operations in flight at most.
+    #[arg(long = "max-in-flight", default_value_t = 16)]
+    pub max_in_flight: usize,
+    /// Copy speed limit in bytes/s, fio size syntax (0: none).
+    #[arg(long, default_value = "0", value_parser = parse_size_or_zero)]
+    pub speed: u64,
+    /// The guest: randwrite, randread or randrw (none if not given).
+    #[arg(long = "guest-rw")]
+    pub guest_rw: Option<String>,
+    #[arg(long = "guest-bs", default_value = "4k", value_parser = parse_size)]
+    pub guest_bs: u64,
+    #[arg(long = "guest-iodepth", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub guest_iodepth: u32,
+    /// Total guest IOPS (0: unthrottled).
+    #[arg(long = "guest-rate-iops", default_value_t = 0)]
+    pub guest_rate_iops: u64,
+    /// Seconds the guest runs (baseline and job run each).
+    #[arg(long = "guest-runtime", default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub guest_runtime: u64,
+    /// normal or json.
+    #[arg(long = "output-format", default_value = "normal")]
+    pub output_format: String,
+    /// Reactor cores.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub cores: u64,
+}
+
+fn parse_size(value: &str) -> Result<u64, String> {
+    match fio::parse_size(value).map_err(|e| e.to_string())? {
+        0 => Err(format!("{value}: must be more than 0")),
+        bytes => Ok(bytes),
+    }
+}
+
+fn parse_size_or_zero(value: &str) -> Result<u64, String> {
+    fio::parse_size(value).map_err(|e| e.to_string())
+}
+
+/// What one invocation measured.
+#[derive(Debug, Clone)]
+pub struct MirrorReport {
+    pub ready_s: f64,
+    pub complete_s: f64,
+    pub mib_per_s: f64,
+    pub cpu_s_per_gib: f64,
+    pub identical: bool,
+    pub copied_bytes: u64,
+    /// (baseline, phase1, phase2) with a guest.
+    pub guest: Option<(GuestFigures, GuestFigures, GuestFigures)>,
+}
+
+impl MirrorReport {
+    pub fn to_json(&self) -> serde_json::Value {
+        let figures =
+            |f: &GuestFigures| json!({"iops": f.iops, "clat_p50_us": f.clat_p50_us, "clat_p99_us": f.clat_p99_us});
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let mut value = json!({
+            "ready_s": self.ready_s,
+            "complete_s": self.complete_s,
+            "mib_per_s": self.mib_per_s,
+            "cpu_s_per_gib": self.cpu_s_per_gib,
+            "identical": self.identical,
+            "copied_bytes": self.copied_bytes,
+        });
+        if let Some((baseline, phase1, phase2)) = &self.guest {
+            value["guest"] =
+                json!({"baseline": figures(baseline), "phase1": figures(phase1), "phase2": figures(phase2)});
+            value["ratios"] = json!({
+                "phase1_iops": ratio(phase1.iops, baseline.iops),
+                "phase1_p99": ratio(phase1.clat_p99_us, baseline.clat_p99_us),
+                "phase2_iops": ratio(phase2.iops, baseline.iops),
+                "phase2_p99": ratio(phase2.clat_p99_us, baseline.clat_p99_us),
+            });
+        }
+        value
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut text = format!(
+            "mirror: READY after {:.2} s, complete after {:.2} s, {:.0} MiB/s to READY, {:.2} CPU s per GiB, {}\n",
+            self.ready_s,
+            self.complete_s,
+            self.mib_per_s,
+            self.cpu_s_per_gib,
+            if self.identical { "source and target identical" } else { "SOURCE AND TARGET DIFFER" }
+        );
+        if let Some((baseline, phase1, phase2)) = &self.guest {
+            let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+            text += &format!(
+                "{:<10} {:>10} {:>12} {:>12} {:>10} {:>10}\n",
+                "guest", "IOPS", "p50 (us)", "p99 (us)", "IOPS x", "p99 x"
+            );
+            for (name, f) in [("baseline", baseline), ("phase 1", phase1), ("phase 2", phase2)] {
+                text += &format!(
+                    "{:<10} {:>10.0} {:>12.1} {:>12.1} {:>10.2} {:>10.2}\n",
+                    name,
+                    f.iops,
+                    f.clat_p50_us,
+                    f.clat_p99_us,
+                    ratio(f.iops, baseline.iops),
+                    ratio(f.clat_p99_us, baseline.clat_p99_us)
+                );
+            }
+        }
+        text
+    }
+}
+
+pub fn mirror_command(args: &MirrorArgs) -> Result<(), String> {
+    let json = match args.output_format.as_str() {
+        "json" => true,
+        "normal" => false,
+        other => return Err(format!("--output-format {other}: expected normal or json")),
+    };
+    let report = run_mirror(args, !json);
+    if !args.keep {
+        let _ = std::fs::remove_file(&args.source);
+        let _ = std::fs::remove_file(&args.target);
+    }
+    let report = report?;
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(&report.to_json()).map_err(|e| e.to_string())?),
+        false => print!("{}", report.to_text()),
+    }
+    match report.identical {
+        true => Ok(()),
+        false => Err("source and target differ after the mirror completed".into()),
+    }
+}
+
+/// Options checked before any file is touched.
+struct Plan {
+    config: MirrorConfig,
+    guest: Option<GuestSpec>,
+}
+
+fn plan(args: &MirrorArgs) -> Result<Plan, String> {
+    let sync = SyncMode::parse(&args.sync).map_err(|e| e.to_string())?;
+    if sync == SyncMode::Bitmap {
+        return Err(
+            "--sync bitmap needs a named bitmap, which the bench has no way to fill; use full, top or none".into()
+        );
+    }
+    let config = MirrorConfig {
+        sync,
+        copy_mode: CopyMode::parse(&args.copy_mode).map_err(|e| e.to_string())?,
+        granularity_bytes: args.granularity,
+        buf_size_bytes: args.buf_size,
+        copy_bytes_max: args.max_chunk,
+        copy_ops_max: args.max_in_flight,
+        speed_bytes_per_s: args.speed,
+        ..MirrorConfig::default()
+    };
+    let guest = match &args.guest_rw {
+        None => None,
+        Some(rw) => {
+            if args.guest_bs % 512 != 0 || args.guest_bs > args.size {
+                return Err(format!("--guest-bs {}: a multiple of 512 no larger than --size", args.guest_bs));
+            }
+            Some(GuestSpec {
+                rw: GuestRw::parse(rw)?,
+                block_size_bytes: args.guest_bs,
+                iodepth: args.guest_iodepth,
+                rate_iops: args.guest_rate_iops,
+                runtime: Duration::from_secs(args.guest_runtime),
+            })
+        }
+    };
+    if args.size % (1 << 20) != 0 {
+        return Err(format!("--size {}: must be a whole number of MiB", args.size));
+    }
+    Ok(Plan { config, guest })
+}
+
+fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport, String> {
+    let plan = plan(args)?;
+    let note = |text: String| {
+        if show_progress {
+            eprintln!("{text}")
+        }
+    };
+    prepare_images(args, &note)?;
+    let runtime = Runtime::new(Config { cores: args.cores as usize, pin: false, ..Config::default() })
+        .map_err(|e| e.to_string())?;
+    let baseline = match plan.guest {
+        Some(spec) => {
+            note(format!("baseline: the guest alone for {} s", args.guest_runtime));
+            let disk = Disk::new(open_file(&runtime, &args.source, false, &note)?);
+            let record = guest::Guest::start(&runtime, &disk, spec, 1).join();
+            if let Some(e) = record.error {
+                return Err(format!("guest failed in the baseline: {e}"));
+            }
+            Some(record.window(record.started, record.started + spec.runtime))
+        }
+        None => None,
+    };
+    let disk = Disk::new(open_file(&runtime, &args.source, false, &note)?);
+    let target = open_file(&runtime, &args.target, true, &note)?;
+    let guest = plan.guest.map(|spec| guest::Guest::start(&runtime, &disk, spec, 2));
+    if guest.is_some() {
+        std::thread::sleep(JOB_DELAY);
+    }
+    let usage_before = rusage();
+    let job_started = Instant::now();
+    let job =
+        tandem::job::mirror::start(&runtime.handle(), &disk, target, plan.config.clone()).map_err(|e| e.to_string())?;
+    let status = watch(&job, show_progress, |s| s == JobStatus::Ready || s.is_finished());
+    let ready_at = Instant::now();
+    let usage_ready = rusage().since(&usage_before);
+    if status != JobStatus::Ready {
+        if let Some(guest) = guest {
+            guest.stop();
+            guest.join();
+        }
+        return Err(format!("the mirror ended before READY: {}", job.error().unwrap_or_else(|| status.to_string())));
+    }
+    let copied_bytes = job.progress().done_bytes;
+    let record = guest.map(guest::Guest::join);
+    job.complete().map_err(|e| e.to_string())?;
+    let status = job.wait_for(|s| s == JobStatus::Null, JOB_WAIT_MAX);
+    let complete_s = job_started.elapsed().as_secs_f64();
+    if let Some(error) = job.error() {
+        return Err(format!("the mirror failed while completing: {error}"));
+    }
+    if status != JobStatus::Null {
+        return Err(format!("the mirror did not finish (status {status})"));
+    }
+    drop(disk);
+    drop(runtime);
+    let identical = qemu_img_identical(&args.source, &args.target)?;
+    let ready_s = ready_at.duration_since(job_started).as_secs_f64();
+    let gib = copied_bytes as f64 / (1u64 << 30) as f64;
+    let guest = match (baseline, record) {
+        (Some(baseline), Some(record)) => {
+            if let Some(e) = &record.error {
+                return Err(format!("guest failed during the job: {e}"));
+            }
+            let end = record.started + plan.guest.map_or(Duration::ZERO, |g| g.runtime);
+            Some((baseline, record.window(job_started, ready_at), record.window(ready_at, end)))
+        }
+        _ => None,
+    };
+    Ok(MirrorReport {
+        ready_s,
+        complete_s,
+        mib_per_s: copied_bytes as f64 / (1 << 20) as f64 / ready_s.max(1e-9),
+        cpu_s_per_gib: (usage_ready.user_s + usage_ready.system_s) / gib.max(1e-9),
+        identical,
+        copied_bytes,
+        guest,
+    })
+}
+
+/// Wait for `until`, drawing progress (dirty bytes) on a terminal or a plain line every 5 s.
+fn watch(job: &Job, show: bool, until: impl Fn(JobStatus) -> bool) -> JobStatus {
+    let terminal = show && std::io::stderr().is_terminal();
+    let bar = terminal.then(|| {
+        let bar = indicatif::ProgressBar::new(1);
+        let style = indicatif::ProgressStyle::with_template("mirror [{bar:30}] {percent:>3}% {msg}")
+            .expect("static template")
+            .progress_chars("=> ");
+        bar.set_style(style);
+        bar
+    });
+    let started = Instant::now();
+    let mut last_line = started;
+    loop {
+        let status = job.wait_for(&until, Duration::from_millis(250));
+        let progress = job.progress();
+        let dirty_mib = (progress.total_bytes - progress.done_bytes) as f64 / (1 << 20) as f64;
+        let message = format!("{} MiB copied, {dirty_mib:.1} MiB dirty, {status}", progress.done_bytes >> 20);
+        if let Some(bar) = &bar {
+            bar.set_length(progress.total_bytes.max(1));
+            bar.set_position(progress.done_bytes);
+            bar.set_message(message);
+        } else if show && last_line.elapsed() >= Duration::from_secs(5) {
+            eprintln!("mirror: {:.0} s, {message}", started.elapsed().as_secs_f64());
+            last_line = Instant::now();
+        }
+        if until(status) || started.elapsed() > JOB_WAIT_MAX {
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            return status;
+        }
+    }
+}
+
+/// The source full of random data, the target preallocated, both `size` bytes.
+fn prepare_images(args: &MirrorArgs, note: &dyn Fn(String)) -> Result<(), String> {
+    for path in [&args.source, &args.target] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+    }
+    let source_ok = std::fs::metadata(&args.source).is_ok_and(|m| m.len() == args.size);
+    if !source_ok {
+        note(format!("writing {} MiB of random data to {}", args.size >> 20, args.source.display()));
+        write_random(&args.source, args.size)?;
+    }
+    let target = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&args.target)
+        .map_err(|e| format!("cannot create {}: {e}", args.target.display()))?;
+    target.set_len(args.size).map_err(|e| format!("cannot size {}: {e}", args.target.display()))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on an fd we own.
+    let rc = unsafe { libc::fallocate(target.as_raw_fd(), 0, 0, args.size as i64) };
+    if rc != 0 {
+        note(format!("note: cannot preallocate {}: {}", args.target.display(), std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn write_random(path: &Path, size_bytes: u64) -> Result<(), String> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let mut chunk = vec![0u8; 8 << 20];
+    let mut written = 0;
+    while written < size_bytes {
+        let length = chunk.len().min((size_bytes - written) as usize);
+        crate::target::fill_random(&mut chunk[..length], written ^ 0x6D69_7272_6F72);
+        file.write_all(&chunk[..length]).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        written += length as u64;
+    }
+    file.sync_all().map_err(|e| format!("syncing {}: {e}", path.display()))
+}
+
+fn open_file(
+    runtime: &Runtime,
+    path: &Path,
+    allow_buffered: bool,
+    note: &dyn Fn(String),
+) -> Result<Arc<dyn BlockDriver>, String> {
+    let options = FileOptions { allow_buffered, ..FileOptions::default() };
+    let driver = FileDriver::open(&runtime.handle(), path, &options).map_err(|e| e.to_string())?;
+    if !driver.is_direct() {
+        note(format!("note: {} refuses O_DIRECT; the target goes through the page cache", path.display()));
+    }
+    Ok(Arc::new(driver))
+}
+
+fn qemu_img_identical(a: &Path, b: &Path) -> Result<bool, String> {
+    let output = std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .map_err(|e| format!("cannot run qemu-img (install qemu-utils): {e}"))?;
+    match output.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => Err(format!("qemu-img compare failed: {}", String::from_utf8_lossy(&output.stderr).trim())),
+    }
+}
