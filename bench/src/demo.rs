@@ -1,8 +1,9 @@
 //! `tandem-bench demo`: the README's first command. Makes scratch files, runs a few short
-//! benchmarks with a visible progress display, prints a summary and cleans up. Later jobs
-//! (mirror, backup) add their own steps here.
+//! benchmarks with a visible progress display, mirrors the scratch disk under a guest that
+//! keeps writing, prints a summary and cleans up.
 
 use crate::fio::{self, JobSpec, RwMode};
+use crate::mirror::{MirrorArgs, MirrorReport};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -55,20 +56,39 @@ pub fn demo_command(args: &DemoArgs) -> Result<(), String> {
         file.display(),
         args.seconds
     );
-    let outcome = run_steps(args, &file);
+    let mirror_target = args.dir.join("mirror-target.dat");
+    let outcome = run_steps(args, &file).and_then(|rows| Ok((rows, mirror_step(args, &file, &mirror_target)?)));
     if args.keep {
         println!("kept {}", args.dir.display());
     } else {
         let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_file(&mirror_target);
         let _ = std::fs::remove_dir(&args.dir);
     }
-    let rows = outcome?;
+    let (rows, mirror) = outcome?;
     println!("\n{:<20} {:>10} {:>10} {:>12} {:>12}", "step", "IOPS", "MiB/s", "p50 (us)", "p99 (us)");
     for row in rows {
         println!("{row}");
     }
+    println!("\n{}", mirror.to_text().trim_end());
     println!("\nNext: `tandem-bench compare-fio` runs any of these side by side with fio.");
     Ok(())
+}
+
+/// Mirror the scratch disk to a second file while a guest writes 2000 IOPS of 4 KiB to it,
+/// then switch over and check both files match.
+fn mirror_step(args: &DemoArgs, source: &std::path::Path, target: &std::path::Path) -> Result<MirrorReport, String> {
+    println!("-- mirror under a 2000 IOPS randwrite guest (write-blocking)");
+    let mut mirror = MirrorArgs::defaults(source.to_path_buf(), target.to_path_buf(), args.size);
+    mirror.copy_mode = "write-blocking".into();
+    mirror.guest_rw = Some("randwrite".into());
+    mirror.guest_rate_iops = 2000;
+    mirror.guest_runtime = (args.seconds * 2).max(2);
+    let report = crate::mirror::run_mirror(&mirror, true)?;
+    match report.identical {
+        true => Ok(report),
+        false => Err("the mirror's source and target differ".into()),
+    }
 }
 
 fn run_steps(args: &DemoArgs, file: &std::path::Path) -> Result<Vec<String>, String> {

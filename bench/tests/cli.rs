@@ -338,6 +338,7 @@ fn demo_runs_every_step_and_cleans_up() {
     for step in demo_steps() {
         assert!(run.stdout.contains(step), "step {step} missing:\n{}", run.stdout);
     }
+    assert!(run.stdout.contains("source and target identical"), "mirror step:\n{}", run.stdout);
     assert!(!dir.exists(), "{} should be removed", dir.display());
 }
 
@@ -349,7 +350,63 @@ fn demo_keep_leaves_the_files() {
     assert_eq!(std::fs::metadata(dir.join("demo.dat")).expect("kept").len(), 16 * MIB);
 }
 
-// 8. help.
+// 8. mirror.
+
+#[test]
+fn mirror_json_has_the_issue_fields_and_the_images_match() {
+    let scratch = Scratch::new("mirror");
+    let (source, target) = (scratch.path("source.img"), scratch.path("target.img"));
+    let run = tandem(&[
+        "mirror",
+        "--source",
+        source.to_str().expect("utf-8"),
+        "--target",
+        target.to_str().expect("utf-8"),
+        "--size=32M",
+        "--guest-rw=randwrite",
+        "--guest-iodepth=4",
+        "--guest-rate-iops=500",
+        "--guest-runtime=2",
+        "--output-format=json",
+    ])
+    .ok();
+    let value: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}:\n{}", run.stdout));
+    for key in ["ready_s", "complete_s", "mib_per_s", "cpu_s_per_gib"] {
+        assert!(value[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {value}");
+    }
+    assert_eq!(value["identical"], Value::Bool(true));
+    let copied_bytes = value["copied_bytes"].as_u64().expect("copied_bytes");
+    assert!(copied_bytes >= 32 * MIB, "sync=full copies the whole disk, and rewritten chunks again: {copied_bytes}");
+    for phase in ["baseline", "phase1", "phase2"] {
+        for key in ["iops", "clat_p50_us", "clat_p99_us"] {
+            assert!(value["guest"][phase][key].as_f64().is_some(), "guest.{phase}.{key}: {value}");
+        }
+    }
+    for key in ["phase1_iops", "phase1_p99", "phase2_iops", "phase2_p99"] {
+        assert!(value["ratios"][key].as_f64().is_some(), "ratios.{key}: {value}");
+    }
+    assert!(!source.exists() && !target.exists(), "removed without --keep");
+}
+
+#[test]
+fn mirror_bad_options_are_named_and_touch_nothing() {
+    let scratch = Scratch::new("mirrorbad");
+    let source = scratch.path("source.img");
+    let source_arg = format!("--source={}", source.display());
+    for (option, named) in [
+        ("--sync=sideways", "sideways"),
+        ("--copy-mode=eager", "eager"),
+        ("--granularity=3000", "3000"),
+        ("--guest-rw=randtrim", "randtrim"),
+        ("--output-format=xml", "xml"),
+    ] {
+        let run = tandem(&["mirror", &source_arg, "--size=8M", "--guest-runtime=2", option]).failed();
+        assert!(run.stderr.contains(named), "{option}: {}", run.stderr);
+        assert!(!source.exists(), "{option}: nothing created");
+    }
+}
+
+// 9. help.
 
 #[test]
 fn run_help_lists_options() {

@@ -84,6 +84,21 @@ pub struct MirrorArgs {
     pub cores: u64,
 }
 
+impl MirrorArgs {
+    /// The defaults of the command line, for callers that build a scenario in code.
+    pub fn defaults(source: PathBuf, target: PathBuf, size: u64) -> MirrorArgs {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: MirrorArgs,
+        }
+        let mut args = Wrapper::parse_from(["mirror"]).args;
+        (args.source, args.target, args.size) = (source, target, size);
+        args
+    }
+}
+
 fn parse_size(value: &str) -> Result<u64, String> {
     match fio::parse_size(value).map_err(|e| e.to_string())? {
         0 => Err(format!("{value}: must be more than 0")),
@@ -210,6 +225,7 @@ fn plan(args: &MirrorArgs) -> Result<Plan, String> {
         speed_bytes_per_s: args.speed,
         ..MirrorConfig::default()
     };
+    config.validate().map_err(|e| e.to_string())?;
     let guest = match &args.guest_rw {
         None => None,
         Some(rw) => {
@@ -231,7 +247,8 @@ fn plan(args: &MirrorArgs) -> Result<Plan, String> {
     Ok(Plan { config, guest })
 }
 
-fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport, String> {
+/// Run the scenario; the images stay (the caller removes them unless `--keep`).
+pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport, String> {
     let plan = plan(args)?;
     let note = |text: String| {
         if show_progress {

@@ -186,16 +186,22 @@ fn bad(name: &'static str, value: u64, reason: &'static str) -> JobError {
 }
 
 impl MirrorConfig {
-    /// Check the options alone and against the source disk; changes nothing.
+    /// Check the options against the source disk; changes nothing.
     fn check(&self, source: &Disk) -> Result<(), JobError> {
+        self.validate()?;
+        if self.granularity_bytes < source.alignment().request_bytes {
+            return Err(bad("granularity", self.granularity_bytes, "smaller than the source's block size"));
+        }
+        Ok(())
+    }
+
+    /// Check the options on their own (what `start` checks before it looks at any disk).
+    pub fn validate(&self) -> Result<(), JobError> {
         let granularity = self.granularity_bytes;
         let granularity_ok =
             granularity.is_power_of_two() && (GRANULARITY_BYTES_MIN..=GRANULARITY_BYTES_MAX).contains(&granularity);
         if !granularity_ok {
             return Err(bad("granularity", granularity, "a power of two from 512 B to 64 MiB"));
-        }
-        if granularity < source.alignment().request_bytes {
-            return Err(bad("granularity", granularity, "smaller than the source's block size"));
         }
         if self.copy_bytes_max < granularity || self.copy_bytes_max > crate::block::MAX_REQUEST_BYTES {
             return Err(bad("max-chunk", self.copy_bytes_max, "at least the granularity, at most 1 GiB"));
