@@ -75,6 +75,9 @@ struct Runner {
     reported_mode: (CopyMode, CopyMode),
     /// The named bitmap of sync=bitmap, held until the job's result is out.
     lease: Option<BitmapLease>,
+    /// In the final drain every error fails the job: the guest's writes are held back, so
+    /// neither retrying forever (ignore) nor waiting for a human (stop) is acceptable.
+    converging: bool,
 }
 
 pub(super) async fn run(shared: Arc<MirrorShared>, config: MirrorConfig, lease: Option<BitmapLease>) {
@@ -101,6 +104,7 @@ pub(super) async fn run(shared: Arc<MirrorShared>, config: MirrorConfig, lease: 
         ready: false,
         failure: None,
         lease,
+        converging: false,
     };
     let outcome = match runner.attach().await {
         Ok(()) => runner.main_loop().await,
@@ -293,7 +297,7 @@ impl Runner {
             IoOperation::Read => self.config.on_source_error,
             IoOperation::Write => self.config.on_target_error,
         };
-        let action = policy.action(&error);
+        let action = if self.converging { ErrorAction::Report } else { policy.action(&error) };
         let core = &self.shared.core;
         let message = error.to_string();
         core.emit(JobEvent::Error { id: core.id.clone(), operation, action, message: message.clone() });
@@ -436,6 +440,7 @@ impl Runner {
         let source = self.shared.source.clone();
         let drain = source.drain().ok_or_else(|| format!("disk {} is being drained by another job", source.name()))?;
         let guard = drain.await;
+        self.converging = true;
         loop {
             let generation = self.shared.core.signal.generation();
             self.reap();
