@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem::block::{BlockDriver, Disk};
-use tandem::job::mirror::{CopyMode, MirrorConfig, SyncMode};
+use tandem::job::mirror::{CopyMode, CopyPriority, MirrorConfig, SyncMode};
 use tandem::job::{Job, JobStatus};
 use tandem::reactor::{Config, Runtime};
 use tandem_drivers::{FileDriver, FileOptions};
@@ -48,6 +48,9 @@ pub struct MirrorArgs {
     /// background, write-blocking, write-behind or auto.
     #[arg(long = "copy-mode", default_value = "background")]
     pub copy_mode: String,
+    /// guest, balanced or job: who goes first on the device (see docs/jobs.md).
+    #[arg(long = "copy-priority", default_value = "guest")]
+    pub copy_priority: String,
     /// Dirty-tracking chunk, fio size syntax.
     #[arg(long, default_value = "64K", value_parser = parse_size)]
     pub granularity: u64,
@@ -218,6 +221,7 @@ fn plan(args: &MirrorArgs) -> Result<Plan, String> {
     let config = MirrorConfig {
         sync,
         copy_mode: CopyMode::parse(&args.copy_mode).map_err(|e| e.to_string())?,
+        copy_priority: CopyPriority::parse(&args.copy_priority).map_err(|e| e.to_string())?,
         granularity_bytes: args.granularity,
         buf_size_bytes: args.buf_size,
         copy_bytes_max: args.max_chunk,

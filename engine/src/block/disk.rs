@@ -255,7 +255,13 @@ impl Disk {
     /// Read `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: AlignedBuf, priority: IoPriority) -> IoFuture<BufResult<()>> {
         match self.check_transfer(offset, &buf) {
-            Ok(()) => self.shared.node.load().driver.read(offset, buf, priority),
+            Ok(()) => {
+                let node = self.shared.node.load();
+                match &node.filter {
+                    Some(filter) => filter.read(&node.driver, offset, buf, priority),
+                    None => node.driver.read(offset, buf, priority),
+                }
+            }
             Err(e) => IoFuture::ready((Err(e), buf)),
         }
     }

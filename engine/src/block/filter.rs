@@ -4,8 +4,9 @@
 //! hold new ones back and wait for the old ones to finish (a "drain") before it inserts a
 //! filter, converges, or switches the disk over to another driver.
 //!
-//! Reads do not pass the gate: a read in flight across a switch-over reads data that is the
-//! same on both drivers, and the old driver lives until its last operation completes.
+//! Reads pass the filter but not the gate: a read in flight across a switch-over reads data
+//! that is the same on both drivers, and the old driver lives until its last operation
+//! completes.
 
 use super::{BlockDriver, BufResult, IoFuture, WriteFlags};
 use crate::buf::AlignedBuf;
@@ -24,6 +25,18 @@ use std::task::{Context, Poll, Waker};
 /// request on `below` (or fail it), and may do more: write a target too, copy old data away
 /// first, record what changed.
 pub trait WriteFilter: Send + Sync + 'static {
+    /// Reads pass too, so a filter can watch them (mirror times the guest's I/O); by default
+    /// they go straight below.
+    fn read(
+        &self,
+        below: &Arc<dyn BlockDriver>,
+        offset: u64,
+        buf: AlignedBuf,
+        priority: IoPriority,
+    ) -> IoFuture<BufResult<()>> {
+        below.read(offset, buf, priority)
+    }
+
     fn write(
         &self,
         below: &Arc<dyn BlockDriver>,

@@ -136,9 +136,11 @@ impl JobCore {
         self.control.lock().pause_count > 0
     }
 
-    /// The `stop` error policy: pause as a user would; `resume` retries.
+    /// The `stop` error policy: pause as a user would, once however many errors arrive
+    /// together (QEMU's rule: no new pause if already paused); one `resume` retries.
     pub(crate) fn pause_for_error(&self) {
-        self.control.lock().pause_count += 1;
+        let mut control = self.control.lock();
+        control.pause_count = control.pause_count.max(1);
     }
 
     pub(crate) fn stop_request(&self) -> Option<StopRequest> {

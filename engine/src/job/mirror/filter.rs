@@ -12,6 +12,7 @@
 //! handed to the job's target error policy; the guest's request still succeeds, as its data is
 //! safe on the source.
 
+use super::pace::LatencyMonitor;
 use super::CopyMode;
 use crate::bitmap::DirtyBitmap;
 use crate::block::{BlockDriver, BufResult, Disk, IoFuture, WriteFilter, WriteFlags};
@@ -28,6 +29,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 /// Operations the in-flight table admits at once (guest writes in active modes plus copies).
 const INFLIGHT_CAPACITY: usize = 4096;
@@ -106,6 +108,8 @@ pub(crate) struct MirrorShared {
     pub(crate) guest_request_count: AtomicU64,
     pub(crate) failures: Mutex<VecDeque<Failure>>,
     pub(crate) runtime: RuntimeHandle,
+    /// What the guest's requests take, as the filter sees them (for guest-first pacing).
+    pub(crate) guest_latency: LatencyMonitor,
 }
 
 impl MirrorShared {
@@ -130,6 +134,7 @@ impl MirrorShared {
             guest_request_count: AtomicU64::new(0),
             failures: Mutex::new(VecDeque::new()),
             runtime: runtime.clone(),
+            guest_latency: LatencyMonitor::default(),
         })
     }
 
@@ -289,17 +294,36 @@ impl MirrorFilter {
         let (shared, below) = (self.0.clone(), below.clone());
         shared.guest_request_count.fetch_add(1, Ordering::Relaxed);
         async move {
+            let started = Instant::now();
             let request = (offset, length_bytes, op, priority);
-            match shared.mode.in_force() {
+            let outcome = match shared.mode.in_force() {
                 CopyMode::WriteBlocking => write_blocking(&shared, &below, request).await,
                 CopyMode::WriteBehind => write_behind(&shared, &below, request).await,
                 CopyMode::Background | CopyMode::Auto => background(&shared, &below, request).await,
-            }
+            };
+            shared.guest_latency.record(started.elapsed());
+            outcome
         }
     }
 }
 
 impl WriteFilter for MirrorFilter {
+    fn read(
+        &self,
+        below: &Arc<dyn BlockDriver>,
+        offset: u64,
+        buf: AlignedBuf,
+        priority: IoPriority,
+    ) -> IoFuture<BufResult<()>> {
+        let (shared, read) = (self.0.clone(), below.read(offset, buf, priority));
+        IoFuture::boxed(async move {
+            let started = Instant::now();
+            let outcome = read.await;
+            shared.guest_latency.record(started.elapsed());
+            outcome
+        })
+    }
+
     fn write(
         &self,
         below: &Arc<dyn BlockDriver>,

@@ -26,6 +26,7 @@
 
 mod copy;
 mod filter;
+mod pace;
 mod run;
 
 use super::{ErrorPolicy, Job, JobChange, JobCore, JobError, JobKind};
@@ -119,6 +120,52 @@ impl CopyMode {
     }
 }
 
+/// Who goes first when the guest and the copier compete for the device (`copy-priority`).
+/// Beside it, `speed_bytes_per_s` is a hard limit whatever the priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CopyPriority {
+    /// The copier keeps the guest's mean latency within 1.5x of the lowest it has seen:
+    /// copies start at 2 x 256 KiB in flight, double while the guest is idle, halve when its
+    /// latency rises (the rule is in `pace.rs`). Copies go at the idle I/O class.
+    Guest,
+    /// As `Guest`, with 3x the guest's lowest latency allowed.
+    Balanced,
+    /// QEMU's way: every copy at the largest size and depth allowed, at the guest's I/O
+    /// class, whatever the guest sees.
+    Job,
+}
+
+impl CopyPriority {
+    pub fn parse(text: &str) -> Result<CopyPriority, JobError> {
+        match text {
+            "guest" => Ok(CopyPriority::Guest),
+            "balanced" => Ok(CopyPriority::Balanced),
+            "job" => Ok(CopyPriority::Job),
+            _ => Err(JobError::Config {
+                name: "copy-priority",
+                value: text.to_string(),
+                reason: "guest, balanced or job",
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CopyPriority::Guest => "guest",
+            CopyPriority::Balanced => "balanced",
+            CopyPriority::Job => "job",
+        }
+    }
+
+    /// The I/O priority of the copier's requests.
+    pub fn io_priority(self) -> IoPriority {
+        match self {
+            CopyPriority::Job => IoPriority::GUEST,
+            CopyPriority::Guest | CopyPriority::Balanced => IoPriority::BACKGROUND,
+        }
+    }
+}
+
 /// A mirror's options. `Default` gives QEMU's defaults where they are sound.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorConfig {
@@ -149,8 +196,8 @@ pub struct MirrorConfig {
     pub on_target_error: ErrorPolicy,
     pub auto_finalize: bool,
     pub auto_dismiss: bool,
-    /// Priority of the copier's reads and writes.
-    pub copy_priority: IoPriority,
+    /// Who goes first, guest or copier; also sets the copier's I/O class.
+    pub copy_priority: CopyPriority,
 }
 
 impl Default for MirrorConfig {
@@ -172,7 +219,7 @@ impl Default for MirrorConfig {
             on_target_error: ErrorPolicy::Report,
             auto_finalize: true,
             auto_dismiss: true,
-            copy_priority: IoPriority::BACKGROUND,
+            copy_priority: CopyPriority::Guest,
         }
     }
 }

@@ -5,6 +5,7 @@
 
 use super::copy::{copy_range, fill_bitmap, CopyOptions, CopyResult};
 use super::filter::MirrorShared;
+use super::pace::{Pace, WINDOW as PACE_WINDOW};
 use super::{CopyMode, MirrorConfig};
 use crate::bitmap::BitmapLease;
 use crate::block::BlockDriver;
@@ -30,8 +31,6 @@ pub const AUTO_WINDOW: Duration = Duration::from_millis(500);
 /// ...and this many windows in a row, with guest writes, in which the dirty bytes did not
 /// reach a new low, switch to write-behind. One window without a guest write switches back.
 pub const AUTO_WINDOW_COUNT: u32 = 3;
-/// Dirty areas skipped in a row because an active write holds them, before the task waits.
-const SKIPS_MAX: u32 = 64;
 
 /// How the main loop ended.
 enum Outcome {
@@ -46,7 +45,8 @@ enum Outcome {
 struct CopyDone {
     offset: u64,
     length_bytes: u64,
-    result: CopyResult,
+    /// `Err(None)`: not attempted (the in-flight table's waiting list was full).
+    result: Result<(), Option<(IoOperation, Error)>>,
     buf: AlignedBuf,
 }
 
@@ -75,6 +75,9 @@ struct Runner {
     reported_mode: (CopyMode, CopyMode),
     /// The named bitmap of sync=bitmap, held until the job's result is out.
     lease: Option<BitmapLease>,
+    /// The in-flight budget the guest's latency allows, and when its window started.
+    pace: Pace,
+    pace_window_start: Instant,
     /// In the final drain every error fails the job: the guest's writes are held back, so
     /// neither retrying forever (ignore) nor waiting for a human (stop) is acceptable.
     converging: bool,
@@ -83,7 +86,10 @@ struct Runner {
 pub(super) async fn run(shared: Arc<MirrorShared>, config: MirrorConfig, lease: Option<BitmapLease>) {
     let source = shared.source.driver();
     let buf_align = (source.alignment().memory_bytes.max(shared.target.alignment().memory_bytes)) as usize;
+    let pace = Pace::new(config.copy_priority, config.buf_size_bytes, config.copy_bytes_max, config.granularity_bytes);
     let mut runner = Runner {
+        pace,
+        pace_window_start: Instant::now(),
         rate: RateLimit::new(shared.core.speed_bytes_per_s()),
         auto: AutoState {
             window_start: Instant::now(),
@@ -156,6 +162,10 @@ impl Runner {
 
     /// One round of work: copy-mode bookkeeping, new copies, progress, READY.
     async fn step(&mut self) {
+        if self.pace_window_start.elapsed() >= PACE_WINDOW {
+            self.pace.adjust(&self.shared.guest_latency);
+            self.pace_window_start = Instant::now();
+        }
         self.auto_tick();
         self.report_mode();
         self.rate.set_speed(self.shared.core.speed_bytes_per_s());
@@ -195,18 +205,23 @@ impl Runner {
     /// Start copies from the dirty bitmap while ops and buffer bytes allow.
     async fn start_copies(&mut self, limited: bool) {
         let granularity = self.config.granularity_bytes;
-        let mut skip_count = 0;
-        while self.copies_in_flight < self.config.copy_ops_max && skip_count < SKIPS_MAX {
+        // Paced copies keep to the guest's budget and its chunk size; the final drain (the
+        // guest is held back) uses everything the options allow.
+        let (budget_bytes, chunk_bytes) = match limited {
+            true => (self.pace.budget_bytes(), self.pace.chunk_bytes()),
+            false => (self.config.buf_size_bytes, self.config.copy_bytes_max),
+        };
+        while self.copies_in_flight < self.config.copy_ops_max {
             // A pause or an end takes effect between copies, not after a whole batch.
             let core = &self.shared.core;
             if limited && (core.pause_requested() || matches!(core.stop_request(), Some(StopRequest::Cancel { .. }))) {
                 break;
             }
-            let room_bytes = self.config.buf_size_bytes - self.buf_in_flight_bytes;
-            if room_bytes < granularity.min(self.config.copy_bytes_max) {
+            let room_bytes = budget_bytes.min(self.config.buf_size_bytes).saturating_sub(self.buf_in_flight_bytes);
+            if room_bytes < granularity.min(chunk_bytes) {
                 break;
             }
-            let length_max = self.config.copy_bytes_max.min(room_bytes);
+            let length_max = chunk_bytes.min(room_bytes);
             let Some((offset, length_bytes)) = self.next_area(length_max) else { break };
             self.cursor = offset + length_bytes;
             if limited {
@@ -215,17 +230,10 @@ impl Runner {
                     sleep(wait).await;
                 }
             }
-            let guard = match self.shared.inflight.try_register(offset, length_bytes, InflightKind::Copy) {
-                Ok(Some(guard)) => guard,
-                _ => {
-                    skip_count += 1; // an active write holds it: later
-                    continue;
-                }
-            };
-            // Cleared before the read: a background write landing after the read marks it
-            // again (see the argument in mod.rs).
+            // Cleared before the read (the task reads only after registering): a background
+            // write landing after the read marks it again (see the argument in mod.rs).
             self.shared.dirty.reset(offset, length_bytes).expect("an area of the bitmap is inside it");
-            self.spawn_copy(offset, length_bytes, guard);
+            self.spawn_copy(offset, length_bytes);
         }
     }
 
@@ -241,7 +249,10 @@ impl Runner {
         })
     }
 
-    fn spawn_copy(&mut self, offset: u64, length_bytes: u64, guard: crate::inflight::InflightGuard) {
+    /// Copy a range (its dirty bits already cleared) in its own task. The task registers the
+    /// range first, waiting in FIFO order for overlapping active guest writes (so a copy is
+    /// never starved by them, and reaches the target after them), then reads and writes.
+    fn spawn_copy(&mut self, offset: u64, length_bytes: u64) {
         let buf = match self.free_bufs.pop() {
             Some(buf) => buf,
             None => match AlignedBuf::zeroed(self.config.copy_bytes_max as usize, self.buf_align) {
@@ -256,13 +267,22 @@ impl Runner {
         let options = CopyOptions {
             unmap: self.config.unmap,
             detect_zeroes: self.config.detect_zeroes,
-            priority: self.config.copy_priority,
+            priority: self.config.copy_priority.io_priority(),
         };
         let (source, target) = (self.source.clone(), self.shared.target.clone());
         let (done, shared) = (self.done.clone(), self.shared.clone());
         let task = async move {
-            let (result, buf) = copy_range(source, target, offset, length_bytes, buf, options).await;
-            drop(guard);
+            let (result, buf) = match shared.inflight.register(offset, length_bytes, InflightKind::Copy).await {
+                Ok(guard) => {
+                    let (result, buf): (CopyResult, _) =
+                        copy_range(source, target, offset, length_bytes, buf, options).await;
+                    drop(guard);
+                    (result.map_err(Some), buf)
+                }
+                // The table's waiting list is full (guest writes pile up): not copied; the
+                // reaper marks the range dirty again.
+                Err(_) => (Err(None), buf),
+            };
             done.borrow_mut().push(CopyDone { offset, length_bytes, result, buf });
             shared.core.signal.notify();
         };
@@ -281,7 +301,8 @@ impl Runner {
             self.free_bufs.push(copy.buf);
             match copy.result {
                 Ok(()) => self.shared.core.add_done_bytes(copy.length_bytes),
-                Err((operation, error)) => {
+                Err(None) => self.shared.mark_dirty(copy.offset, copy.length_bytes),
+                Err(Some((operation, error))) => {
                     self.shared.mark_dirty(copy.offset, copy.length_bytes);
                     self.on_error(operation, error);
                 }
@@ -455,7 +476,7 @@ impl Runner {
             self.start_copies(false).await;
             self.shared.core.signal.wait_until(generation, Instant::now() + Duration::from_millis(1)).await;
         }
-        if let Err(error) = self.shared.target.flush(self.config.copy_priority).await {
+        if let Err(error) = self.shared.target.flush(self.config.copy_priority.io_priority()).await {
             source.remove_filter(&guard);
             return Err(format!("flush of the target: {error}"));
         }
