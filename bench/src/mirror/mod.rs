@@ -233,7 +233,7 @@ fn plan(args: &MirrorArgs) -> Result<Plan, String> {
     let guest = match &args.guest_rw {
         None => None,
         Some(rw) => {
-            if args.guest_bs % 512 != 0 || args.guest_bs > args.size {
+            if !args.guest_bs.is_multiple_of(512) || args.guest_bs > args.size {
                 return Err(format!("--guest-bs {}: a multiple of 512 no larger than --size", args.guest_bs));
             }
             Some(GuestSpec {
@@ -245,7 +245,7 @@ fn plan(args: &MirrorArgs) -> Result<Plan, String> {
             })
         }
     };
-    if args.size % (1 << 20) != 0 {
+    if !args.size.is_multiple_of(1 << 20) {
         return Err(format!("--size {}: must be a whole number of MiB", args.size));
     }
     Ok(Plan { config, guest })
