@@ -6,8 +6,10 @@
 //! are identical. Guest figures per phase count only completions inside that phase.
 
 mod guest;
+mod qemu;
 
 pub use guest::{GuestFigures, GuestRecord, GuestRw, GuestSpec};
+pub use qemu::QemuReport;
 
 use crate::fio;
 use crate::runner::rusage;
@@ -82,6 +84,10 @@ pub struct MirrorArgs {
     /// normal or json.
     #[arg(long = "output-format", default_value = "normal")]
     pub output_format: String,
+    /// Then run the same scenario through qemu-storage-daemon on the same files (its guest is
+    /// fio over NBD) and print both side by side.
+    #[arg(long = "compare-qemu")]
+    pub compare_qemu: bool,
     /// Reactor cores.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub cores: u64,
@@ -124,13 +130,14 @@ pub struct MirrorReport {
     pub copied_bytes: u64,
     /// (baseline, phase1, phase2) with a guest.
     pub guest: Option<(GuestFigures, GuestFigures, GuestFigures)>,
+    /// QEMU's figures for the same scenario (`--compare-qemu`).
+    pub qemu: Option<QemuReport>,
 }
 
 impl MirrorReport {
     pub fn to_json(&self) -> serde_json::Value {
         let figures =
             |f: &GuestFigures| json!({"iops": f.iops, "clat_p50_us": f.clat_p50_us, "clat_p99_us": f.clat_p99_us});
-        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         let mut value = json!({
             "ready_s": self.ready_s,
             "complete_s": self.complete_s,
@@ -139,14 +146,20 @@ impl MirrorReport {
             "identical": self.identical,
             "copied_bytes": self.copied_bytes,
         });
-        if let Some((baseline, phase1, phase2)) = &self.guest {
+        if let Some(guest) = &self.guest {
+            let (baseline, phase1, phase2) = guest;
             value["guest"] =
                 json!({"baseline": figures(baseline), "phase1": figures(phase1), "phase2": figures(phase2)});
-            value["ratios"] = json!({
-                "phase1_iops": ratio(phase1.iops, baseline.iops),
-                "phase1_p99": ratio(phase1.clat_p99_us, baseline.clat_p99_us),
-                "phase2_iops": ratio(phase2.iops, baseline.iops),
-                "phase2_p99": ratio(phase2.clat_p99_us, baseline.clat_p99_us),
+            value["ratios"] = phase_ratios(guest);
+        }
+        if let Some(qemu) = &self.qemu {
+            value["qemu"] = qemu.to_json();
+            if let Some(guest) = &qemu.guest {
+                value["qemu"]["ratios"] = phase_ratios(guest);
+            }
+            value["vs_qemu"] = json!({
+                "mib_per_s": ratio(self.mib_per_s, qemu.mib_per_s),
+                "cpu_s_per_gib": ratio(self.cpu_s_per_gib, qemu.cpu_s_per_gib),
             });
         }
         value
@@ -161,26 +174,67 @@ impl MirrorReport {
             self.cpu_s_per_gib,
             if self.identical { "source and target identical" } else { "SOURCE AND TARGET DIFFER" }
         );
-        if let Some((baseline, phase1, phase2)) = &self.guest {
-            let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        if let Some(guest) = &self.guest {
+            text += &guest_table("guest", guest);
+        }
+        if let Some(qemu) = &self.qemu {
             text += &format!(
-                "{:<10} {:>10} {:>12} {:>12} {:>10} {:>10}\n",
-                "guest", "IOPS", "p50 (us)", "p99 (us)", "IOPS x", "p99 x"
+                "qemu:   READY after {:.2} s, {:.0} MiB/s to READY, {:.2} CPU s per GiB, {}\n",
+                qemu.ready_s,
+                qemu.mib_per_s,
+                qemu.cpu_s_per_gib,
+                if qemu.identical { "source and target identical" } else { "SOURCE AND TARGET DIFFER" }
             );
-            for (name, f) in [("baseline", baseline), ("phase 1", phase1), ("phase 2", phase2)] {
-                text += &format!(
-                    "{:<10} {:>10.0} {:>12.1} {:>12.1} {:>10.2} {:>10.2}\n",
-                    name,
-                    f.iops,
-                    f.clat_p50_us,
-                    f.clat_p99_us,
-                    ratio(f.iops, baseline.iops),
-                    ratio(f.clat_p99_us, baseline.clat_p99_us)
-                );
+            if let Some(guest) = &qemu.guest {
+                text += &guest_table("qemu guest (NBD)", guest);
             }
+            text += &format!(
+                "tandem/qemu: {:.2}x MiB/s to READY, {:.2}x CPU s per GiB (guests: compare each side's x columns, \
+                 not absolute figures: QEMU's guest goes through NBD)\n",
+                ratio(self.mib_per_s, qemu.mib_per_s),
+                ratio(self.cpu_s_per_gib, qemu.cpu_s_per_gib)
+            );
         }
         text
     }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// Each phase's IOPS and p99 against the same system's baseline.
+fn phase_ratios(guest: &(GuestFigures, GuestFigures, GuestFigures)) -> serde_json::Value {
+    let (baseline, phase1, phase2) = guest;
+    json!({
+        "phase1_iops": ratio(phase1.iops, baseline.iops),
+        "phase1_p99": ratio(phase1.clat_p99_us, baseline.clat_p99_us),
+        "phase2_iops": ratio(phase2.iops, baseline.iops),
+        "phase2_p99": ratio(phase2.clat_p99_us, baseline.clat_p99_us),
+    })
+}
+
+fn guest_table(title: &str, guest: &(GuestFigures, GuestFigures, GuestFigures)) -> String {
+    let (baseline, phase1, phase2) = guest;
+    let header = ("IOPS", "p50 (us)", "p99 (us)", "IOPS x", "p99 x");
+    let mut text =
+        format!("{title:<18} {:>10} {:>12} {:>12} {:>10} {:>10}\n", header.0, header.1, header.2, header.3, header.4);
+    for (name, f) in [("baseline", baseline), ("phase 1", phase1), ("phase 2", phase2)] {
+        text += &format!(
+            "{:<18} {:>10.0} {:>12.1} {:>12.1} {:>10.2} {:>10.2}\n",
+            name,
+            f.iops,
+            f.clat_p50_us,
+            f.clat_p99_us,
+            ratio(f.iops, baseline.iops),
+            ratio(f.clat_p99_us, baseline.clat_p99_us)
+        );
+    }
+    text
 }
 
 pub fn mirror_command(args: &MirrorArgs) -> Result<(), String> {
@@ -199,9 +253,11 @@ pub fn mirror_command(args: &MirrorArgs) -> Result<(), String> {
         true => println!("{}", serde_json::to_string_pretty(&report.to_json()).map_err(|e| e.to_string())?),
         false => print!("{}", report.to_text()),
     }
-    match report.identical {
-        true => Ok(()),
-        false => Err("source and target differ after the mirror completed".into()),
+    let qemu_identical = report.qemu.as_ref().is_none_or(|q| q.identical);
+    match (report.identical, qemu_identical) {
+        (true, true) => Ok(()),
+        (false, _) => Err("source and target differ after the mirror completed".into()),
+        (true, false) => Err("QEMU's source and target differ after its mirror completed".into()),
     }
 }
 
@@ -320,7 +376,12 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
         }
         _ => None,
     };
+    let qemu = match args.compare_qemu {
+        true => Some(qemu::run_qemu(args, plan.guest, &note)?),
+        false => None,
+    };
     Ok(MirrorReport {
+        qemu,
         ready_s,
         complete_s,
         mib_per_s: copied_bytes as f64 / (1 << 20) as f64 / ready_s.max(1e-9),

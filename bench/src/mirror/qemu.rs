@@ -1,0 +1,305 @@
+//! `--compare-qemu`: the same scenario through QEMU, on the same files. qemu-storage-daemon
+//! opens source and target (raw over the file driver, io_uring, O_DIRECT where the filesystem
+//! takes it) and runs blockdev-mirror over QMP (JSON lines on a Unix socket). With a guest, it
+//! also exports the source over NBD and fio writes to it (`--ioengine=nbd`) with a per-I/O
+//! latency log, so the guest's figures are cut to the same windows as ours: the guest alone,
+//! then phase one (job start to READY) and phase two (READY to the guest's end).
+//!
+//! QEMU's guest goes through NBD and ours is in-process, so only each side's ratio to its own
+//! no-job baseline is comparable, never the absolute guest figures.
+
+use super::guest::GuestFigures;
+use super::{GuestRw, GuestSpec, MirrorArgs};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const SOCKET_WAIT: Duration = Duration::from_secs(10);
+
+/// What QEMU measured.
+#[derive(Debug, Clone)]
+pub struct QemuReport {
+    pub ready_s: f64,
+    pub mib_per_s: f64,
+    pub cpu_s_per_gib: f64,
+    pub identical: bool,
+    /// (baseline, phase1, phase2) with a guest.
+    pub guest: Option<(GuestFigures, GuestFigures, GuestFigures)>,
+}
+
+impl QemuReport {
+    pub fn to_json(&self) -> Value {
+        let figures =
+            |f: &GuestFigures| json!({"iops": f.iops, "clat_p50_us": f.clat_p50_us, "clat_p99_us": f.clat_p99_us});
+        let mut value = json!({
+            "ready_s": self.ready_s,
+            "mib_per_s": self.mib_per_s,
+            "cpu_s_per_gib": self.cpu_s_per_gib,
+            "identical": self.identical,
+        });
+        if let Some((baseline, phase1, phase2)) = &self.guest {
+            value["guest"] =
+                json!({"baseline": figures(baseline), "phase1": figures(phase1), "phase2": figures(phase2)});
+        }
+        value
+    }
+}
+
+/// The running daemon and its QMP connection.
+struct Daemon {
+    child: Child,
+    qmp: BufReader<UnixStream>,
+    dir: tempfile::TempDir,
+}
+
+fn direct_ok(path: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).is_ok()
+}
+
+fn blockdev(name: &str, path: &Path) -> String {
+    let file = json!({"driver": "file", "filename": path, "cache": {"direct": direct_ok(path)}, "aio": "io_uring"});
+    json!({"node-name": name, "driver": "raw", "file": file}).to_string()
+}
+
+impl Daemon {
+    fn start(source: &Path, target: &Path) -> Result<Daemon, String> {
+        let dir = tempfile::Builder::new().prefix("tandem-qsd-").tempdir().map_err(|e| e.to_string())?;
+        let (qmp_path, nbd_path) = (dir.path().join("qmp.sock"), dir.path().join("nbd.sock"));
+        let child = Command::new("qemu-storage-daemon")
+            .args(["--blockdev", &blockdev("src", source), "--blockdev", &blockdev("dst", target)])
+            .args(["--nbd-server", &format!("addr.type=unix,addr.path={}", nbd_path.display())])
+            .args(["--export", "type=nbd,id=e0,node-name=src,name=src,writable=on"])
+            .args(["--chardev", &format!("socket,id=qmp,path={},server=on,wait=off", qmp_path.display())])
+            .args(["--monitor", "chardev=qmp"])
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start qemu-storage-daemon (install qemu-system-common): {e}"))?;
+        let deadline = Instant::now() + SOCKET_WAIT;
+        let stream = loop {
+            if let Ok(stream) = UnixStream::connect(&qmp_path) {
+                if nbd_path.exists() {
+                    break stream;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("qemu-storage-daemon did not open its QMP and NBD sockets".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut daemon = Daemon { child, qmp: BufReader::new(stream), dir };
+        daemon.read()?; // the greeting
+        daemon.execute("qmp_capabilities", json!({}))?;
+        Ok(daemon)
+    }
+
+    fn nbd_uri(&self) -> String {
+        format!("nbd+unix:///src?socket={}", self.dir.path().join("nbd.sock").display())
+    }
+
+    fn read(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        match self.qmp.read_line(&mut line) {
+            Ok(0) => Err("qemu-storage-daemon closed QMP".into()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("QMP sent {line:?}: {e}")),
+            Err(e) => Err(format!("reading QMP: {e}")),
+        }
+    }
+
+    /// Run a command; events that arrive meanwhile are dropped (the caller waits for events
+    /// only once nothing else is pending).
+    fn execute(&mut self, name: &str, arguments: Value) -> Result<Value, String> {
+        let line = json!({"execute": name, "arguments": arguments}).to_string() + "\n";
+        self.qmp.get_mut().write_all(line.as_bytes()).map_err(|e| format!("writing QMP: {e}"))?;
+        loop {
+            let message = self.read()?;
+            if let Some(error) = message.get("error") {
+                return Err(format!("QMP {name}: {error}"));
+            }
+            if let Some(value) = message.get("return") {
+                return Ok(value.clone());
+            }
+        }
+    }
+
+    /// The first of `names` to arrive, with its time; a job error or end ends the wait too.
+    fn wait_event(&mut self, names: &[&str]) -> Result<(String, Instant), String> {
+        loop {
+            let message = self.read()?;
+            let Some(event) = message.get("event").and_then(Value::as_str) else { continue };
+            if names.contains(&event) || event == "BLOCK_JOB_COMPLETED" || event == "BLOCK_JOB_ERROR" {
+                return Ok((event.to_string(), Instant::now()));
+            }
+        }
+    }
+
+    /// CPU seconds the daemon has used so far (utime + stime from /proc).
+    fn cpu_s(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start after the last ')'.
+        let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+        // SAFETY: sysconf has no memory effects.
+        let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        (ticks(11) + ticks(12)) / per_s
+    }
+
+    fn quit(mut self) -> Result<(), String> {
+        let _ = self.execute("quit", json!({}));
+        self.child.wait().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// fio as QEMU's guest, over NBD, logging every completion's latency with its wall time.
+struct FioGuest {
+    child: Child,
+    log_prefix: PathBuf,
+    dir: PathBuf,
+}
+
+impl FioGuest {
+    fn start(daemon: &Daemon, spec: &GuestSpec, size_bytes: u64, tag: &str) -> Result<FioGuest, String> {
+        let dir = daemon.dir.path().to_path_buf();
+        let log_prefix = dir.join(format!("lat-{tag}"));
+        let rw = match spec.rw {
+            GuestRw::RandWrite => "randwrite",
+            GuestRw::RandRead => "randread",
+            GuestRw::RandRw => "randrw",
+        };
+        let mut command = Command::new("fio");
+        command
+            .args(["--name=guest", "--ioengine=nbd", &format!("--uri={}", daemon.nbd_uri())])
+            .args([
+                format!("--rw={rw}"),
+                format!("--bs={}", spec.block_size_bytes),
+                format!("--iodepth={}", spec.iodepth),
+            ])
+            .args([format!("--runtime={}", spec.runtime.as_secs()), "--time_based".into(), "--size=100%".into()])
+            .args([format!("--filesize={size_bytes}"), format!("--write_lat_log={}", log_prefix.display())])
+            .args(["--log_avg_msec=0", "--log_unix_epoch=1", "--output-format=json"])
+            .arg(format!("--output={}", dir.join(format!("fio-{tag}.json")).display()))
+            .stdout(Stdio::null());
+        if spec.rate_iops > 0 {
+            command.arg(format!("--rate_iops={}", spec.rate_iops));
+        }
+        let child = command.spawn().map_err(|e| format!("cannot run fio (apt-get install -y fio): {e}"))?;
+        Ok(FioGuest { child, log_prefix, dir })
+    }
+
+    /// Wait for fio; every completion as (unix ms, clat ns).
+    fn finish(mut self) -> Result<Vec<(u64, u64)>, String> {
+        let status = self.child.wait().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("fio (QEMU's guest over NBD) failed: {status}"));
+        }
+        let prefix = self.log_prefix.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut points = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| e.to_string())? {
+            let name = entry.map_err(|e| e.to_string())?.file_name().to_string_lossy().into_owned();
+            if !(name.starts_with(&format!("{prefix}_clat")) && name.ends_with(".log")) {
+                continue;
+            }
+            let text = std::fs::read_to_string(self.dir.join(&name)).map_err(|e| e.to_string())?;
+            for line in text.lines() {
+                let mut fields = line.split(',').map(str::trim);
+                if let (Some(Ok(at)), Some(Ok(ns))) = (fields.next().map(str::parse), fields.next().map(str::parse)) {
+                    points.push((at, ns));
+                }
+            }
+        }
+        Ok(points)
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Figures of the completions logged in `[from_ms, to_ms)`.
+fn window(points: &[(u64, u64)], from_ms: u64, to_ms: u64) -> GuestFigures {
+    let mut latencies: Vec<u64> = points.iter().filter(|(at, _)| (from_ms..to_ms).contains(at)).map(|p| p.1).collect();
+    if latencies.is_empty() || to_ms <= from_ms {
+        return GuestFigures::default();
+    }
+    latencies.sort_unstable();
+    let quantile = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)] as f64 / 1000.0;
+    GuestFigures {
+        iops: latencies.len() as f64 / ((to_ms - from_ms) as f64 / 1000.0),
+        clat_p50_us: quantile(0.5),
+        clat_p99_us: quantile(0.99),
+    }
+}
+
+/// QEMU's copy mode for ours, where it has one.
+fn qemu_copy_mode(args: &MirrorArgs) -> Result<&'static str, String> {
+    match args.copy_mode.as_str() {
+        "background" => Ok("background"),
+        "write-blocking" => Ok("write-blocking"),
+        other => Err(format!("--compare-qemu: QEMU has no copy mode {other} (only background and write-blocking)")),
+    }
+}
+
+/// Run the scenario through QEMU. The source must hold the same data as for our run.
+pub fn run_qemu(args: &MirrorArgs, guest: Option<GuestSpec>, note: &dyn Fn(String)) -> Result<QemuReport, String> {
+    let copy_mode = qemu_copy_mode(args)?;
+    let baseline = match &guest {
+        Some(spec) => {
+            note(format!("QEMU baseline: fio over NBD alone for {} s", spec.runtime.as_secs()));
+            let daemon = Daemon::start(&args.source, &args.target)?;
+            let started_ms = unix_ms();
+            let points = FioGuest::start(&daemon, spec, args.size, "baseline")?.finish()?;
+            daemon.quit()?;
+            Some(window(&points, started_ms, started_ms + spec.runtime.as_millis() as u64))
+        }
+        None => None,
+    };
+    let mut daemon = Daemon::start(&args.source, &args.target)?;
+    let fio = match &guest {
+        Some(spec) => {
+            let fio = FioGuest::start(&daemon, spec, args.size, "job")?;
+            std::thread::sleep(super::JOB_DELAY);
+            Some(fio)
+        }
+        None => None,
+    };
+    note(format!("QEMU: blockdev-mirror sync={} copy-mode={copy_mode}", args.sync));
+    let (cpu_before, started, started_ms) = (daemon.cpu_s(), Instant::now(), unix_ms());
+    let mirror = json!({
+        "job-id": "j", "device": "src", "target": "dst", "sync": args.sync, "copy-mode": copy_mode,
+        "granularity": args.granularity, "buf-size": args.buf_size, "speed": args.speed,
+    });
+    daemon.execute("blockdev-mirror", mirror)?;
+    let (event, ready_at) = daemon.wait_event(&["BLOCK_JOB_READY"])?;
+    if event != "BLOCK_JOB_READY" {
+        return Err(format!("QEMU's mirror ended with {event} before READY"));
+    }
+    let cpu_s = daemon.cpu_s() - cpu_before;
+    let ready_s = ready_at.duration_since(started).as_secs_f64();
+    let ready_ms = started_ms + (ready_s * 1000.0) as u64;
+    let guest = match (fio, baseline, &guest) {
+        (Some(fio), Some(baseline), Some(spec)) => {
+            let points = fio.finish()?;
+            let end_ms = started_ms - super::JOB_DELAY.as_millis() as u64 + spec.runtime.as_millis() as u64;
+            Some((baseline, window(&points, started_ms, ready_ms), window(&points, ready_ms, end_ms)))
+        }
+        _ => None,
+    };
+    daemon.execute("block-job-complete", json!({"device": "j"}))?;
+    let (event, _) = daemon.wait_event(&["BLOCK_JOB_COMPLETED"])?;
+    if event != "BLOCK_JOB_COMPLETED" {
+        return Err(format!("QEMU's mirror sent {event} while completing"));
+    }
+    daemon.quit()?;
+    let gib = args.size as f64 / (1u64 << 30) as f64;
+    Ok(QemuReport {
+        ready_s,
+        mib_per_s: args.size as f64 / (1 << 20) as f64 / ready_s.max(1e-9),
+        cpu_s_per_gib: cpu_s / gib,
+        identical: super::qemu_img_identical(&args.source, &args.target)?,
+        guest,
+    })
+}
