@@ -64,6 +64,18 @@ pub struct GuestFigures {
     pub clat_p99_us: f64,
 }
 
+impl GuestFigures {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"iops": self.iops, "clat_p50_us": self.clat_p50_us, "clat_p99_us": self.clat_p99_us})
+    }
+}
+
+/// `{baseline, phase1, phase2}` as the reports print them.
+pub fn phases_json(phases: &(GuestFigures, GuestFigures, GuestFigures)) -> serde_json::Value {
+    let (baseline, phase1, phase2) = phases;
+    serde_json::json!({"baseline": baseline.to_json(), "phase1": phase1.to_json(), "phase2": phase2.to_json()})
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_NS_MAX, 3).expect("static bounds")
 }

@@ -136,8 +136,6 @@ pub struct MirrorReport {
 
 impl MirrorReport {
     pub fn to_json(&self) -> serde_json::Value {
-        let figures =
-            |f: &GuestFigures| json!({"iops": f.iops, "clat_p50_us": f.clat_p50_us, "clat_p99_us": f.clat_p99_us});
         let mut value = json!({
             "ready_s": self.ready_s,
             "complete_s": self.complete_s,
@@ -147,9 +145,7 @@ impl MirrorReport {
             "copied_bytes": self.copied_bytes,
         });
         if let Some(guest) = &self.guest {
-            let (baseline, phase1, phase2) = guest;
-            value["guest"] =
-                json!({"baseline": figures(baseline), "phase1": figures(phase1), "phase2": figures(phase2)});
+            value["guest"] = guest::phases_json(guest);
             value["ratios"] = phase_ratios(guest);
         }
         if let Some(qemu) = &self.qemu {

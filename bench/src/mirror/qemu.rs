@@ -32,17 +32,14 @@ pub struct QemuReport {
 
 impl QemuReport {
     pub fn to_json(&self) -> Value {
-        let figures =
-            |f: &GuestFigures| json!({"iops": f.iops, "clat_p50_us": f.clat_p50_us, "clat_p99_us": f.clat_p99_us});
         let mut value = json!({
             "ready_s": self.ready_s,
             "mib_per_s": self.mib_per_s,
             "cpu_s_per_gib": self.cpu_s_per_gib,
             "identical": self.identical,
         });
-        if let Some((baseline, phase1, phase2)) = &self.guest {
-            value["guest"] =
-                json!({"baseline": figures(baseline), "phase1": figures(phase1), "phase2": figures(phase2)});
+        if let Some(guest) = &self.guest {
+            value["guest"] = super::guest::phases_json(guest);
         }
         value
     }
