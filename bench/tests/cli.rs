@@ -355,9 +355,11 @@ fn demo_keep_leaves_the_files() {
 #[test]
 fn mirror_json_has_the_issue_fields_and_the_images_match() {
     let scratch = Scratch::new("mirror");
-    let (source, target) = (scratch.path("source.img"), scratch.path("target.img"));
+    let (source, target, plot) = (scratch.path("source.img"), scratch.path("target.img"), scratch.path("run.svg"));
     let run = tandem(&[
         "mirror",
+        "--plot",
+        plot.to_str().expect("utf-8"),
         "--source",
         source.to_str().expect("utf-8"),
         "--target",
@@ -386,6 +388,9 @@ fn mirror_json_has_the_issue_fields_and_the_images_match() {
         assert!(value["ratios"][key].as_f64().is_some(), "ratios.{key}: {value}");
     }
     assert!(!source.exists() && !target.exists(), "removed without --keep");
+    let svg = std::fs::read_to_string(&plot).expect("--plot writes the file");
+    assert_eq!(svg.matches("<polyline").count(), 4, "dirty, copy rate, guest IOPS, guest p99");
+    assert!(svg.contains("READY"), "READY is marked");
 }
 
 #[test]

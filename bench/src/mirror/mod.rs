@@ -6,6 +6,7 @@
 //! are identical. Guest figures per phase count only completions inside that phase.
 
 mod guest;
+mod plot;
 mod qemu;
 
 pub use guest::{GuestFigures, GuestRecord, GuestRw, GuestSpec};
@@ -84,6 +85,9 @@ pub struct MirrorArgs {
     /// normal or json.
     #[arg(long = "output-format", default_value = "normal")]
     pub output_format: String,
+    /// Draw dirty MiB, copy MiB/s, guest IOPS and guest p99 over time into this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     /// Then run the same scenario through qemu-storage-daemon on the same files (its guest is
     /// fio over NBD) and print both side by side.
     #[arg(long = "compare-qemu")]
@@ -336,6 +340,7 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
     let job_started = Instant::now();
     let job =
         tandem::job::mirror::start(&runtime.handle(), &disk, target, plan.config.clone()).map_err(|e| e.to_string())?;
+    let sampler = Sampler::start(&job);
     let status = watch(&job, show_progress, |s| s == JobStatus::Ready || s.is_finished());
     let ready_at = Instant::now();
     let usage_ready = rusage().since(&usage_before);
@@ -351,6 +356,7 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
     job.complete().map_err(|e| e.to_string())?;
     let status = job.wait_for(|s| s == JobStatus::Null, JOB_WAIT_MAX);
     let complete_s = job_started.elapsed().as_secs_f64();
+    let samples = sampler.finish();
     if let Some(error) = job.error() {
         return Err(format!("the mirror failed while completing: {error}"));
     }
@@ -362,6 +368,11 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
     let identical = qemu_img_identical(&args.source, &args.target)?;
     let ready_s = ready_at.duration_since(job_started).as_secs_f64();
     let gib = copied_bytes as f64 / (1u64 << 30) as f64;
+    if let Some(path) = &args.plot {
+        let origin = record.as_ref().map_or(job_started, |r| r.started);
+        let svg = plot_run(&samples, record.as_ref(), origin, job_started, ready_at, complete_s);
+        std::fs::write(path, svg).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     let guest = match (baseline, record) {
         (Some(baseline), Some(record)) => {
             if let Some(e) = &record.error {
@@ -386,6 +397,76 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
         copied_bytes,
         guest,
     })
+}
+
+/// The job's progress every 250 ms from its start to its end, for `--plot`.
+struct Sampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, u64, u64)>>,
+}
+
+impl Sampler {
+    fn start(job: &Job) -> Sampler {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (job, flag) = (job.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let progress = job.progress();
+                samples.push((Instant::now(), progress.done_bytes, progress.total_bytes - progress.done_bytes));
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            samples
+        });
+        Sampler { stop, thread }
+    }
+
+    fn finish(self) -> Vec<(Instant, u64, u64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+fn plot_run(
+    samples: &[(Instant, u64, u64)],
+    record: Option<&GuestRecord>,
+    origin: Instant,
+    job_started: Instant,
+    ready_at: Instant,
+    complete_s: f64,
+) -> String {
+    let at = |t: Instant| t.saturating_duration_since(origin).as_secs_f64();
+    let mib = (1u64 << 20) as f64;
+    let dirty = samples.iter().map(|(t, _, dirty)| (at(*t), *dirty as f64 / mib)).collect();
+    let rate = samples
+        .windows(2)
+        .map(|w| {
+            let seconds = w[1].0.duration_since(w[0].0).as_secs_f64().max(1e-9);
+            (at(w[1].0), (w[1].1 - w[0].1) as f64 / mib / seconds)
+        })
+        .collect();
+    let mut series = vec![
+        plot::Series { title: "dirty", unit: "MiB", points: dirty },
+        plot::Series { title: "copy", unit: "MiB/s", points: rate },
+    ];
+    if let Some(record) = record {
+        let slot_s = guest::SLOT.as_secs_f64();
+        let points: Vec<(f64, f64, f64)> = record
+            .series()
+            .iter()
+            .enumerate()
+            .map(|(i, (iops, p99))| (i as f64 * slot_s, *iops, *p99 / 1000.0))
+            .collect();
+        series.push(plot::Series { title: "guest", unit: "IOPS", points: points.iter().map(|p| (p.0, p.1)).collect() });
+        series.push(plot::Series {
+            title: "guest p99",
+            unit: "ms",
+            points: points.iter().map(|p| (p.0, p.2)).collect(),
+        });
+    }
+    let end_s = at(job_started) + complete_s;
+    let end_s = record.map_or(end_s, |r| end_s.max(r.slots.len() as f64 * guest::SLOT.as_secs_f64()));
+    plot::svg(&series, end_s, &[(at(job_started), "job"), (at(ready_at), "READY")])
 }
 
 /// Wait for `until`, drawing progress (dirty bytes) on a terminal or a plain line every 5 s.
