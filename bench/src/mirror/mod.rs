@@ -331,7 +331,7 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
         None => None,
     };
     let disk = Disk::new(open_file(&runtime, &args.source, false, &note)?);
-    let target = open_file(&runtime, &args.target, true, &note)?;
+    let target = open_target(&runtime, &args.target, &disk, &note)?;
     let guest = plan.guest.map(|spec| guest::Guest::start(&runtime, &disk, spec, 2));
     if guest.is_some() {
         std::thread::sleep(JOB_DELAY);
@@ -558,6 +558,30 @@ fn open_file(
         note(format!("note: {} refuses O_DIRECT; the target goes through the page cache", path.display()));
     }
     Ok(Arc::new(driver))
+}
+
+/// The target, through the page cache where O_DIRECT is refused, or where its O_DIRECT
+/// alignment is stricter than the source's (tmpfs takes O_DIRECT at 4 KiB on recent kernels,
+/// while the guest may write 512 B blocks, which the target must take after the switch-over).
+fn open_target(
+    runtime: &Runtime,
+    path: &Path,
+    source: &Disk,
+    note: &dyn Fn(String),
+) -> Result<Arc<dyn BlockDriver>, String> {
+    let driver = open_file(runtime, path, true, note)?;
+    let (theirs, ours) = (driver.alignment(), source.alignment());
+    if theirs.request_bytes <= ours.request_bytes && theirs.memory_bytes <= ours.memory_bytes {
+        return Ok(driver);
+    }
+    note(format!(
+        "note: {} needs {} B alignment for O_DIRECT, the source {} B: the target goes through the page cache",
+        path.display(),
+        theirs.request_bytes,
+        ours.request_bytes
+    ));
+    let options = FileOptions { buffered: true, ..FileOptions::default() };
+    Ok(Arc::new(FileDriver::open(&runtime.handle(), path, &options).map_err(|e| e.to_string())?))
 }
 
 fn qemu_img_identical(a: &Path, b: &Path) -> Result<bool, String> {

@@ -120,11 +120,6 @@ impl Disk {
         self.shared.node.load().filter.is_some()
     }
 
-    /// Whether two handles are the same disk.
-    pub fn same_disk(&self, other: &Disk) -> bool {
-        Arc::ptr_eq(&self.shared, &other.shared)
-    }
-
     /// Hold new guest writes back and resolve once none is in progress. `None` if a drain is
     /// already under way (one job owns a disk's drains at a time).
     ///
@@ -132,11 +127,6 @@ impl Disk {
     /// would wait for itself.
     pub fn drain(&self) -> Option<super::filter::Drain> {
         self.shared.gate.drain()
-    }
-
-    /// Guest writes in progress (counted by the write gate).
-    pub fn writes_in_progress(&self) -> u64 {
-        self.shared.gate.in_progress_count()
     }
 
     /// Put `filter` on the write path: every write submitted after this returns passes it.

@@ -118,10 +118,6 @@ impl WriteGate {
             Err(_) => None,
         }
     }
-
-    pub(crate) fn in_progress_count(&self) -> u64 {
-        self.in_progress.load(Ordering::SeqCst)
-    }
 }
 
 /// One counted guest write; counted out when dropped (with the request's future).
