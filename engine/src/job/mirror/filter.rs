@@ -2,8 +2,8 @@
 //!
 //! Per copy mode in force when the guest's request arrives:
 //! - background: the request goes to the source; its chunks are marked dirty once it is done.
-//! - write-blocking: registered in the in-flight table, written to the source, then to the
-//!   target; the guest hears back after both.
+//! - write-blocking: registered in the in-flight table, written to source and target at once
+//!   (from a copy of the data); the guest hears back after both.
 //! - write-behind: a slice of the write-behind budget is taken (waiting at the bound), the
 //!   request is registered and written to the source, and the guest hears back; the target
 //!   write follows in its own task, which holds the registration and budget until it is done.
@@ -232,6 +232,35 @@ async fn write_blocking(
     let Ok(guard) = shared.inflight.register(offset, length_bytes, InflightKind::GuestWrite).await else {
         return background(shared, below, (offset, length_bytes, op, priority)).await;
     };
+    // Source and target at once: the guest waits for the slower of the two, not their sum.
+    // The registration orders overlapping requests; a copy of the data lets both run.
+    let Ok(target_op) = op.duplicate() else {
+        return write_blocking_in_turn(shared, below, (offset, length_bytes, op, priority), guard).await;
+    };
+    let ((result, op), (target_result, _)) = both(
+        op.apply(below, offset, length_bytes, priority),
+        target_op.apply(&shared.target, offset, length_bytes, priority),
+    )
+    .await;
+    if result.is_err() {
+        // The target may hold data the source lacks: the copier makes them equal again.
+        shared.mark_dirty(offset, length_bytes);
+    } else if let Err(error) = target_result {
+        shared.mark_dirty(offset, length_bytes);
+        shared.fail(IoOperation::Write, error);
+    }
+    drop(guard);
+    (result, op)
+}
+
+/// Write-blocking without a second buffer (no memory for the copy): source, then target.
+async fn write_blocking_in_turn(
+    shared: &MirrorShared,
+    below: &Arc<dyn BlockDriver>,
+    request: (u64, u64, GuestOp, IoPriority),
+    guard: crate::inflight::InflightGuard,
+) -> (Result<()>, GuestOp) {
+    let (offset, length_bytes, op, priority) = request;
     let (result, op) = op.apply(below, offset, length_bytes, priority).await;
     if result.is_err() {
         shared.mark_dirty(offset, length_bytes);
@@ -244,6 +273,29 @@ async fn write_blocking(
     }
     drop(guard);
     (result, op)
+}
+
+/// Run two futures concurrently in one task; both outputs once both are done.
+async fn both<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
+    let (mut a_out, mut b_out) = (None, None);
+    std::future::poll_fn(move |cx| {
+        if a_out.is_none() {
+            if let Poll::Ready(out) = a.as_mut().poll(cx) {
+                a_out = Some(out);
+            }
+        }
+        if b_out.is_none() {
+            if let Poll::Ready(out) = b.as_mut().poll(cx) {
+                b_out = Some(out);
+            }
+        }
+        match a_out.is_some() && b_out.is_some() {
+            true => Poll::Ready((a_out.take().expect("checked"), b_out.take().expect("checked"))),
+            false => Poll::Pending,
+        }
+    })
+    .await
 }
 
 async fn write_behind(
