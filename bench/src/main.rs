@@ -34,7 +34,7 @@ enum Command {
     /// Mirror a disk to a target under an optional guest load and measure it: time to READY,
     /// copy MiB/s, CPU per GiB, the guest's IOPS and latency before and during the job, and
     /// whether source and target end identical.
-    Mirror(tandem_bench::mirror::MirrorArgs),
+    Mirror(Box<tandem_bench::mirror::MirrorArgs>),
 }
 
 fn main() -> ExitCode {
