@@ -109,7 +109,7 @@ fn open_file(runtime: &RuntimeHandle, spec: &JobSpec, path: &str) -> tandem::Res
 
 /// Write real data over `[start, end)`, as fio does before reading a new file: reads of never
 /// written (or fallocated) extents are answered by the filesystem without touching the device.
-fn lay_out(disk: &Disk, start_bytes: u64, end_bytes: u64) -> tandem::Result<()> {
+pub(crate) fn lay_out(disk: &Disk, start_bytes: u64, end_bytes: u64) -> tandem::Result<()> {
     eprintln!("{}: laying out IO file ({} MiB)", disk.name(), (end_bytes - start_bytes) >> 20);
     let align = disk.alignment().request_bytes;
     let mut offset = start_bytes / align * align;

@@ -315,9 +315,9 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
             eprintln!("{text}")
         }
     };
-    prepare_images(args, &note)?;
     let runtime = Runtime::new(Config { cores: args.cores as usize, pin: false, ..Config::default() })
         .map_err(|e| e.to_string())?;
+    prepare_images(args, &runtime, &note)?;
     let baseline = match plan.guest {
         Some(spec) => {
             note(format!("baseline: the guest alone for {} s", args.guest_runtime));
@@ -505,7 +505,7 @@ fn watch(job: &Job, show: bool, until: impl Fn(JobStatus) -> bool) -> JobStatus 
 }
 
 /// The source full of random data, the target preallocated, both `size` bytes.
-fn prepare_images(args: &MirrorArgs, note: &dyn Fn(String)) -> Result<(), String> {
+fn prepare_images(args: &MirrorArgs, runtime: &Runtime, note: &dyn Fn(String)) -> Result<(), String> {
     for path in [&args.source, &args.target] {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -513,8 +513,11 @@ fn prepare_images(args: &MirrorArgs, note: &dyn Fn(String)) -> Result<(), String
     }
     let source_ok = std::fs::metadata(&args.source).is_ok_and(|m| m.len() == args.size);
     if !source_ok {
-        note(format!("writing {} MiB of random data to {}", args.size >> 20, args.source.display()));
-        write_random(&args.source, args.size)?;
+        // A new file, laid out with random data the way `run` lays out fio's files.
+        let _ = std::fs::remove_file(&args.source);
+        let options = FileOptions { create_size_bytes: Some(args.size), ..FileOptions::default() };
+        let driver = FileDriver::open(&runtime.handle(), &args.source, &options).map_err(|e| e.to_string())?;
+        crate::target::lay_out(&Disk::new(Arc::new(driver)), 0, args.size).map_err(|e| e.to_string())?;
     }
     let target = std::fs::OpenOptions::new()
         .create(true)
@@ -530,20 +533,6 @@ fn prepare_images(args: &MirrorArgs, note: &dyn Fn(String)) -> Result<(), String
         note(format!("note: cannot preallocate {}: {}", args.target.display(), std::io::Error::last_os_error()));
     }
     Ok(())
-}
-
-fn write_random(path: &Path, size_bytes: u64) -> Result<(), String> {
-    use std::io::Write;
-    let mut file = std::fs::File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    let mut chunk = vec![0u8; 8 << 20];
-    let mut written = 0;
-    while written < size_bytes {
-        let length = chunk.len().min((size_bytes - written) as usize);
-        crate::target::fill_random(&mut chunk[..length], written ^ 0x6D69_7272_6F72);
-        file.write_all(&chunk[..length]).map_err(|e| format!("writing {}: {e}", path.display()))?;
-        written += length as u64;
-    }
-    file.sync_all().map_err(|e| format!("syncing {}: {e}", path.display()))
 }
 
 fn open_file(
