@@ -188,18 +188,7 @@ fn json_has_every_key_fio_prints() {
     let missing: Vec<_> = fio_paths.iter().filter(|p| !p.contains("/bins") && !our_paths.contains(*p)).collect();
     assert!(missing.is_empty(), "keys fio prints under read that we do not: {missing:?}");
 
-    // Job keys omitted on purpose (see bench/src/fio/json.rs): queue-depth histograms, which
-    // we do not collect, and latency-target settings (fio's latency_target option), which we
-    // do not support.
-    let omitted = [
-        "iodepth_level",
-        "iodepth_submit",
-        "iodepth_complete",
-        "latency_depth",
-        "latency_target",
-        "latency_percentile",
-        "latency_window",
-    ];
+    let omitted = tandem_bench::fio::json::OMITTED_JOB_KEYS;
     let missing: Vec<_> =
         keys(fio_job).into_iter().filter(|k| !omitted.contains(&k.as_str()) && our_job.get(k).is_none()).collect();
     assert!(missing.is_empty(), "job keys fio prints that we do not: {missing:?}");

@@ -16,6 +16,19 @@ use super::spec::SetOption;
 /// interval); `short_ios`, `drop_ios`, `majf` and `minf` are not measured and are 0;
 /// `iodepth_*` maps are omitted; `trim` and `sync` are all-zero because we issue no
 /// trims or syncs. Latencies come from 3-significant-digit histograms.
+/// Job keys fio prints that this report leaves out on purpose: queue-depth histograms, which
+/// the runner does not collect, and latency-target settings (fio's `latency_target`), which it
+/// does not support.
+pub const OMITTED_JOB_KEYS: [&str; 7] = [
+    "iodepth_level",
+    "iodepth_submit",
+    "iodepth_complete",
+    "latency_depth",
+    "latency_target",
+    "latency_percentile",
+    "latency_window",
+];
+
 pub fn render_json(report: &RunReport) -> Value {
     let mut root = Map::new();
     root.insert("fio version".into(), json!(format!("tandem-bench {}", env!("CARGO_PKG_VERSION"))));
@@ -213,18 +226,8 @@ mod tests {
         for table in ["latency_ns", "latency_us", "latency_ms", "sync"] {
             assert_eq!(keys(&our_job[table]), keys(&fio_job[table]), "{table}");
         }
-        // Job keys we deliberately omit: queue-depth histograms and latency-target settings.
-        let omitted = [
-            "iodepth_level",
-            "iodepth_submit",
-            "iodepth_complete",
-            "latency_depth",
-            "latency_target",
-            "latency_percentile",
-            "latency_window",
-        ];
         let expected: BTreeSet<String> =
-            keys(fio_job).into_iter().filter(|key| !omitted.contains(&key.as_str())).collect();
+            keys(fio_job).into_iter().filter(|key| !OMITTED_JOB_KEYS.contains(&key.as_str())).collect();
         assert_eq!(keys(our_job), expected);
         assert!(keys(&fio).is_subset(&keys(&ours)));
     }
