@@ -519,18 +519,29 @@ fn prepare_images(args: &MirrorArgs, runtime: &Runtime, note: &dyn Fn(String)) -
         let driver = FileDriver::open(&runtime.handle(), &args.source, &options).map_err(|e| e.to_string())?;
         crate::target::lay_out(&Disk::new(Arc::new(driver)), 0, args.size).map_err(|e| e.to_string())?;
     }
+    fresh_target(&args.target, args.size, note)
+}
+
+/// Make the target a new preallocated file, as a real mirror target is: its extents start
+/// unwritten, which costs the first write to each (ext4 converts it). Each system's run gets
+/// its own fresh target, so neither inherits the other's written extents.
+pub(crate) fn fresh_target(path: &Path, size_bytes: u64, note: &dyn Fn(String)) -> Result<(), String> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove the old {}: {e}", path.display())),
+    }
     let target = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
+        .create_new(true)
         .write(true)
-        .open(&args.target)
-        .map_err(|e| format!("cannot create {}: {e}", args.target.display()))?;
-    target.set_len(args.size).map_err(|e| format!("cannot size {}: {e}", args.target.display()))?;
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    target.set_len(size_bytes).map_err(|e| format!("cannot size {}: {e}", path.display()))?;
     use std::os::fd::AsRawFd;
     // SAFETY: fallocate on an fd we own.
-    let rc = unsafe { libc::fallocate(target.as_raw_fd(), 0, 0, args.size as i64) };
+    let rc = unsafe { libc::fallocate(target.as_raw_fd(), 0, 0, size_bytes as i64) };
     if rc != 0 {
-        note(format!("note: cannot preallocate {}: {}", args.target.display(), std::io::Error::last_os_error()));
+        note(format!("note: cannot preallocate {}: {}", path.display(), std::io::Error::last_os_error()));
     }
     Ok(())
 }

@@ -254,6 +254,7 @@ pub fn run_qemu(args: &MirrorArgs, guest: Option<GuestSpec>, note: &dyn Fn(Strin
         }
         None => None,
     };
+    super::fresh_target(&args.target, args.size, note)?;
     let mut daemon = Daemon::start(&args.source, &args.target)?;
     let fio = match &guest {
         Some(spec) => {

@@ -85,7 +85,12 @@ struct Runner {
 
 pub(super) async fn run(shared: Arc<MirrorShared>, config: MirrorConfig, lease: Option<BitmapLease>) {
     let source = shared.source.driver();
-    let buf_align = (source.alignment().memory_bytes.max(shared.target.alignment().memory_bytes)) as usize;
+    // At least a page, though O_DIRECT may accept less: ext4 treats a write whose buffer is
+    // not block-aligned as unaligned I/O, which into unwritten (preallocated) extents needs the
+    // inode lock exclusively, so io_uring's non-blocking attempt fails and every such write is
+    // punted to an io-wq thread (measured: each write of a 2 GiB mirror, about 1/3 of its CPU).
+    let device_align = source.alignment().memory_bytes.max(shared.target.alignment().memory_bytes);
+    let buf_align = (device_align as usize).max(crate::buf::DEFAULT_ALIGN_BYTES);
     let pace = Pace::new(config.copy_priority, config.buf_size_bytes, config.copy_bytes_max, config.granularity_bytes);
     let mut runner = Runner {
         pace,
