@@ -8,6 +8,7 @@
 mod common;
 
 use common::{runtime, scratch_dir};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -622,4 +623,51 @@ fn sync_bitmap_copies_only_what_the_named_bitmap_marks() {
     let Setup { disk, runtime, source_path, target_path, .. } = s;
     drop((disk, runtime));
     assert!(qemu_img_identical(&source_path, &target_path));
+}
+
+/// A guest that gives up on its write (drops the future after it was submitted) still has it
+/// reach the source, since the kernel runs it to its end; the mirror must copy it all the
+/// same. In background mode the dirty mark comes after the source write, so it must not be
+/// cut off with the future.
+#[test]
+fn a_guest_write_dropped_in_flight_still_reaches_the_target() {
+    let s = setup();
+    std::fs::copy(&s.source_path, &s.target_path).unwrap();
+    let config = MirrorConfig { sync: SyncMode::None, ..MirrorConfig::default() };
+    let job = start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), config).unwrap();
+    wait_status(&job, JobStatus::Ready);
+    let data = random_bytes(64 << 10, 77);
+    let offset = 5 << 20;
+    let (disk, written) = (s.disk.clone(), data.clone());
+    s.runtime
+        .spawn_on(0, move || async move {
+            let buf = AlignedBuf::from_slice(&written, 4096).unwrap();
+            let mut write = disk.write(offset, buf, WriteFlags::default(), IoPriority::GUEST);
+            // Poll once, let the core hand the request to the kernel, then abandon it.
+            let polled =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut write).poll(cx).is_ready()))
+                    .await;
+            tandem::reactor::sleep(Duration::from_millis(1)).await;
+            drop(write);
+            polled
+        })
+        .join()
+        .unwrap();
+    // The source gets the data once the kernel is done with the abandoned request.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (result, back) =
+            s.disk.read_blocking(offset, AlignedBuf::zeroed(data.len(), 4096).unwrap(), IoPriority::GUEST);
+        result.unwrap();
+        if back.as_slice() == data.as_slice() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the abandoned write never reached the source");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    job.complete().unwrap();
+    assert_eq!(job.wait_for(|s| s == JobStatus::Null, WAIT), JobStatus::Null);
+    let Setup { disk, runtime, source_path, target_path, .. } = s;
+    drop((disk, runtime));
+    assert!(qemu_img_identical(&source_path, &target_path), "the abandoned write is missing on the target");
 }

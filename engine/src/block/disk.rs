@@ -279,11 +279,10 @@ impl Disk {
         // a done one.
         self.shared.bitmaps.mark(offset, buf.len() as u64);
         let node = self.shared.node.load();
-        let future = match &node.filter {
-            Some(filter) => filter.write(&node.driver, offset, buf, flags, priority),
-            None => node.driver.write(offset, buf, flags, priority),
-        };
-        future.holding(ticket)
+        match &node.filter {
+            Some(filter) => filter.write(&node.driver, offset, buf, flags, priority).finishing(ticket),
+            None => node.driver.write(offset, buf, flags, priority).holding(ticket),
+        }
     }
 
     pub fn flush(&self, priority: IoPriority) -> IoFuture<Result<()>> {
@@ -313,11 +312,12 @@ impl Disk {
         };
         self.shared.bitmaps.mark(offset, length_bytes);
         let node = self.shared.node.load();
-        let future = match &node.filter {
-            Some(filter) => filter.write_zeroes(&node.driver, offset, length_bytes, may_unmap, priority),
-            None => node.driver.write_zeroes(offset, length_bytes, may_unmap, priority),
-        };
-        future.holding(ticket)
+        match &node.filter {
+            Some(filter) => {
+                filter.write_zeroes(&node.driver, offset, length_bytes, may_unmap, priority).finishing(ticket)
+            }
+            None => node.driver.write_zeroes(offset, length_bytes, may_unmap, priority).holding(ticket),
+        }
     }
 
     pub fn discard(&self, offset: u64, length_bytes: u64, priority: IoPriority) -> IoFuture<Result<()>> {
@@ -337,11 +337,10 @@ impl Disk {
         };
         self.shared.bitmaps.mark(offset, length_bytes);
         let node = self.shared.node.load();
-        let future = match &node.filter {
-            Some(filter) => filter.discard(&node.driver, offset, length_bytes, priority),
-            None => node.driver.discard(offset, length_bytes, priority),
-        };
-        future.holding(ticket)
+        match &node.filter {
+            Some(filter) => filter.discard(&node.driver, offset, length_bytes, priority).finishing(ticket),
+            None => node.driver.discard(offset, length_bytes, priority).holding(ticket),
+        }
     }
 
     /// The status of the bytes from `offset`, one extent of at most `length_bytes`.

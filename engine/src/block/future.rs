@@ -46,11 +46,63 @@ impl<T> IoFuture<T> {
         IoFuture(Inner::Boxed(Box::pin(future)), None)
     }
 
-    /// Keep a guest write counted in its disk's write gate until this future is done or
-    /// dropped.
+    /// Keep a guest write counted in its disk's write gate until it is done. If this
+    /// future is dropped first, the ticket stays with the reactor operation until the
+    /// kernel completes it, so a drain never overlooks a write still in flight.
     pub(crate) fn holding(mut self, ticket: WriteTicket) -> IoFuture<T> {
         self.1 = Some(ticket);
         self
+    }
+}
+
+impl<T: Send + 'static> IoFuture<T> {
+    /// Like [`IoFuture::holding`], for a filter's composite write: if the caller drops this
+    /// future unfinished, the rest runs to its end in a task on the calling core, with the
+    /// ticket, so the filter's bookkeeping (a dirty mark after the source write, a target
+    /// write) is never cut off halfway. Off a reactor core it is dropped as is.
+    pub(crate) fn finishing(self, ticket: WriteTicket) -> IoFuture<T> {
+        IoFuture::boxed(Finishing { rest: Some((self, ticket)) })
+    }
+}
+
+/// See [`IoFuture::finishing`].
+struct Finishing<T: Send + 'static> {
+    rest: Option<(IoFuture<T>, WriteTicket)>,
+}
+
+impl<T: Send + 'static> Future for Finishing<T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let this = self.get_mut();
+        let (future, _) = this.rest.as_mut().expect("Finishing polled after completion");
+        let poll = Pin::new(future).poll(cx);
+        if poll.is_ready() {
+            this.rest = None; // done: the ticket counts out now
+        }
+        poll
+    }
+}
+
+impl<T: Send + 'static> Drop for Finishing<T> {
+    fn drop(&mut self) {
+        let Some((future, ticket)) = self.rest.take() else { return };
+        let finish = async move {
+            future.await;
+            drop(ticket);
+        };
+        if let Some(task) = crate::reactor::spawn_local(finish) {
+            task.detach();
+        }
+    }
+}
+
+impl<T> Drop for IoFuture<T> {
+    fn drop(&mut self) {
+        let Some(ticket) = self.1.take() else { return };
+        if let Inner::Op { future, .. } = &self.0 {
+            future.hold_until_complete(Box::new(ticket));
+        }
     }
 }
 

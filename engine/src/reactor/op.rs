@@ -74,6 +74,9 @@ struct OpState {
     batch: u64,
     /// When the kernel (or a pool thread) took the operation.
     submitted_at: Option<Instant>,
+    /// Dropped when the operation completes: what its abandoned future had to keep alive
+    /// until the kernel is done (see [`OpFuture::hold_until_complete`]).
+    held_until_complete: Option<Box<dyn Send>>,
 }
 
 thread_local! {
@@ -103,6 +106,7 @@ impl OpShared {
             waker: None,
             batch: 0,
             submitted_at: None,
+            held_until_complete: None,
         };
         match RECYCLED.with(|r| r.borrow_mut().pop()) {
             Some(shared) => {
@@ -131,13 +135,14 @@ impl OpShared {
     /// Record the result and wake the waiter. Called once, by the backend that ran it;
     /// `submitted_at` maps the operation's batch to its submission time.
     pub(crate) fn complete(&self, result: i32, submitted_at: impl FnOnce(u64) -> Option<Instant>) {
-        let waker = {
+        let (waker, held) = {
             let mut state = self.state.lock();
             assert!(state.result.is_none(), "an operation completes once");
             state.result = Some(result);
             state.submitted_at = submitted_at(state.batch);
-            state.waker.take()
+            (state.waker.take(), state.held_until_complete.take())
         };
+        drop(held); // outside the lock: its drop may wake others
         if let Some(waker) = waker {
             waker.wake();
         }
@@ -150,6 +155,19 @@ pub struct OpFuture {
 }
 
 impl OpFuture {
+    /// Keep `value` alive until the operation completes, even if this future is dropped
+    /// first (the kernel still runs an abandoned operation to its end). Dropped at once if
+    /// the operation is already done.
+    pub(crate) fn hold_until_complete(&self, value: Box<dyn Send>) {
+        let mut state = self.shared.state.lock();
+        if state.result.is_some() || Arc::strong_count(&self.shared) == 1 {
+            drop(state);
+            drop(value); // done, or never submitted: nothing left to wait for
+            return;
+        }
+        state.held_until_complete = Some(value);
+    }
+
     /// Whether nobody but this future still holds the operation (it was never submitted,
     /// or its completion has been reaped).
     pub(crate) fn is_abandoned_by_backend(shared: &Arc<OpShared>) -> bool {
