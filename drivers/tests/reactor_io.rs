@@ -191,3 +191,26 @@ fn deny_io_uring_setup() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// A file in RAM (tmpfs) is served inline, and still round-trips data and reports short
+/// transfers; a file on the real filesystem is not taken for one.
+#[test]
+fn tmpfs_files_are_served_inline_and_round_trip() {
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(shm.is_dir(), "this test needs /dev/shm (tmpfs), present on every Linux machine we run on");
+    let ram_dir = tempfile::Builder::new().prefix("tandem-test-").tempdir_in(shm).unwrap();
+    let runtime = runtime(BackendChoice::Auto, 1);
+    let options = FileOptions { allow_buffered: true, create_size_bytes: Some(1 << 20), ..FileOptions::default() };
+    let driver = FileDriver::open(&runtime.handle(), ram_dir.path().join("ram.img"), &options).unwrap();
+    assert!(driver.is_in_memory());
+    let disk = Disk::new(Arc::new(driver));
+    let data = pattern(8192, 9);
+    let (result, _) = disk.write_blocking(4096, data, WriteFlags { fua: true }, IoPriority::GUEST);
+    result.unwrap();
+    let (result, back) = disk.read_blocking(4096, AlignedBuf::zeroed(8192, 4096).unwrap(), IoPriority::GUEST);
+    result.unwrap();
+    assert_eq!(back.as_slice(), pattern(8192, 9).as_slice());
+    let on_disk_dir = scratch_dir();
+    let on_disk = FileDriver::open(&runtime.handle(), on_disk_dir.path().join("d.img"), &options).unwrap();
+    assert!(!on_disk.is_in_memory(), "{} is not in RAM", on_disk_dir.path().display());
+}
