@@ -671,3 +671,45 @@ fn a_guest_write_dropped_in_flight_still_reaches_the_target() {
     drop((disk, runtime));
     assert!(qemu_img_identical(&source_path, &target_path), "the abandoned write is missing on the target");
 }
+
+/// Waits for a copy-mode event whose mode in force is `in_force`; returns the events seen.
+fn wait_mode_event(job: &Job, in_force: &str) -> Vec<JobEvent> {
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match job.events().recv_timeout(left) {
+            Ok(event) => {
+                let found = matches!(&event, JobEvent::CopyModeChange { in_force: mode, .. } if *mode == in_force);
+                seen.push(event);
+                if found {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("no switch to {in_force}; events: {:?}", names(&seen)),
+        }
+    }
+}
+
+/// Auto: a copier held to a trickle by its speed limit loses to a busy guest, so the job
+/// switches to write-behind; once the guest stops it switches back to background; and the
+/// target ends identical.
+#[test]
+fn auto_switches_to_write_behind_when_the_guest_outruns_the_copier_and_back_when_it_stops() {
+    let s = setup();
+    let guest = Guest::start(&s.runtime, &s.disk, &s.model, 900);
+    let config = MirrorConfig { copy_mode: CopyMode::Auto, speed_bytes_per_s: 2 << 20, ..MirrorConfig::default() };
+    let job = start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), config).unwrap();
+    wait_mode_event(&job, "write-behind");
+    guest.wait_writes(50);
+    let written = guest.stop();
+    assert_eq!(written.len() as u64, DISK_BYTES);
+    wait_mode_event(&job, "background");
+    job.set_speed(0).unwrap();
+    wait_status(&job, JobStatus::Ready);
+    job.complete().unwrap();
+    assert_eq!(job.wait_for(|s| s == JobStatus::Null, WAIT), JobStatus::Null);
+    let Setup { disk, runtime, source_path, target_path, .. } = s;
+    drop((disk, runtime));
+    assert!(qemu_img_identical(&source_path, &target_path));
+}

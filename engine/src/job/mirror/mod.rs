@@ -84,9 +84,9 @@ pub enum CopyMode {
     /// so the job converges under any write rate). A failed target write marks its chunks
     /// dirty again.
     WriteBehind,
-    /// Background while the copier keeps up; write-behind when the dirty bytes stop shrinking
-    /// for `AUTO_WINDOW_COUNT` windows of `AUTO_WINDOW`; background again after a window
-    /// with no guest write.
+    /// Background while the copier keeps up; write-behind when, for `AUTO_WINDOW_COUNT`
+    /// windows of `AUTO_WINDOW` in a row, the guest dirtied again at least half of what the
+    /// copier copied; background again after a window with no guest write.
     Auto,
 }
 

@@ -5,7 +5,8 @@
 //! The filter times every guest request that passes it (reads and writes) into a
 //! [`LatencyMonitor`]. Every `WINDOW` the job's task hands the window's mean to [`Pace`]:
 //! - no guest request in the window: the guest is idle, double the budget;
-//! - mean above `factor` x the reference: halve it (down to one copy of `floor_bytes`);
+//! - mean above `factor` x the reference: halve it (down to one copy of `floor_bytes`, two
+//!   in the active modes: see [`Pace::set_copy_floor`]);
 //! - otherwise: grow by one floor.
 //!
 //! The reference is the lowest window mean seen, let rise by 1/64 per window so a device
@@ -52,6 +53,8 @@ pub(crate) struct Pace {
     ceiling_bytes: u64,
     chunk_max_bytes: u64,
     reference: Option<Duration>,
+    /// Copies of `floor_bytes` the budget never drops below (see [`Pace::set_copy_floor`]).
+    floor_copy_count: u64,
 }
 
 impl Pace {
@@ -63,19 +66,40 @@ impl Pace {
             CopyPriority::Job => ceiling_bytes,
             CopyPriority::Guest | CopyPriority::Balanced => (2 * floor_bytes).min(ceiling_bytes),
         };
-        Pace { priority, budget_bytes, floor_bytes, ceiling_bytes, chunk_max_bytes, reference: None }
+        Pace {
+            priority,
+            budget_bytes,
+            floor_bytes,
+            ceiling_bytes,
+            chunk_max_bytes,
+            reference: None,
+            floor_copy_count: 1,
+        }
     }
 
     /// Bytes the copier may have in flight now.
     pub(crate) fn budget_bytes(&self) -> u64 {
-        self.budget_bytes
+        self.budget_bytes.max(self.least_bytes())
+    }
+
+    /// Keep at least `count` floor-sized copies in flight whatever the guest's latency. In the
+    /// active modes the guest's writes already reach the target, so what is left to copy only
+    /// shrinks, and the job converges faster the more the copier keeps moving; one copy at a
+    /// time under a guest that keeps the device busy left READY to the guest's end.
+    pub(crate) fn set_copy_floor(&mut self, count: u64) {
+        assert!(count >= 1, "the copier always makes progress");
+        self.floor_copy_count = count;
+    }
+
+    fn least_bytes(&self) -> u64 {
+        (self.floor_copy_count * self.floor_bytes).min(self.ceiling_bytes)
     }
 
     /// The size of the next copy.
     pub(crate) fn chunk_bytes(&self) -> u64 {
         match self.priority {
             CopyPriority::Job => self.chunk_max_bytes,
-            _ => (self.budget_bytes / 2).clamp(self.floor_bytes, self.chunk_max_bytes),
+            _ => (self.budget_bytes() / 2).clamp(self.floor_bytes, self.chunk_max_bytes),
         }
     }
 
@@ -154,6 +178,24 @@ mod tests {
             pace.adjust(&monitor);
         }
         assert_eq!(pace.budget_bytes(), start + 4 * (256 << 10));
+    }
+
+    #[test]
+    fn the_copy_floor_holds_whatever_the_latency() {
+        let monitor = LatencyMonitor::default();
+        let mut pace = Pace::new(CopyPriority::Guest, 16 << 20, 1 << 20, 64 << 10);
+        window(&monitor, 100, 100);
+        pace.adjust(&monitor);
+        for _ in 0..10 {
+            window(&monitor, 100, 10_000);
+            pace.adjust(&monitor);
+        }
+        assert_eq!(pace.budget_bytes(), 256 << 10, "one floor-sized copy");
+        pace.set_copy_floor(2);
+        assert_eq!(pace.budget_bytes(), 512 << 10, "two, in an active mode");
+        assert_eq!(pace.chunk_bytes(), 256 << 10);
+        pace.set_copy_floor(1);
+        assert_eq!(pace.budget_bytes(), 256 << 10);
     }
 
     #[test]

@@ -28,9 +28,14 @@ use std::time::{Duration, Instant};
 const IDLE_WAIT: Duration = Duration::from_millis(5);
 /// Auto mode's rule: one window...
 pub const AUTO_WINDOW: Duration = Duration::from_millis(500);
-/// ...and this many windows in a row, with guest writes, in which the dirty bytes did not
-/// reach a new low, switch to write-behind. One window without a guest write switches back.
-pub const AUTO_WINDOW_COUNT: u32 = 3;
+/// ...and this many windows in a row, with guest writes, in which the guest dirtied again at
+/// least half of what the copier copied (the dirty bytes fell by less than half the bytes
+/// copied), switch to write-behind. One window without a guest write switches back.
+pub const AUTO_WINDOW_COUNT: u32 = 2;
+
+/// Floor-sized copies kept in flight in the active modes, whatever the guest's latency (see
+/// `Pace::set_copy_floor`).
+const ACTIVE_COPY_FLOOR_COUNT: u64 = 2;
 
 /// How the main loop ended.
 enum Outcome {
@@ -54,7 +59,8 @@ struct CopyDone {
 struct AutoState {
     window_start: Instant,
     guest_count_at_start: u64,
-    dirty_low_bytes: u64,
+    dirty_at_start_bytes: u64,
+    done_at_start_bytes: u64,
     stalled_window_count: u32,
 }
 
@@ -99,7 +105,8 @@ pub(super) async fn run(shared: Arc<MirrorShared>, config: MirrorConfig, lease: 
         auto: AutoState {
             window_start: Instant::now(),
             guest_count_at_start: 0,
-            dirty_low_bytes: u64::MAX,
+            dirty_at_start_bytes: 0,
+            done_at_start_bytes: 0,
             stalled_window_count: 0,
         },
         reported_mode: (shared.mode.requested(), shared.mode.in_force()),
@@ -135,6 +142,9 @@ impl Runner {
         let named = self.lease.as_ref().map(|lease| lease.bitmap().as_ref());
         fill_bitmap(self.config.sync, &self.source, &self.shared.dirty, named).await.map_err(|e| e.to_string())?;
         self.update_progress();
+        // Auto's first window starts with the filled bitmap.
+        self.auto.window_start = Instant::now();
+        self.auto.dirty_at_start_bytes = self.shared.dirty.dirty_bytes();
         Ok(())
     }
 
@@ -167,6 +177,8 @@ impl Runner {
 
     /// One round of work: copy-mode bookkeeping, new copies, progress, READY.
     async fn step(&mut self) {
+        let active = self.shared.mode.in_force().is_active();
+        self.pace.set_copy_floor(if active { ACTIVE_COPY_FLOOR_COUNT } else { 1 });
         if self.pace_window_start.elapsed() >= PACE_WINDOW {
             self.pace.adjust(&self.shared.guest_latency);
             self.pace_window_start = Instant::now();
@@ -183,7 +195,6 @@ impl Runner {
             let core = &self.shared.core;
             core.emit(JobEvent::Ready { id: core.id.clone(), kind: core.kind, figures: core.figures() });
         }
-        let active = self.shared.mode.in_force().is_active();
         let quiet = self.shared.background_in_progress.load(Ordering::Acquire) == 0;
         self.shared.core.set_actively_synced(self.ready && synced && active && quiet);
     }
@@ -352,8 +363,8 @@ impl Runner {
         self.shared.core.set_remaining_bytes(remaining);
     }
 
-    /// Auto mode: write-behind when the copier stops gaining on the guest, background when
-    /// the guest goes quiet (the rule in `CopyMode::Auto`).
+    /// Auto mode: write-behind when the guest undoes the copier's work, background when the
+    /// guest goes quiet (the rule in `CopyMode::Auto`).
     fn auto_tick(&mut self) {
         let mode = &self.shared.mode;
         let at = Instant::now();
@@ -363,13 +374,17 @@ impl Runner {
         let guest_count = self.shared.guest_request_count.load(Ordering::Relaxed);
         let guest_wrote = guest_count != self.auto.guest_count_at_start;
         let dirty_bytes = self.shared.dirty.dirty_bytes();
+        let done_bytes = self.shared.core.progress().done_bytes;
         match mode.in_force() {
             CopyMode::Background if dirty_bytes > 0 && guest_wrote => {
-                if dirty_bytes < self.auto.dirty_low_bytes {
-                    self.auto.dirty_low_bytes = dirty_bytes;
-                    self.auto.stalled_window_count = 0;
-                } else {
-                    self.auto.stalled_window_count += 1;
+                let copied_bytes = done_bytes.saturating_sub(self.auto.done_at_start_bytes);
+                let gained_bytes = self.auto.dirty_at_start_bytes.saturating_sub(dirty_bytes);
+                // A window in which the copier copied nothing (paused, or its copies still
+                // under way) says nothing about who is winning.
+                match copied_bytes {
+                    0 => {}
+                    _ if gained_bytes.saturating_mul(2) < copied_bytes => self.auto.stalled_window_count += 1,
+                    _ => self.auto.stalled_window_count = 0,
                 }
                 if self.auto.stalled_window_count >= AUTO_WINDOW_COUNT {
                     mode.auto_switch(CopyMode::WriteBehind);
@@ -377,13 +392,14 @@ impl Runner {
             }
             CopyMode::WriteBehind if !guest_wrote => {
                 mode.auto_switch(CopyMode::Background);
-                self.auto.dirty_low_bytes = u64::MAX;
                 self.auto.stalled_window_count = 0;
             }
             _ => {}
         }
         self.auto.window_start = at;
         self.auto.guest_count_at_start = guest_count;
+        self.auto.dirty_at_start_bytes = dirty_bytes;
+        self.auto.done_at_start_bytes = done_bytes;
     }
 
     /// An event whenever the requested or in-force copy mode changed.
