@@ -10,8 +10,14 @@
 //! - otherwise: grow by one floor.
 //!
 //! The reference is the lowest window mean seen, let rise by 1/64 per window so a device
-//! that got slower for good is not chased forever. The budget also sets the copy size: half
-//! the budget, so two copies overlap, clamped between `floor_bytes` and the chunk maximum.
+//! that got slower for good is not chased forever. Under `guest`, while the guest is active,
+//! every copy is `floor_bytes` and the budget sets only how many run at once: a copy's size is what a guest request
+//! stuck behind it waits for, and 1 MiB copies left a 2000 IOPS guest a p99 of 5-8x even at
+//! 50 MiB/s; 256 KiB copies copied faster (294-305 against 267 MiB/s) at the same tail.
+//! After a window without guest requests copies are large again (half the budget), as many
+//! small copies cost CPU (0.22 against 0.15 CPU s per GiB unloaded) and nobody waits on them.
+//! Under `balanced` a copy is half the budget, so two overlap, clamped between `floor_bytes`
+//! and the chunk maximum.
 
 use super::CopyPriority;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +61,8 @@ pub(crate) struct Pace {
     reference: Option<Duration>,
     /// Copies of `floor_bytes` the budget never drops below (see [`Pace::set_copy_floor`]).
     floor_copy_count: u64,
+    /// The last window had no guest request.
+    guest_idle: bool,
 }
 
 impl Pace {
@@ -74,6 +82,7 @@ impl Pace {
             chunk_max_bytes,
             reference: None,
             floor_copy_count: 1,
+            guest_idle: false,
         }
     }
 
@@ -99,7 +108,9 @@ impl Pace {
     pub(crate) fn chunk_bytes(&self) -> u64 {
         match self.priority {
             CopyPriority::Job => self.chunk_max_bytes,
-            _ => (self.budget_bytes() / 2).clamp(self.floor_bytes, self.chunk_max_bytes),
+            CopyPriority::Balanced => (self.budget_bytes() / 2).clamp(self.floor_bytes, self.chunk_max_bytes),
+            CopyPriority::Guest if !self.guest_idle => self.floor_bytes,
+            CopyPriority::Guest => (self.budget_bytes() / 2).clamp(self.floor_bytes, self.chunk_max_bytes),
         }
     }
 
@@ -111,6 +122,7 @@ impl Pace {
             CopyPriority::Guest => 1.5,
             CopyPriority::Balanced => 3.0,
         };
+        self.guest_idle = count == 0;
         if count == 0 {
             self.budget_bytes = (self.budget_bytes * 2).min(self.ceiling_bytes);
             return;
@@ -147,7 +159,15 @@ mod tests {
             pace.adjust(&monitor);
         }
         assert_eq!(pace.budget_bytes(), 16 << 20);
-        assert_eq!(pace.chunk_bytes(), 1 << 20);
+        assert_eq!(pace.chunk_bytes(), 1 << 20, "nobody waits on large copies");
+        window(&monitor, 10, 100);
+        pace.adjust(&monitor);
+        assert_eq!(pace.chunk_bytes(), 256 << 10, "with a guest: many small copies, never a large one");
+        let mut balanced = Pace::new(CopyPriority::Balanced, 16 << 20, 1 << 20, 64 << 10);
+        for _ in 0..10 {
+            balanced.adjust(&monitor);
+        }
+        assert_eq!(balanced.chunk_bytes(), 1 << 20);
     }
 
     #[test]
