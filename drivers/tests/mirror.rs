@@ -713,3 +713,34 @@ fn auto_switches_to_write_behind_when_the_guest_outruns_the_copier_and_back_when
     drop((disk, runtime));
     assert!(qemu_img_identical(&source_path, &target_path));
 }
+
+/// Write-behind: the guest hears back once its write is on the source; when the target write
+/// that follows fails, its chunk is dirty again, the stop policy pauses the job, and after
+/// resume the copier brings the target level.
+#[test]
+fn write_behind_target_failure_marks_the_chunk_dirty_again() {
+    let s = setup();
+    let target = faulty_target(&s);
+    let config = MirrorConfig {
+        copy_mode: CopyMode::WriteBehind,
+        on_target_error: ErrorPolicy::Stop,
+        ..MirrorConfig::default()
+    };
+    let job = start(&s.runtime.handle(), &s.disk, target.clone(), config).unwrap();
+    wait_status(&job, JobStatus::Ready);
+    eio_on_writes_at(&target, 8 << 20);
+    let buf = AlignedBuf::from_slice(&random_bytes(16 << 10, 51), 4096).unwrap();
+    let (result, _) = s.disk.write_blocking((8 << 20) + 4096, buf, WriteFlags::default(), IoPriority::GUEST);
+    result.expect("the guest's write is safe on the source, whatever the target does");
+    wait_status(&job, JobStatus::Standby);
+    assert!(events(&job).iter().any(|e| e.name() == "BLOCK_JOB_ERROR"));
+    target.clear_rules();
+    job.resume().unwrap();
+    wait_status(&job, JobStatus::Ready);
+    job.complete().unwrap();
+    assert_eq!(job.wait_for(|s| s == JobStatus::Null, WAIT), JobStatus::Null);
+    assert_eq!(job.error(), None);
+    let Setup { disk, runtime, source_path, target_path, .. } = s;
+    drop((disk, target, runtime));
+    assert!(qemu_img_identical(&source_path, &target_path), "the failed target write was never redone");
+}
