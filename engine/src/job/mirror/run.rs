@@ -271,7 +271,7 @@ impl Runner {
     fn spawn_copy(&mut self, offset: u64, length_bytes: u64) {
         let buf = match self.free_bufs.pop() {
             Some(buf) => buf,
-            None => match AlignedBuf::zeroed(self.config.copy_bytes_max as usize, self.buf_align) {
+            None => match self.new_buf() {
                 Ok(buf) => buf,
                 Err(error) => {
                     self.shared.mark_dirty(offset, length_bytes);
@@ -306,6 +306,20 @@ impl Runner {
         task.detach();
         self.copies_in_flight += 1;
         self.buf_in_flight_bytes += length_bytes;
+    }
+
+    /// A copy buffer: from the core's registered arena while it has room (the kernel then
+    /// does not pin the pages on every request), else from the heap.
+    fn new_buf(&self) -> crate::error::Result<AlignedBuf> {
+        let len = self.config.copy_bytes_max as usize;
+        let registered = crate::reactor::current_buf_pool()
+            .filter(|_| self.buf_align <= crate::buf::DEFAULT_ALIGN_BYTES)
+            .and_then(|pool| pool.get(len).ok())
+            .filter(|buf| buf.fixed_key().is_some());
+        match registered {
+            Some(buf) => Ok(buf),
+            None => AlignedBuf::zeroed(len, self.buf_align),
+        }
     }
 
     /// Account finished copies and guest-path failures; apply the error policies.
