@@ -49,6 +49,13 @@ pub struct FileDriver {
     runtime: RuntimeHandle,
 }
 
+/// Which way an inline transfer goes.
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 const RAMFS_MAGIC: i64 = 0x8584_58f6;
 
@@ -96,14 +103,18 @@ impl FileDriver {
     }
 
     /// A read or write done at once with pread/pwrite (memory-backed files only).
-    fn transfer_inline(&self, op: &'static str, offset: u64, mut buf: AlignedBuf, fua: bool) -> BufResult<()> {
+    fn transfer_inline(&self, direction: Direction, offset: u64, mut buf: AlignedBuf, fua: bool) -> BufResult<()> {
         let (fd, length_bytes) = (self.fd.as_raw_fd(), buf.len());
+        let op = match direction {
+            Direction::Read => "read",
+            Direction::Write => "write",
+        };
         let done = loop {
             // SAFETY: the buffer is valid for its length and owned here for the call.
             let rc = unsafe {
-                match op {
-                    "read" => libc::pread(fd, buf.as_mut_ptr().cast(), length_bytes, offset as i64),
-                    _ => libc::pwrite(fd, buf.as_ptr().cast(), length_bytes, offset as i64),
+                match direction {
+                    Direction::Read => libc::pread(fd, buf.as_mut_ptr().cast(), length_bytes, offset as i64),
+                    Direction::Write => libc::pwrite(fd, buf.as_ptr().cast(), length_bytes, offset as i64),
                 }
             };
             match rc {
@@ -267,7 +278,7 @@ impl BlockDriver for FileDriver {
 
     fn read(&self, offset: u64, buf: AlignedBuf, priority: IoPriority) -> IoFuture<BufResult<()>> {
         if self.in_memory {
-            return IoFuture::ready(self.transfer_inline("read", offset, buf, false));
+            return IoFuture::ready(self.transfer_inline(Direction::Read, offset, buf, false));
         }
         let future = self.submit(OpKind::Read { fd: self.fd.as_raw_fd(), offset }, Some(buf), priority);
         IoFuture::op(future, OpContext { op: "read", offset }, map_transfer)
@@ -275,7 +286,7 @@ impl BlockDriver for FileDriver {
 
     fn write(&self, offset: u64, buf: AlignedBuf, flags: WriteFlags, priority: IoPriority) -> IoFuture<BufResult<()>> {
         if self.in_memory {
-            return IoFuture::ready(self.transfer_inline("write", offset, buf, flags.fua));
+            return IoFuture::ready(self.transfer_inline(Direction::Write, offset, buf, flags.fua));
         }
         let kind = OpKind::Write { fd: self.fd.as_raw_fd(), offset, fua: flags.fua };
         let future = self.submit(kind, Some(buf), priority);

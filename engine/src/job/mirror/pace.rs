@@ -11,9 +11,10 @@
 //!
 //! The reference is the lowest window mean seen, let rise by 1/64 per window so a device
 //! that got slower for good is not chased forever. Under `guest`, while the guest is active,
-//! every copy is `floor_bytes` and the budget sets only how many run at once: a copy's size is what a guest request
-//! stuck behind it waits for, and 1 MiB copies left a 2000 IOPS guest a p99 of 5-8x even at
-//! 50 MiB/s; 256 KiB copies copied faster (294-305 against 267 MiB/s) at the same tail.
+//! every copy is `floor_bytes` and the budget sets only how many run at once: a copy's size
+//! is what a guest request stuck behind it waits for, and 1 MiB copies left a 2000 IOPS guest
+//! a p99 of 5-8x even at 50 MiB/s; 256 KiB copies copied faster (294-305 against 267 MiB/s)
+//! at the same tail.
 //! After a window without guest requests copies are large again (half the budget), as many
 //! small copies cost CPU (0.22 against 0.15 CPU s per GiB unloaded) and nobody waits on them.
 //! Under `balanced` a copy is half the budget, so two overlap, clamped between `floor_bytes`
@@ -108,9 +109,9 @@ impl Pace {
     pub(crate) fn chunk_bytes(&self) -> u64 {
         match self.priority {
             CopyPriority::Job => self.chunk_max_bytes,
-            CopyPriority::Balanced => (self.budget_bytes() / 2).clamp(self.floor_bytes, self.chunk_max_bytes),
             CopyPriority::Guest if !self.guest_idle => self.floor_bytes,
-            CopyPriority::Guest => (self.budget_bytes() / 2).clamp(self.floor_bytes, self.chunk_max_bytes),
+            // Balanced, or guest while the guest is idle: two copies overlap.
+            _ => (self.budget_bytes() / 2).clamp(self.floor_bytes, self.chunk_max_bytes),
         }
     }
 

@@ -308,15 +308,16 @@ impl Runner {
         self.buf_in_flight_bytes += length_bytes;
     }
 
-    /// A copy buffer: from the core's registered arena while it has room (the kernel then
-    /// does not pin the pages on every request), else from the heap.
+    /// A copy buffer from the core's pool, whose registered arena serves first (the kernel
+    /// then does not pin the pages on every request) and whose limit bounds the bytes; from
+    /// the heap off a core, when the pool is spent, or when the device wants more than a page
+    /// of alignment.
     fn new_buf(&self) -> crate::error::Result<AlignedBuf> {
         let len = self.config.copy_bytes_max as usize;
-        let registered = crate::reactor::current_buf_pool()
+        let pooled = crate::reactor::current_buf_pool()
             .filter(|_| self.buf_align <= crate::buf::DEFAULT_ALIGN_BYTES)
-            .and_then(|pool| pool.get(len).ok())
-            .filter(|buf| buf.fixed_key().is_some());
-        match registered {
+            .and_then(|pool| pool.get(len).ok());
+        match pooled {
             Some(buf) => Ok(buf),
             None => AlignedBuf::zeroed(len, self.buf_align),
         }
