@@ -356,7 +356,7 @@ mod tests {
     fn priority_reaches_the_sqe() {
         for (priority, expected) in [
             (IoPriority::GUEST, 0),
-            (IoPriority::BACKGROUND, 3 << 13),
+            (IoPriority::BACKGROUND, (2 << 13) | 7),
             (IoPriority::from_fio(2, 5).unwrap(), (2 << 13) | 5),
         ] {
             for kind in [OpKind::Read { fd: 0, offset: 0 }, OpKind::Write { fd: 0, offset: 0, fua: true }] {
