@@ -9,7 +9,9 @@ use crate::buf::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::job::IoOperation;
 use crate::priority::IoPriority;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 
 /// How a copy treats zeros, and at what priority it runs.
 #[derive(Debug, Clone, Copy)]
@@ -23,64 +25,133 @@ pub(crate) struct CopyOptions {
 /// failed.
 pub(crate) type CopyResult = std::result::Result<(), (IoOperation, Error)>;
 
-/// Copy `[offset, offset + length_bytes)` extent by extent; `buf` holds at least
-/// `length_bytes` and comes back.
+/// Copy `[offset, offset + length_bytes)` extent by extent, data in requests of at most
+/// `piece_bytes`. `bufs` holds one buffer of at least `length_bytes`, or two of at least
+/// `piece_bytes` for a pipelined copy; they all come back.
 pub(crate) async fn copy_range(
     source: Arc<dyn BlockDriver>,
     target: Arc<dyn BlockDriver>,
-    offset: u64,
-    length_bytes: u64,
-    buf: AlignedBuf,
+    (offset, length_bytes, piece_bytes): (u64, u64, u64),
+    bufs: Vec<AlignedBuf>,
     options: CopyOptions,
-) -> (CopyResult, AlignedBuf) {
-    let mut buf = buf;
+) -> (CopyResult, Vec<AlignedBuf>) {
+    assert!(piece_bytes > 0 && !bufs.is_empty() && bufs.len() <= 2);
+    assert!(bufs.iter().all(|buf| buf.capacity() as u64 >= piece_bytes.min(length_bytes)));
+    let mut bufs = bufs;
     let end = offset + length_bytes;
     let mut at = offset;
     while at < end {
         let extent = match source.block_status(at, end - at).await {
             Ok(extent) if extent.length_bytes > 0 => extent,
-            Ok(_) => return (Err((IoOperation::Read, Error::EmptyRequest { offset: at })), buf),
-            Err(error) => return (Err((IoOperation::Read, error)), buf),
+            Ok(_) => return (Err((IoOperation::Read, Error::EmptyRequest { offset: at })), bufs),
+            Err(error) => return (Err((IoOperation::Read, error)), bufs),
         };
         let length = extent.length_bytes.min(end - at);
-        let (result, back) = match extent.status {
-            BlockStatus::Hole | BlockStatus::Zero => write_zeroes(&target, at, length, buf, options).await,
-            BlockStatus::Data => copy_data(&source, &target, at, length, buf, options).await,
+        let result = match extent.status {
+            BlockStatus::Hole | BlockStatus::Zero => {
+                let buf = bufs.pop().expect("a copy owns a buffer");
+                let (result, buf) = write_zeroes(&target, (at, length), buf, options).await;
+                bufs.push(buf);
+                result
+            }
+            BlockStatus::Data => {
+                let (result, back) = copy_data(&source, &target, (at, length, piece_bytes), bufs, options).await;
+                bufs = back;
+                result
+            }
         };
-        buf = back;
         if result.is_err() {
-            return (result, buf);
+            return (result, bufs);
         }
         at += length;
     }
-    (Ok(()), buf)
+    (Ok(()), bufs)
 }
 
+/// Data in pieces. With two buffers the write of one piece and the read of the next run at
+/// once, so the device always has one copy read and one copy write of a piece: a guest
+/// request waits behind at most a piece, while the copy keeps both directions busy (a read
+/// then a write per copy leaves each direction idle half the time).
 async fn copy_data(
     source: &Arc<dyn BlockDriver>,
     target: &Arc<dyn BlockDriver>,
-    offset: u64,
-    length_bytes: u64,
+    (offset, length_bytes, piece_bytes): (u64, u64, u64),
+    mut bufs: Vec<AlignedBuf>,
+    options: CopyOptions,
+) -> (CopyResult, Vec<AlignedBuf>) {
+    let end = offset + length_bytes;
+    let piece_at = |at: u64| (at, piece_bytes.min(end - at));
+    let first = bufs.pop().expect("a copy owns a buffer");
+    let (mut result, mut filled) = read_piece(source, piece_at(offset), first, options).await;
+    let mut at = offset;
+    loop {
+        if result.is_err() {
+            bufs.push(filled);
+            return (result, bufs);
+        }
+        let written_at = at;
+        at += filled.len() as u64;
+        if at >= end {
+            let (result, buf) = write_piece(target, written_at, filled, options).await;
+            bufs.push(buf);
+            return (result, bufs);
+        }
+        let (write_result, read_result, next) = match bufs.pop() {
+            Some(spare) => {
+                let write = write_piece(target, written_at, filled, options);
+                let read = read_piece(source, piece_at(at), spare, options);
+                let ((write_result, written), (read_result, next)) = both(write, read).await;
+                bufs.push(written);
+                (write_result, read_result, next)
+            }
+            None => {
+                let (write_result, written) = write_piece(target, written_at, filled, options).await;
+                if write_result.is_err() {
+                    bufs.push(written);
+                    return (write_result, bufs);
+                }
+                let (read_result, next) = read_piece(source, piece_at(at), written, options).await;
+                (write_result, read_result, next)
+            }
+        };
+        if write_result.is_err() {
+            bufs.push(next);
+            return (write_result, bufs);
+        }
+        (result, filled) = (read_result, next);
+    }
+}
+
+async fn read_piece(
+    source: &Arc<dyn BlockDriver>,
+    (offset, length_bytes): (u64, u64),
     mut buf: AlignedBuf,
     options: CopyOptions,
 ) -> (CopyResult, AlignedBuf) {
     buf.set_len(length_bytes as usize);
     let (result, buf) = source.read(offset, buf, options.priority).await;
-    if let Err(error) = result {
-        return (Err((IoOperation::Read, error)), buf);
-    }
+    (result.map_err(|error| (IoOperation::Read, error)), buf)
+}
+
+/// A piece that was read: as zeros if it is all zeros and detection is on, else as data.
+async fn write_piece(
+    target: &Arc<dyn BlockDriver>,
+    offset: u64,
+    buf: AlignedBuf,
+    options: CopyOptions,
+) -> (CopyResult, AlignedBuf) {
     if options.detect_zeroes && buf.is_all_zero() {
-        return write_zeroes(target, offset, length_bytes, buf, options).await;
+        return write_zeroes(target, (offset, buf.len() as u64), buf, options).await;
     }
     let (result, buf) = target.write(offset, buf, WriteFlags::default(), options.priority).await;
     (result.map_err(|error| (IoOperation::Write, error)), buf)
 }
 
-/// Zeros on the target: write_zeroes where it can, else a zeroed buffer.
+/// Zeros on the target: write_zeroes where it can, else a zeroed buffer written as often as
+/// the range needs (a pipelined copy's buffers hold only a piece).
 async fn write_zeroes(
     target: &Arc<dyn BlockDriver>,
-    offset: u64,
-    length_bytes: u64,
+    (offset, length_bytes): (u64, u64),
     mut buf: AlignedBuf,
     options: CopyOptions,
 ) -> (CopyResult, AlignedBuf) {
@@ -88,10 +159,19 @@ async fn write_zeroes(
         let result = target.write_zeroes(offset, length_bytes, options.unmap, options.priority).await;
         return (result.map_err(|error| (IoOperation::Write, error)), buf);
     }
-    buf.set_len(length_bytes as usize);
-    buf.as_mut_slice().fill(0);
-    let (result, buf) = target.write(offset, buf, WriteFlags::default(), options.priority).await;
-    (result.map_err(|error| (IoOperation::Write, error)), buf)
+    let end = offset + length_bytes;
+    let mut at = offset;
+    while at < end {
+        buf.set_len((end - at).min(buf.capacity() as u64) as usize);
+        buf.as_mut_slice().fill(0);
+        let (result, back) = target.write(at, buf, WriteFlags::default(), options.priority).await;
+        buf = back;
+        if let Err(error) = result {
+            return (Err((IoOperation::Write, error)), buf);
+        }
+        at += buf.len() as u64;
+    }
+    (Ok(()), buf)
 }
 
 /// Mark what `sync` copies before READY.
@@ -128,4 +208,27 @@ pub(crate) async fn fill_bitmap(
             Ok(())
         }
     }
+}
+
+/// Run two futures concurrently in one task; both outputs once both are done.
+pub(crate) async fn both<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
+    let (mut a_out, mut b_out) = (None, None);
+    std::future::poll_fn(move |cx| {
+        if a_out.is_none() {
+            if let Poll::Ready(out) = a.as_mut().poll(cx) {
+                a_out = Some(out);
+            }
+        }
+        if b_out.is_none() {
+            if let Poll::Ready(out) = b.as_mut().poll(cx) {
+                b_out = Some(out);
+            }
+        }
+        match a_out.is_some() && b_out.is_some() {
+            true => Poll::Ready((a_out.take().expect("checked"), b_out.take().expect("checked"))),
+            false => Poll::Pending,
+        }
+    })
+    .await
 }

@@ -12,6 +12,7 @@
 //! handed to the job's target error policy; the guest's request still succeeds, as its data is
 //! safe on the source.
 
+use super::copy::both;
 use super::pace::LatencyMonitor;
 use super::CopyMode;
 use crate::bitmap::DirtyBitmap;
@@ -273,29 +274,6 @@ async fn write_blocking_in_turn(
     }
     drop(guard);
     (result, op)
-}
-
-/// Run two futures concurrently in one task; both outputs once both are done.
-async fn both<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
-    let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
-    let (mut a_out, mut b_out) = (None, None);
-    std::future::poll_fn(move |cx| {
-        if a_out.is_none() {
-            if let Poll::Ready(out) = a.as_mut().poll(cx) {
-                a_out = Some(out);
-            }
-        }
-        if b_out.is_none() {
-            if let Poll::Ready(out) = b.as_mut().poll(cx) {
-                b_out = Some(out);
-            }
-        }
-        match a_out.is_some() && b_out.is_some() {
-            true => Poll::Ready((a_out.take().expect("checked"), b_out.take().expect("checked"))),
-            false => Poll::Pending,
-        }
-    })
-    .await
 }
 
 async fn write_behind(

@@ -124,9 +124,11 @@ impl CopyMode {
 /// Beside it, `speed_bytes_per_s` is a hard limit whatever the priority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CopyPriority {
-    /// The copier keeps the guest's mean latency within 1.5x of the lowest it has seen:
-    /// copies start at 2 x 256 KiB in flight, double while the guest is idle, halve when its
-    /// latency rises (the rule is in `pace.rs`). Copies go at the idle I/O class.
+    /// The copier keeps the guest's mean latency within 1.5x of what it is without copies
+    /// (measured in probe windows): while the guest makes requests, copies are pipelined in
+    /// 64 KiB requests and their number halves when the guest's latency rises, grows
+    /// otherwise; while it is idle, copies are large (the rule is in `pace.rs`). Copies go at
+    /// `IoPriority::BACKGROUND`.
     Guest,
     /// As `Guest`, with 3x the guest's lowest latency allowed.
     Balanced,

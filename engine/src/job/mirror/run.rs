@@ -50,9 +50,11 @@ enum Outcome {
 struct CopyDone {
     offset: u64,
     length_bytes: u64,
+    /// What the copy counted against the pace's budget.
+    weight_bytes: u64,
     /// `Err(None)`: not attempted (the in-flight table's waiting list was full).
     result: Result<(), Option<(IoOperation, Error)>>,
-    buf: AlignedBuf,
+    bufs: Vec<AlignedBuf>,
 }
 
 /// Auto mode's observations.
@@ -70,7 +72,11 @@ struct Runner {
     source: Arc<dyn BlockDriver>,
     done: Rc<RefCell<Vec<CopyDone>>>,
     copies_in_flight: usize,
-    buf_in_flight_bytes: u64,
+    /// The ranges of the copies in flight (for progress)...
+    copy_in_flight_bytes: u64,
+    /// ...and their weight against the budget (a pipelined copy weighs two pieces).
+    weight_in_flight_bytes: u64,
+    /// Buffers of finished copies, at most `buf_size_bytes` of them.
     free_bufs: Vec<AlignedBuf>,
     buf_align: usize,
     cursor: u64,
@@ -115,7 +121,8 @@ pub(super) async fn run(shared: Arc<MirrorShared>, config: MirrorConfig, lease: 
         source,
         done: Rc::default(),
         copies_in_flight: 0,
-        buf_in_flight_bytes: 0,
+        copy_in_flight_bytes: 0,
+        weight_in_flight_bytes: 0,
         free_bufs: Vec::new(),
         buf_align,
         cursor: 0,
@@ -166,7 +173,8 @@ impl Runner {
                 continue;
             }
             self.step().await;
-            let wait = if self.copies_in_flight == 0 && self.shared.dirty.dirty_chunk_count() > 0 {
+            let held = self.pace.holding();
+            let wait = if !held && self.copies_in_flight == 0 && self.shared.dirty.dirty_chunk_count() > 0 {
                 Duration::ZERO // only a rate limit or active writes held copies back: try again
             } else {
                 IDLE_WAIT
@@ -221,23 +229,29 @@ impl Runner {
     /// Start copies from the dirty bitmap while ops and buffer bytes allow.
     async fn start_copies(&mut self, limited: bool) {
         let granularity = self.config.granularity_bytes;
-        // Paced copies keep to the guest's budget and its chunk size; the final drain (the
+        // Paced copies keep to the guest's budget, chunk and piece sizes; the final drain (the
         // guest is held back) uses everything the options allow.
-        let (budget_bytes, chunk_bytes) = match limited {
-            true => (self.pace.budget_bytes(), self.pace.chunk_bytes()),
-            false => (self.config.buf_size_bytes, self.config.copy_bytes_max),
+        let (budget_bytes, chunk_bytes, piece_bytes) = match limited {
+            true => (self.pace.budget_bytes(), self.pace.chunk_bytes(), self.pace.piece_bytes()),
+            false => (self.config.buf_size_bytes, self.config.copy_bytes_max, self.config.copy_bytes_max),
         };
+        let pipelined = piece_bytes < chunk_bytes;
+        if limited && self.pace.holding() {
+            return;
+        }
         while self.copies_in_flight < self.config.copy_ops_max {
             // A pause or an end takes effect between copies, not after a whole batch.
             let core = &self.shared.core;
             if limited && (core.pause_requested() || matches!(core.stop_request(), Some(StopRequest::Cancel { .. }))) {
                 break;
             }
-            let room_bytes = budget_bytes.min(self.config.buf_size_bytes).saturating_sub(self.buf_in_flight_bytes);
-            if room_bytes < granularity.min(chunk_bytes) {
-                break;
-            }
-            let length_max = chunk_bytes.min(room_bytes);
+            let room_bytes = budget_bytes.min(self.config.buf_size_bytes).saturating_sub(self.weight_in_flight_bytes);
+            let length_max = match pipelined {
+                true if room_bytes < 2 * piece_bytes => break,
+                true => chunk_bytes,
+                false if room_bytes < granularity.min(chunk_bytes) => break,
+                false => chunk_bytes.min(room_bytes),
+            };
             let Some((offset, length_bytes)) = self.next_area(length_max) else { break };
             self.cursor = offset + length_bytes;
             if limited {
@@ -249,7 +263,7 @@ impl Runner {
             // Cleared before the read (the task reads only after registering): a background
             // write landing after the read marks it again (see the argument in mod.rs).
             self.shared.dirty.reset(offset, length_bytes).expect("an area of the bitmap is inside it");
-            self.spawn_copy(offset, length_bytes);
+            self.spawn_copy(offset, length_bytes, piece_bytes);
         }
     }
 
@@ -267,18 +281,25 @@ impl Runner {
 
     /// Copy a range (its dirty bits already cleared) in its own task. The task registers the
     /// range first, waiting in FIFO order for overlapping active guest writes (so a copy is
-    /// never starved by them, and reaches the target after them), then reads and writes.
-    fn spawn_copy(&mut self, offset: u64, length_bytes: u64) {
-        let buf = match self.free_bufs.pop() {
-            Some(buf) => buf,
-            None => match self.new_buf() {
-                Ok(buf) => buf,
-                Err(error) => {
-                    self.shared.mark_dirty(offset, length_bytes);
-                    self.failure = Some(format!("cannot allocate a copy buffer: {error}"));
-                    return;
-                }
-            },
+    /// never starved by them, and reaches the target after them), then reads and writes:
+    /// pipelined in two buffers of `piece_bytes` if the range is longer, else in one buffer.
+    fn spawn_copy(&mut self, offset: u64, length_bytes: u64, piece_bytes: u64) {
+        let (buf_count, weight_bytes) = match piece_bytes < length_bytes {
+            true => (2, 2 * piece_bytes),
+            false => (1, length_bytes),
+        };
+        let buf_bytes = match buf_count {
+            2 => piece_bytes,
+            _ => self.config.copy_bytes_max,
+        };
+        let bufs: Result<Vec<AlignedBuf>, Error> = (0..buf_count).map(|_| self.take_buf(buf_bytes)).collect();
+        let bufs = match bufs {
+            Ok(bufs) => bufs,
+            Err(error) => {
+                self.shared.mark_dirty(offset, length_bytes);
+                self.failure = Some(format!("cannot allocate a copy buffer: {error}"));
+                return;
+            }
         };
         let options = CopyOptions {
             unmap: self.config.unmap,
@@ -288,32 +309,40 @@ impl Runner {
         let (source, target) = (self.source.clone(), self.shared.target.clone());
         let (done, shared) = (self.done.clone(), self.shared.clone());
         let task = async move {
-            let (result, buf) = match shared.inflight.register(offset, length_bytes, InflightKind::Copy).await {
+            let (result, bufs) = match shared.inflight.register(offset, length_bytes, InflightKind::Copy).await {
                 Ok(guard) => {
-                    let (result, buf): (CopyResult, _) =
-                        copy_range(source, target, offset, length_bytes, buf, options).await;
+                    let range = (offset, length_bytes, piece_bytes);
+                    let (result, bufs): (CopyResult, _) = copy_range(source, target, range, bufs, options).await;
                     drop(guard);
-                    (result.map_err(Some), buf)
+                    (result.map_err(Some), bufs)
                 }
                 // The table's waiting list is full (guest writes pile up): not copied; the
                 // reaper marks the range dirty again.
-                Err(_) => (Err(None), buf),
+                Err(_) => (Err(None), bufs),
             };
-            done.borrow_mut().push(CopyDone { offset, length_bytes, result, buf });
+            done.borrow_mut().push(CopyDone { offset, length_bytes, weight_bytes, result, bufs });
             shared.core.signal.notify();
         };
         let task = crate::reactor::spawn_local(task).expect("the mirror task runs on a reactor core");
         task.detach();
         self.copies_in_flight += 1;
-        self.buf_in_flight_bytes += length_bytes;
+        self.copy_in_flight_bytes += length_bytes;
+        self.weight_in_flight_bytes += weight_bytes;
+    }
+
+    /// A free buffer of at least `len` bytes, or a new one.
+    fn take_buf(&mut self, len: u64) -> crate::error::Result<AlignedBuf> {
+        match self.free_bufs.iter().position(|buf| buf.capacity() as u64 >= len) {
+            Some(index) => Ok(self.free_bufs.swap_remove(index)),
+            None => self.new_buf(len as usize),
+        }
     }
 
     /// A copy buffer from the core's pool, whose registered arena serves first (the kernel
     /// then does not pin the pages on every request) and whose limit bounds the bytes; from
     /// the heap off a core, when the pool is spent, or when the device wants more than a page
     /// of alignment.
-    fn new_buf(&self) -> crate::error::Result<AlignedBuf> {
-        let len = self.config.copy_bytes_max as usize;
+    fn new_buf(&self, len: usize) -> crate::error::Result<AlignedBuf> {
         let pooled = crate::reactor::current_buf_pool()
             .filter(|_| self.buf_align <= crate::buf::DEFAULT_ALIGN_BYTES)
             .and_then(|pool| pool.get(len).ok());
@@ -323,13 +352,24 @@ impl Runner {
         }
     }
 
+    /// Keep a finished copy's buffer for the next one, up to the buffer size in all.
+    fn keep_buf(&mut self, buf: AlignedBuf) {
+        let kept_bytes: u64 = self.free_bufs.iter().map(|buf| buf.capacity() as u64).sum();
+        if kept_bytes + buf.capacity() as u64 <= self.config.buf_size_bytes {
+            self.free_bufs.push(buf);
+        }
+    }
+
     /// Account finished copies and guest-path failures; apply the error policies.
     fn reap(&mut self) {
         let finished = std::mem::take(&mut *self.done.borrow_mut());
         for copy in finished {
             self.copies_in_flight -= 1;
-            self.buf_in_flight_bytes -= copy.length_bytes;
-            self.free_bufs.push(copy.buf);
+            self.copy_in_flight_bytes -= copy.length_bytes;
+            self.weight_in_flight_bytes -= copy.weight_bytes;
+            for buf in copy.bufs {
+                self.keep_buf(buf);
+            }
             match copy.result {
                 Ok(()) => self.shared.core.add_done_bytes(copy.length_bytes),
                 Err(None) => self.shared.mark_dirty(copy.offset, copy.length_bytes),
@@ -374,7 +414,7 @@ impl Runner {
     }
 
     fn update_progress(&self) {
-        let remaining = self.shared.dirty.dirty_bytes() + self.buf_in_flight_bytes;
+        let remaining = self.shared.dirty.dirty_bytes() + self.copy_in_flight_bytes;
         self.shared.core.set_remaining_bytes(remaining);
     }
 
