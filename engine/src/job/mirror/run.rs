@@ -33,10 +33,6 @@ pub const AUTO_WINDOW: Duration = Duration::from_millis(500);
 /// copied), switch to write-behind. One window without a guest write switches back.
 pub const AUTO_WINDOW_COUNT: u32 = 2;
 
-/// Floor-sized copies kept in flight in the active modes, whatever the guest's latency (see
-/// `Pace::set_copy_floor`).
-const ACTIVE_COPY_FLOOR_COUNT: u64 = 2;
-
 /// How the main loop ended.
 enum Outcome {
     /// Complete (switch over) or a soft cancel after READY (no switch).
@@ -186,7 +182,6 @@ impl Runner {
     /// One round of work: copy-mode bookkeeping, new copies, progress, READY.
     async fn step(&mut self) {
         let active = self.shared.mode.in_force().is_active();
-        self.pace.set_copy_floor(if active { ACTIVE_COPY_FLOOR_COUNT } else { 1 });
         if self.pace_window_start.elapsed() >= PACE_WINDOW {
             self.pace.adjust(&self.shared.guest_latency);
             self.pace_window_start = Instant::now();
