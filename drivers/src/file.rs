@@ -1,8 +1,10 @@
 //! The file driver: a regular file or block device opened with O_DIRECT, its I/O submitted
 //! through the reactor (io_uring or the thread pool). Refuses to fall back to the page cache
 //! silently: where O_DIRECT is refused it names the path and errno, unless asked to allow it.
-//! A file in RAM (tmpfs, ramfs) is read and written inline instead: see `is_in_memory`.
+//! A file in RAM (tmpfs, ramfs) is read and written inline instead: see `is_in_memory`; with
+//! memory copies through a mapping where every page of it is allocated (`mapped.rs`).
 
+use crate::mapped::Mapping;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -46,6 +48,8 @@ pub struct FileDriver {
     /// On tmpfs or ramfs: reads and writes are memory copies, done inline (see
     /// [`FileDriver::is_in_memory`]).
     in_memory: bool,
+    /// An in-memory file with every page allocated, mapped: requests are memory copies.
+    mapping: Option<Mapping>,
     runtime: RuntimeHandle,
 }
 
@@ -71,6 +75,10 @@ impl FileDriver {
         let alignment = if direct { dio_alignment(&fd) } else { Alignment { request_bytes: 1, memory_bytes: 1 } };
         let name = format!("file:{}", path.display());
         let in_memory = is_memory_fs(&fd);
+        let mapping = match in_memory {
+            true => Mapping::of_allocated_file(&fd, size_bytes, !options.read_only),
+            false => None,
+        };
         let driver = FileDriver {
             name,
             path,
@@ -80,6 +88,7 @@ impl FileDriver {
             direct,
             read_only: options.read_only,
             in_memory,
+            mapping,
             runtime: runtime.clone(),
         };
         Ok(driver)
@@ -102,8 +111,28 @@ impl FileDriver {
         self.in_memory
     }
 
-    /// A read or write done at once with pread/pwrite (memory-backed files only).
+    /// Whether an in-memory file is served by memory copies through a mapping (it was fully
+    /// allocated when opened) rather than pread/pwrite.
+    pub fn is_mapped(&self) -> bool {
+        self.mapping.is_some()
+    }
+
+    /// A read or write done at once, through the mapping or with pread/pwrite (memory-backed
+    /// files only).
     fn transfer_inline(&self, direction: Direction, offset: u64, mut buf: AlignedBuf, fua: bool) -> BufResult<()> {
+        let result = match (&self.mapping, direction) {
+            (Some(mapping), Direction::Read) => mapping.read(offset, buf.as_mut_slice()),
+            (Some(mapping), Direction::Write) => mapping.write(offset, buf.as_slice()),
+            (None, _) => return self.transfer_syscall(direction, offset, buf, fua),
+        };
+        if let Err(error) = result {
+            return (Err(error), buf);
+        }
+        (self.flush_inline(fua, offset), buf)
+    }
+
+    /// pread/pwrite, for an in-memory file that is not mapped.
+    fn transfer_syscall(&self, direction: Direction, offset: u64, mut buf: AlignedBuf, fua: bool) -> BufResult<()> {
         let (fd, length_bytes) = (self.fd.as_raw_fd(), buf.len());
         let op = match direction {
             Direction::Read => "read",
@@ -127,12 +156,17 @@ impl FileDriver {
             let error = Error::ShortTransfer { op, offset, done_bytes: done, length_bytes: length_bytes as u64 };
             return (Err(error), buf);
         }
-        // SAFETY: plain syscall on an fd we own. RAM has nothing to make durable, but a FUA
-        // write keeps its meaning if the file system ever does.
-        if fua && unsafe { libc::fdatasync(fd) } != 0 {
-            return (Err(Error::Io { op: "flush", offset, errno: last_errno() }), buf);
+        (self.flush_inline(fua, offset), buf)
+    }
+
+    /// RAM has nothing to make durable, but a FUA write keeps its meaning if the file system
+    /// ever does.
+    fn flush_inline(&self, fua: bool, offset: u64) -> Result<()> {
+        // SAFETY: plain syscall on an fd we own.
+        if fua && unsafe { libc::fdatasync(self.fd.as_raw_fd()) } != 0 {
+            return Err(Error::Io { op: "flush", offset, errno: last_errno() });
         }
-        (Ok(()), buf)
+        Ok(())
     }
 
     fn submit(&self, kind: OpKind, buf: Option<AlignedBuf>, priority: IoPriority) -> tandem::reactor::OpFuture {
@@ -305,6 +339,10 @@ impl BlockDriver for FileDriver {
         may_unmap: bool,
         priority: IoPriority,
     ) -> IoFuture<Result<()>> {
+        if let Some(mapping) = &self.mapping {
+            // Zeros, never a hole: see mapped.rs.
+            return IoFuture::ready(mapping.zero("write_zeroes", offset, length_bytes));
+        }
         let mode = match may_unmap {
             true => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             false => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
@@ -313,6 +351,9 @@ impl BlockDriver for FileDriver {
     }
 
     fn discard(&self, offset: u64, length_bytes: u64, priority: IoPriority) -> IoFuture<Result<()>> {
+        if let Some(mapping) = &self.mapping {
+            return IoFuture::ready(mapping.zero("discard", offset, length_bytes));
+        }
         self.fallocate(
             "discard",
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,

@@ -21,6 +21,7 @@
 
 pub mod faulty;
 pub mod file;
+mod mapped;
 pub mod memory;
 pub mod null;
 

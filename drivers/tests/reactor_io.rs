@@ -201,9 +201,10 @@ fn tmpfs_files_are_served_inline_and_round_trip() {
     let ram_dir = tempfile::Builder::new().prefix("tandem-test-").tempdir_in(shm).unwrap();
     let runtime = runtime(BackendChoice::Auto, 1);
     let options = FileOptions { allow_buffered: true, create_size_bytes: Some(1 << 20), ..FileOptions::default() };
-    let driver = FileDriver::open(&runtime.handle(), ram_dir.path().join("ram.img"), &options).unwrap();
+    let driver = Arc::new(FileDriver::open(&runtime.handle(), ram_dir.path().join("ram.img"), &options).unwrap());
     assert!(driver.is_in_memory());
-    let disk = Disk::new(Arc::new(driver));
+    assert!(!driver.is_mapped(), "a sparse file is never mapped: touching a hole of a full tmpfs raises SIGBUS");
+    let disk = Disk::new(driver);
     let data = pattern(8192, 9);
     let (result, _) = disk.write_blocking(4096, data, WriteFlags { fua: true }, IoPriority::GUEST);
     result.unwrap();
@@ -213,4 +214,38 @@ fn tmpfs_files_are_served_inline_and_round_trip() {
     let on_disk_dir = scratch_dir();
     let on_disk = FileDriver::open(&runtime.handle(), on_disk_dir.path().join("d.img"), &options).unwrap();
     assert!(!on_disk.is_in_memory(), "{} is not in RAM", on_disk_dir.path().display());
+}
+
+#[test]
+fn fully_allocated_tmpfs_files_are_mapped_and_keep_their_pages() {
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(shm.is_dir(), "this test needs /dev/shm (tmpfs), present on every Linux machine we run on");
+    let ram_dir = tempfile::Builder::new().prefix("tandem-test-").tempdir_in(shm).unwrap();
+    let path = ram_dir.path().join("ram.img");
+    let size_bytes: u64 = 1 << 20;
+    let file = std::fs::File::create(&path).unwrap();
+    // SAFETY: fallocate on a file we just created.
+    assert_eq!(unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, size_bytes as i64) }, 0);
+    let allocated_bytes = || std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap()) * 512;
+    assert_eq!(allocated_bytes(), size_bytes);
+    let runtime = runtime(BackendChoice::Auto, 1);
+    let options = FileOptions { allow_buffered: true, ..FileOptions::default() };
+    let driver = Arc::new(FileDriver::open(&runtime.handle(), &path, &options).unwrap());
+    assert!(driver.is_mapped());
+    let disk = Disk::new(driver);
+    let (result, _) = disk.write_blocking(4096, pattern(16384, 3), WriteFlags { fua: true }, IoPriority::GUEST);
+    result.unwrap();
+    let (result, back) = disk.read_blocking(4096, AlignedBuf::zeroed(16384, 4096).unwrap(), IoPriority::GUEST);
+    result.unwrap();
+    assert_eq!(back.as_slice(), pattern(16384, 3).as_slice());
+    let on_file = std::fs::read(&path).unwrap();
+    assert_eq!(&on_file[4096..20480], pattern(16384, 3).as_slice(), "other readers see the writes");
+    disk.write_zeroes_blocking(4096, 8192, true, IoPriority::GUEST).unwrap();
+    disk.discard_blocking(12288, 4096, IoPriority::GUEST).unwrap();
+    let on_file = std::fs::read(&path).unwrap();
+    assert!(on_file[4096..16384].iter().all(|&b| b == 0));
+    assert_eq!(&on_file[16384..20480], &pattern(16384, 3).as_slice()[12288..], "past the zeroed range");
+    assert_eq!(allocated_bytes(), size_bytes, "zeroing and discarding keep every page allocated");
+    let (result, _) = disk.read_blocking(size_bytes - 4096, AlignedBuf::zeroed(8192, 4096).unwrap(), IoPriority::GUEST);
+    assert!(result.is_err(), "past the end is refused");
 }
