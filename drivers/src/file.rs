@@ -9,6 +9,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tandem::block::{
     map_done, map_transfer, Alignment, BlockDriver, BlockStatus, BufResult, Capabilities, Extent, IoFuture, OpContext,
     WriteFlags,
@@ -49,7 +50,7 @@ pub struct FileDriver {
     /// [`FileDriver::is_in_memory`]).
     in_memory: bool,
     /// An in-memory file with every page allocated, mapped: requests are memory copies.
-    mapping: Option<Mapping>,
+    mapping: Option<Arc<Mapping>>,
     runtime: RuntimeHandle,
 }
 
@@ -75,8 +76,8 @@ impl FileDriver {
         let alignment = if direct { dio_alignment(&fd) } else { Alignment { request_bytes: 1, memory_bytes: 1 } };
         let name = format!("file:{}", path.display());
         let in_memory = is_memory_fs(&fd);
-        let mapping = match in_memory {
-            true => Mapping::of_allocated_file(&fd, size_bytes, !options.read_only),
+        let mapping = match in_memory && !options.read_only {
+            true => Mapping::of_allocated_file(&fd, size_bytes).map(Arc::new),
             false => None,
         };
         let driver = FileDriver {
@@ -340,8 +341,7 @@ impl BlockDriver for FileDriver {
         priority: IoPriority,
     ) -> IoFuture<Result<()>> {
         if let Some(mapping) = &self.mapping {
-            // Zeros, never a hole: see mapped.rs.
-            return IoFuture::ready(mapping.zero("write_zeroes", offset, length_bytes));
+            return zero_mapped(mapping.clone(), offset, length_bytes);
         }
         let mode = match may_unmap {
             true => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -352,7 +352,7 @@ impl BlockDriver for FileDriver {
 
     fn discard(&self, offset: u64, length_bytes: u64, priority: IoPriority) -> IoFuture<Result<()>> {
         if let Some(mapping) = &self.mapping {
-            return IoFuture::ready(mapping.zero("discard", offset, length_bytes));
+            return IoFuture::ready(mapping.discard(offset, length_bytes));
         }
         self.fallocate(
             "discard",
@@ -368,6 +368,28 @@ impl BlockDriver for FileDriver {
     fn block_status(&self, offset: u64, length_bytes: u64) -> IoFuture<Result<Extent>> {
         IoFuture::ready(seek_extent(self.fd.as_raw_fd(), offset, length_bytes, self.size_bytes))
     }
+}
+
+/// How much of a mapped file one step of write_zeroes clears before it lets other tasks on the
+/// core run: a whole-disk write_zeroes would otherwise hold the core for seconds.
+const ZERO_STEP_BYTES: u64 = 1 << 20;
+
+/// Zeros, never a hole (see mapped.rs), a step at a time.
+fn zero_mapped(mapping: Arc<Mapping>, offset: u64, length_bytes: u64) -> IoFuture<Result<()>> {
+    if length_bytes <= ZERO_STEP_BYTES {
+        return IoFuture::ready(mapping.zero(offset, length_bytes));
+    }
+    IoFuture::boxed(async move {
+        let end = offset.checked_add(length_bytes).ok_or(Error::Overflow { offset, length_bytes })?;
+        let mut at = offset;
+        while at < end {
+            let step_bytes = (end - at).min(ZERO_STEP_BYTES);
+            mapping.zero(at, step_bytes)?;
+            at += step_bytes;
+            tandem::reactor::yield_now().await;
+        }
+        Ok(())
+    })
 }
 
 fn seek_extent(fd: i32, offset: u64, length_bytes: u64, size_bytes: u64) -> Result<Extent> {

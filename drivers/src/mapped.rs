@@ -3,10 +3,12 @@
 //! target sat on /dev/shm: pwrite was 19% of the process's CPU, most of it the page cache
 //! lookup and the inode lock that two cores writing one file take in turn.
 //!
-//! Only a file whose every page is allocated is mapped, and the driver never deallocates one
-//! (zeroing and discarding write zeros instead): touching an unallocated page of a full tmpfs
-//! raises SIGBUS, where pwrite would have returned ENOSPC. A file shrunk under the engine by
-//! someone else still raises SIGBUS, as it would for any process that maps it.
+//! Only a writable file whose every page is allocated is mapped, allocated once more with
+//! fallocate before mapping (st_blocks can count a huge page past a 4 KiB hole), and the driver
+//! never deallocates a page (zeroing writes zeros, discarding leaves the data): touching an
+//! unallocated page of a full tmpfs, even to read it, raises SIGBUS where pwrite would return
+//! ENOSPC. A read-only open cannot fallocate, so it is never mapped. A file shrunk or punched
+//! under the engine by someone else still raises SIGBUS, as in any process that maps it.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
@@ -16,7 +18,6 @@ use tandem::{Error, Result};
 pub(crate) struct Mapping {
     ptr: NonNull<u8>,
     len_bytes: usize,
-    writable: bool,
 }
 
 // SAFETY: the mapping is plain memory shared with the page cache; every access copies bytes
@@ -27,9 +28,9 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Map `fd` if the file is `size_bytes` long and fully allocated; `None` otherwise (the
-    /// caller keeps using pread/pwrite).
-    pub(crate) fn of_allocated_file(fd: &OwnedFd, size_bytes: u64, writable: bool) -> Option<Mapping> {
+    /// Map `fd`, opened for writing, if the file is `size_bytes` long and fully allocated;
+    /// `None` otherwise (the caller keeps using pread/pwrite).
+    pub(crate) fn of_allocated_file(fd: &OwnedFd, size_bytes: u64) -> Option<Mapping> {
         // SAFETY: fstat fills a zeroed struct on the stack.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
@@ -40,14 +41,18 @@ impl Mapping {
         if size_bytes == 0 || st.st_size as u64 != size_bytes || allocated_bytes < size_bytes {
             return None;
         }
-        let protection = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: plain syscall on an fd we own. Cheap when every page already exists.
+        if unsafe { libc::fallocate(fd.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, size_bytes as i64) } != 0 {
+            return None;
+        }
+        let protection = libc::PROT_READ | libc::PROT_WRITE;
         // SAFETY: a fresh shared mapping of an fd we own; the result is checked.
         let ptr =
             unsafe { libc::mmap(std::ptr::null_mut(), len_bytes, protection, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
         if ptr == libc::MAP_FAILED {
             return None;
         }
-        Some(Mapping { ptr: NonNull::new(ptr.cast())?, len_bytes, writable })
+        Some(Mapping { ptr: NonNull::new(ptr.cast())?, len_bytes })
     }
 
     /// Copy `into.len()` bytes at `offset` out of the file.
@@ -60,26 +65,26 @@ impl Mapping {
 
     /// Copy `from` into the file at `offset`.
     pub(crate) fn write(&self, offset: u64, from: &[u8]) -> Result<()> {
-        let start = self.writable_range("write", offset, from.len())?;
+        let start = self.range(offset, from.len())?;
         // SAFETY: inside the mapping (checked), which is writable.
         unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), self.ptr.as_ptr().add(start), from.len()) };
         Ok(())
     }
 
     /// Zeros over `[offset, offset + length_bytes)`, keeping the pages allocated.
-    pub(crate) fn zero(&self, op: &'static str, offset: u64, length_bytes: u64) -> Result<()> {
+    pub(crate) fn zero(&self, offset: u64, length_bytes: u64) -> Result<()> {
         let len = usize::try_from(length_bytes).map_err(|_| self.out_of_bounds(offset, length_bytes))?;
-        let start = self.writable_range(op, offset, len)?;
+        let start = self.range(offset, len)?;
         // SAFETY: inside the mapping (checked), which is writable.
         unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(start), 0, len) };
         Ok(())
     }
 
-    fn writable_range(&self, op: &'static str, offset: u64, len: usize) -> Result<usize> {
-        match self.writable {
-            true => self.range(offset, len),
-            false => Err(Error::Io { op, offset, errno: libc::EBADF }),
-        }
+    /// A discard: the range's contents become unspecified, so they stay as they are (a hole
+    /// punched here could later raise SIGBUS). Only the bounds are checked.
+    pub(crate) fn discard(&self, offset: u64, length_bytes: u64) -> Result<()> {
+        let len = usize::try_from(length_bytes).map_err(|_| self.out_of_bounds(offset, length_bytes))?;
+        self.range(offset, len).map(drop)
     }
 
     fn range(&self, offset: u64, len: usize) -> Result<usize> {

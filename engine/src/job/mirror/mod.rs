@@ -10,8 +10,9 @@
 //! - Every chunk a guest writes while the job runs is either marked dirty *after* the guest
 //!   write completed on the source (background mode), or written to the target by the guest's
 //!   own request while its range is registered in the in-flight table (active modes), or both.
-//! - A copy registers its range in the in-flight table, *then* clears the range's dirty bits,
-//!   *then* reads the source. A background guest write that lands after the read also marks
+//! - A copy clears the range's dirty bits, *then* registers its range in the in-flight table
+//!   (waiting for overlapping active writes), *then* reads the source (a pipelined copy reads
+//!   each piece after the clear, and holds the whole range until its last piece is written). A background guest write that lands after the read also marks
 //!   the chunk after it lands, so after the clear: the chunk is copied again. One that landed
 //!   before the read is in what the copy reads.
 //! - Two operations on overlapping ranges that both write the target (copies, active guest
@@ -130,7 +131,8 @@ pub enum CopyPriority {
     /// otherwise; while it is idle, copies are large (the rule is in `pace.rs`). Copies go at
     /// `IoPriority::BACKGROUND`.
     Guest,
-    /// As `Guest`, with 3x the guest's lowest latency allowed.
+    /// As `Guest`, with 3x the guest's latency without copies allowed, and copies never
+    /// pipelined: each is half the budget (at least 256 KiB), one read then one write.
     Balanced,
     /// QEMU's way: every copy at the largest size and depth allowed, at the guest's I/O
     /// class, whatever the guest sees.
@@ -180,7 +182,8 @@ pub struct MirrorConfig {
     pub bitmap: Option<String>,
     /// Dirty-tracking chunk (power of two, 512 B to 64 MiB).
     pub granularity_bytes: u64,
-    /// Copy buffers in flight at most.
+    /// Bytes the copier keeps in flight at most (a pipelined copy counts its two pieces);
+    /// the buffers it keeps for reuse stay within as much again.
     pub buf_size_bytes: u64,
     /// Copy operations in flight at most.
     pub copy_ops_max: usize,

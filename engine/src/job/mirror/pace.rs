@@ -13,10 +13,10 @@
 //!
 //! The reference is the guest's latency without the copier: the first window with guest
 //! requests, and every `PROBE_EVERY_WINDOWS`th after it, is followed by a probe window that
-//! starts no copy, and the probe's mean becomes the reference. Between probes a lower window
-//! mean lowers it, and it rises by 1/64 per window so a device that got slower for good is not
-//! chased forever. Without probes the reference was the lowest mean seen with copies already
-//! running: the copier then never saw its own cost (a 2000 IOPS guest's mean tripled).
+//! starts no copy (once the copies still in flight are done: see `Runner::pace_tick`), and the
+//! probe's mean becomes the reference; between probes a lower window mean lowers it. Without
+//! probes the reference was the lowest mean seen with copies already running, let rise by 1/64
+//! per window: the copier then never saw its own cost (a 2000 IOPS guest's mean tripled).
 //!
 //! Under `guest`, while the guest is active, every copy is pipelined: its data moves in
 //! requests of [`GUEST_PIECE_BYTES`], the write of one piece beside the read of the next, and
@@ -59,6 +59,11 @@ impl LatencyMonitor {
     pub(crate) fn record(&self, latency: Duration) {
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_ns.fetch_add(latency.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+    }
+
+    /// Forget the window so far (copies still in flight when a probe was called).
+    pub(crate) fn discard(&self) {
+        self.take();
     }
 
     /// The window's (count, mean), and a fresh window.
@@ -115,9 +120,11 @@ impl Pace {
         self.budget_bytes.max(self.unit_bytes().min(self.ceiling_bytes))
     }
 
-    /// Copies are pipelined in small pieces: under `guest` while the guest is active.
+    /// Copies are pipelined in small pieces: under `guest` while the guest is active, when a
+    /// copy is longer than a piece and the buffer size holds one pipelined copy.
     fn pipelined(&self) -> bool {
-        self.priority == CopyPriority::Guest && !self.guest_idle && self.piece_bytes < self.chunk_max_bytes
+        let fits = self.piece_bytes < self.chunk_max_bytes && 2 * self.piece_bytes <= self.ceiling_bytes;
+        self.priority == CopyPriority::Guest && !self.guest_idle && fits
     }
 
     /// What one more copy adds to the bytes in flight: a pipelined copy has a read and a
@@ -175,10 +182,9 @@ impl Pace {
         // The first window with a guest, and then every so often, is followed by a probe.
         self.windows_since_probe += 1;
         self.probing = self.reference.is_none() || self.windows_since_probe >= PROBE_EVERY_WINDOWS;
-        let reference = match self.reference {
-            Some(reference) => reference.mul_f64(1.0 + 1.0 / 64.0).min(mean),
-            None => mean,
-        };
+        // Probes re-anchor the reference, so between them it only ever falls: a rise per
+        // window let the guest's latency drift past `factor` before the next probe.
+        let reference = self.reference.map_or(mean, |reference| reference.min(mean));
         self.reference = Some(reference);
         if mean > reference.mul_f64(factor) {
             self.budget_bytes = (self.budget_bytes / 2).max(self.unit_bytes());
@@ -317,5 +323,27 @@ mod tests {
         window(&monitor, 10, 100);
         pace.adjust(&monitor);
         assert_eq!((pace.chunk_bytes(), pace.piece_bytes(), pace.unit_bytes()), (64 << 10, 64 << 10, 64 << 10));
+        // A buffer size below two pieces cannot hold a pipelined copy: one buffer it is.
+        let mut small = Pace::new(CopyPriority::Guest, 96 << 10, 96 << 10, 4 << 10);
+        window(&monitor, 10, 100);
+        small.adjust(&monitor);
+        assert_eq!(small.piece_bytes(), small.chunk_bytes());
+        assert!(small.budget_bytes() >= small.chunk_bytes().min(96 << 10));
+    }
+
+    #[test]
+    fn the_reference_only_falls_between_probes() {
+        let monitor = LatencyMonitor::default();
+        let mut pace = Pace::new(CopyPriority::Guest, 16 << 20, 1 << 20, 64 << 10);
+        settle(&mut pace, &monitor, 100, 100);
+        for _ in 0..PROBE_EVERY_WINDOWS - 2 {
+            window(&monitor, 100, 140);
+            pace.adjust(&monitor);
+            assert!(!pace.holding());
+        }
+        let budget = pace.budget_bytes();
+        window(&monitor, 100, 160);
+        pace.adjust(&monitor);
+        assert!(pace.budget_bytes() < budget, "1.6x the guest alone is over 1.5x, however long since the probe");
     }
 }

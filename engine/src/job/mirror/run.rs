@@ -72,7 +72,7 @@ struct Runner {
     copy_in_flight_bytes: u64,
     /// ...and their weight against the budget (a pipelined copy weighs two pieces).
     weight_in_flight_bytes: u64,
-    /// Buffers of finished copies, at most `buf_size_bytes` of them.
+    /// Buffers of finished copies, at most `buf_size_bytes` in all.
     free_bufs: Vec<AlignedBuf>,
     buf_align: usize,
     cursor: u64,
@@ -86,6 +86,8 @@ struct Runner {
     /// The in-flight budget the guest's latency allows, and when its window started.
     pace: Pace,
     pace_window_start: Instant,
+    /// When the last window closed (a probe, if one was called, starts draining then).
+    probe_called_at: Instant,
     /// In the final drain every error fails the job: the guest's writes are held back, so
     /// neither retrying forever (ignore) nor waiting for a human (stop) is acceptable.
     converging: bool,
@@ -103,6 +105,7 @@ pub(super) async fn run(shared: Arc<MirrorShared>, config: MirrorConfig, lease: 
     let mut runner = Runner {
         pace,
         pace_window_start: Instant::now(),
+        probe_called_at: Instant::now(),
         rate: RateLimit::new(shared.core.speed_bytes_per_s()),
         auto: AutoState {
             window_start: Instant::now(),
@@ -182,10 +185,7 @@ impl Runner {
     /// One round of work: copy-mode bookkeeping, new copies, progress, READY.
     async fn step(&mut self) {
         let active = self.shared.mode.in_force().is_active();
-        if self.pace_window_start.elapsed() >= PACE_WINDOW {
-            self.pace.adjust(&self.shared.guest_latency);
-            self.pace_window_start = Instant::now();
-        }
+        self.pace_tick();
         self.auto_tick();
         self.report_mode();
         self.rate.set_speed(self.shared.core.speed_bytes_per_s());
@@ -200,6 +200,25 @@ impl Runner {
         }
         let quiet = self.shared.background_in_progress.load(Ordering::Acquire) == 0;
         self.shared.core.set_actively_synced(self.ready && synced && active && quiet);
+    }
+
+    /// Close the pace's window when it is due. A probe window measures the guest alone, so it
+    /// starts only once the copies in flight when it was called are done (they take a few ms;
+    /// waiting is capped at one more window).
+    fn pace_tick(&mut self) {
+        let now = Instant::now();
+        let draining = self.pace.holding() && self.copies_in_flight > 0;
+        if draining && now.duration_since(self.probe_called_at) < PACE_WINDOW {
+            self.shared.guest_latency.discard();
+            self.pace_window_start = now;
+            return;
+        }
+        if now.duration_since(self.pace_window_start) < PACE_WINDOW {
+            return;
+        }
+        self.pace.adjust(&self.shared.guest_latency);
+        self.pace_window_start = now;
+        self.probe_called_at = now;
     }
 
     /// Paused by a user or an error policy: let copies finish, then wait for resume (or an
@@ -325,9 +344,10 @@ impl Runner {
         self.weight_in_flight_bytes += weight_bytes;
     }
 
-    /// A free buffer of at least `len` bytes, or a new one.
+    /// The smallest free buffer of at least `len` bytes, or a new one.
     fn take_buf(&mut self, len: u64) -> crate::error::Result<AlignedBuf> {
-        match self.free_bufs.iter().position(|buf| buf.capacity() as u64 >= len) {
+        let fitting = self.free_bufs.iter().enumerate().filter(|(_, buf)| buf.capacity() as u64 >= len);
+        match fitting.min_by_key(|(_, buf)| buf.capacity()).map(|(index, _)| index) {
             Some(index) => Ok(self.free_bufs.swap_remove(index)),
             None => self.new_buf(len as usize),
         }
@@ -515,6 +535,7 @@ impl Runner {
             if let Some(StopRequest::Cancel { .. }) = core.stop_request() {
                 return Outcome::Cancelled;
             }
+            self.pace_tick();
             self.start_copies(true).await;
             self.update_progress();
             core.signal.wait_until(generation, Instant::now() + IDLE_WAIT).await;
