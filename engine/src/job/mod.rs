@@ -8,12 +8,16 @@
 //! state a user sees is always the one the task is in.
 
 mod control;
+pub(crate) mod copy;
 pub mod mirror;
+mod options;
+pub(crate) mod pace;
 mod ratelimit;
 mod signal;
 
 pub use control::{Job, JobProgress};
 pub(crate) use control::{JobCore, StopRequest};
+pub use options::{CopyPriority, SyncMode};
 pub(crate) use ratelimit::RateLimit;
 pub(crate) use signal::Signal;
 

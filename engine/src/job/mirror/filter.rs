@@ -12,14 +12,14 @@
 //! handed to the job's target error policy; the guest's request still succeeds, as its data is
 //! safe on the source.
 
-use super::copy::both;
-use super::pace::LatencyMonitor;
 use super::CopyMode;
 use crate::bitmap::DirtyBitmap;
 use crate::block::{BlockDriver, BufResult, Disk, IoFuture, WriteFilter, WriteFlags};
 use crate::buf::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::inflight::{InflightKind, InflightTable};
+use crate::job::copy::both;
+use crate::job::pace::LatencyMonitor;
 use crate::job::{IoOperation, JobCore};
 use crate::priority::IoPriority;
 use crate::reactor::RuntimeHandle;

@@ -25,52 +25,16 @@
 //!   registered operation finishes, the remaining dirty chunks are copied, and only then is
 //!   the switch made.
 
-mod copy;
 mod filter;
-mod pace;
 mod run;
+
+pub use super::{CopyPriority, SyncMode};
 
 use super::{ErrorPolicy, Job, JobChange, JobCore, JobError, JobKind};
 use crate::bitmap::{DirtyBitmap, GRANULARITY_BYTES_MAX, GRANULARITY_BYTES_MIN};
 use crate::block::{BlockDriver, Disk};
-use crate::priority::IoPriority;
 use crate::reactor::RuntimeHandle;
 use std::sync::Arc;
-
-/// What the job copies before it is READY.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SyncMode {
-    /// The whole disk.
-    Full,
-    /// Only what the source has allocated (by block status); the target must read as zeros
-    /// where the source has holes (a new sparse file does), and stays sparse there.
-    Top,
-    /// Only what the guest writes from now on.
-    None,
-    /// Only what the named bitmap marks, plus new writes (QEMU refuses this for mirror).
-    Bitmap,
-}
-
-impl SyncMode {
-    pub fn parse(text: &str) -> Result<SyncMode, JobError> {
-        match text {
-            "full" => Ok(SyncMode::Full),
-            "top" => Ok(SyncMode::Top),
-            "none" => Ok(SyncMode::None),
-            "bitmap" => Ok(SyncMode::Bitmap),
-            _ => Err(JobError::Config { name: "sync", value: text.to_string(), reason: "full, top, none or bitmap" }),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            SyncMode::Full => "full",
-            SyncMode::Top => "top",
-            SyncMode::None => "none",
-            SyncMode::Bitmap => "bitmap",
-        }
-    }
-}
 
 /// How guest writes reach the target while the job runs. Switchable at run time in any
 /// direction ([`JobChange::CopyMode`]).
@@ -118,55 +82,6 @@ impl CopyMode {
     /// Whether guest writes reach the target themselves in this mode.
     pub fn is_active(self) -> bool {
         matches!(self, CopyMode::WriteBlocking | CopyMode::WriteBehind)
-    }
-}
-
-/// Who goes first when the guest and the copier compete for the device (`copy-priority`).
-/// Beside it, `speed_bytes_per_s` is a hard limit whatever the priority.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CopyPriority {
-    /// The copier keeps the guest's mean latency within 1.5x of what it is without copies
-    /// (measured in probe windows): while the guest makes requests, copies are pipelined in
-    /// 64 KiB requests and their number halves when the guest's latency rises, grows
-    /// otherwise; while it is idle, copies are large (the rule is in `pace.rs`). Copies go at
-    /// `IoPriority::BACKGROUND`.
-    Guest,
-    /// As `Guest`, with 3x the guest's latency without copies allowed, and copies never
-    /// pipelined: each is half the budget (at least 256 KiB), one read then one write.
-    Balanced,
-    /// QEMU's way: every copy at the largest size and depth allowed, at the guest's I/O
-    /// class, whatever the guest sees.
-    Job,
-}
-
-impl CopyPriority {
-    pub fn parse(text: &str) -> Result<CopyPriority, JobError> {
-        match text {
-            "guest" => Ok(CopyPriority::Guest),
-            "balanced" => Ok(CopyPriority::Balanced),
-            "job" => Ok(CopyPriority::Job),
-            _ => Err(JobError::Config {
-                name: "copy-priority",
-                value: text.to_string(),
-                reason: "guest, balanced or job",
-            }),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            CopyPriority::Guest => "guest",
-            CopyPriority::Balanced => "balanced",
-            CopyPriority::Job => "job",
-        }
-    }
-
-    /// The I/O priority of the copier's requests.
-    pub fn io_priority(self) -> IoPriority {
-        match self {
-            CopyPriority::Job => IoPriority::GUEST,
-            CopyPriority::Guest | CopyPriority::Balanced => IoPriority::BACKGROUND,
-        }
     }
 }
 

@@ -3,15 +3,15 @@
 //! the dirty bitmap in large contiguous runs, report READY. At the end it drains the source,
 //! copies what is left and switches over (complete), or just detaches (cancel).
 
-use super::copy::{copy_range, fill_bitmap, CopyOptions, CopyResult};
 use super::filter::MirrorShared;
-use super::pace::{Pace, WINDOW as PACE_WINDOW};
 use super::{CopyMode, MirrorConfig};
 use crate::bitmap::BitmapLease;
 use crate::block::BlockDriver;
 use crate::buf::AlignedBuf;
 use crate::error::Error;
 use crate::inflight::InflightKind;
+use crate::job::copy::{copy_range, fill_bitmap, CopyOptions, CopyResult};
+use crate::job::pace::{Pace, WINDOW as PACE_WINDOW};
 use crate::job::{ErrorAction, IoOperation, JobEvent, JobStatus, RateLimit, StopRequest};
 use crate::reactor::sleep;
 use std::cell::RefCell;
