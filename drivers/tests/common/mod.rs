@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod jobs;
+
 use std::path::PathBuf;
 use tandem::reactor::{BackendChoice, Config, Runtime};
 
