@@ -7,8 +7,10 @@
 //! step and makes the state transition itself (checked against the transition table), so the
 //! state a user sees is always the one the task is in.
 
+pub mod backup;
 mod control;
 pub(crate) mod copy;
+pub mod copy_before_write;
 pub mod mirror;
 mod options;
 pub(crate) mod pace;

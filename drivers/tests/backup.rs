@@ -1,0 +1,339 @@
+//! The backup job on real files with O_DIRECT: the source is copied aside as the expected
+//! snapshot, the backup starts, and a guest of several tasks on two cores writes random pieces
+//! of the disk for the whole job. `qemu-img compare` of target and snapshot is the arbiter.
+
+mod common;
+
+use common::jobs::{open, qemu_img_identical, random_bytes, write_image, Guest, Layout, DISK_BYTES, WAIT};
+use common::{runtime, scratch_dir};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tandem::block::{BlockDriver, Disk, WriteFlags};
+use tandem::buf::AlignedBuf;
+use tandem::job::backup::{start, BackupConfig};
+use tandem::job::copy_before_write::OnCbwError;
+use tandem::job::{ErrorPolicy, Job, JobError, JobEvent, JobStatus, SyncMode};
+use tandem::reactor::{BackendChoice, Runtime};
+use tandem::IoPriority;
+use tandem_drivers::{Fault, FaultRule, FaultyDriver, OpMask, Trigger};
+
+/// Slow enough that the guest writes a few thousand times during a 16 MiB backup.
+const SPEED_BYTES_PER_S: u64 = 24 << 20;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    source_path: PathBuf,
+    target_path: PathBuf,
+    snapshot_path: PathBuf,
+    runtime: Runtime,
+    disk: Disk,
+    model: Vec<u8>,
+}
+
+/// A source of `layout`, its snapshot copied aside, and a new sparse target.
+fn setup(layout: Layout) -> Setup {
+    let dir = scratch_dir();
+    let path = |name: &str| dir.path().join(name);
+    let (source_path, target_path, snapshot_path) = (path("source.img"), path("target.img"), path("snapshot.img"));
+    let model = write_image(&source_path, layout, 3);
+    std::fs::copy(&source_path, &snapshot_path).unwrap();
+    std::fs::File::create(&target_path).unwrap().set_len(DISK_BYTES).unwrap();
+    let runtime = runtime(BackendChoice::Auto, 2);
+    let disk = Disk::new(open(&runtime, &source_path));
+    Setup { _dir: dir, source_path, target_path, snapshot_path, runtime, disk, model }
+}
+
+fn events(job: &Job) -> Vec<JobEvent> {
+    job.events().try_iter().collect()
+}
+
+fn wait_null(job: &Job) {
+    assert_eq!(job.wait_for(|s| s == JobStatus::Null, WAIT), JobStatus::Null);
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Back up under a guest that writes for the whole job; the target must equal the snapshot.
+fn point_in_time(sync: SyncMode, cluster_bytes: u64) {
+    let layout = if sync == SyncMode::Top { Layout::Sparse } else { Layout::Dense };
+    let s = setup(layout);
+    let config = BackupConfig { sync, cluster_bytes, speed_bytes_per_s: SPEED_BYTES_PER_S, ..BackupConfig::default() };
+    let target = open(&s.runtime, &s.target_path);
+    let job = start(&s.runtime.handle(), &s.disk, target, config).unwrap();
+    let guest = Guest::start(&s.runtime, &s.disk, &s.model, 11);
+    wait_null(&job);
+    let writes_during_job = guest.writes();
+    guest.wait_writes(20);
+    drop(guest.stop());
+    assert_eq!(job.error(), None);
+    assert!(writes_during_job > 50, "the guest wrote only {writes_during_job} times during the job");
+    assert!(!s.disk.has_filter(), "the filter is off once the job ended");
+    let Setup { disk, runtime, target_path, snapshot_path, source_path, .. } = s;
+    drop((disk, runtime));
+    assert!(qemu_img_identical(&snapshot_path, &target_path), "{sync:?} at {cluster_bytes} B clusters");
+    assert!(!qemu_img_identical(&snapshot_path, &source_path), "the guest changed the source meanwhile");
+    if sync == SyncMode::Top {
+        assert!(allocated_bytes(&target_path) < DISK_BYTES, "sync=top leaves the source's holes as holes");
+    }
+}
+
+#[test]
+fn full_4k_is_the_point_in_time() {
+    point_in_time(SyncMode::Full, 4 << 10);
+}
+
+#[test]
+fn full_64k_is_the_point_in_time() {
+    point_in_time(SyncMode::Full, 64 << 10);
+}
+
+#[test]
+fn full_1m_is_the_point_in_time() {
+    point_in_time(SyncMode::Full, 1 << 20);
+}
+
+#[test]
+fn top_4k_is_the_point_in_time() {
+    point_in_time(SyncMode::Top, 4 << 10);
+}
+
+#[test]
+fn top_64k_is_the_point_in_time() {
+    point_in_time(SyncMode::Top, 64 << 10);
+}
+
+#[test]
+fn top_1m_is_the_point_in_time() {
+    point_in_time(SyncMode::Top, 1 << 20);
+}
+
+/// With sync=none the target gets exactly the old data of what the guest overwrote: every
+/// cluster the source no longer shares with the snapshot is on the target as it was.
+fn sync_none_saves_what_the_guest_overwrites(cluster_bytes: u64) {
+    let s = setup(Layout::Dense);
+    let config = BackupConfig { sync: SyncMode::None, cluster_bytes, ..BackupConfig::default() };
+    let job = start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), config).unwrap();
+    let guest = Guest::start(&s.runtime, &s.disk, &s.model, 21);
+    guest.wait_writes(300);
+    assert_eq!(job.status(), JobStatus::Running, "sync=none runs until cancelled");
+    job.cancel(false).unwrap();
+    wait_null(&job);
+    drop(guest.stop());
+    assert!(events(&job).iter().any(|e| matches!(e, JobEvent::Cancelled { .. })));
+    let Setup { disk, runtime, target_path, snapshot_path, source_path, .. } = s;
+    drop((disk, runtime));
+    let (source, target, snapshot) = (
+        std::fs::read(source_path).unwrap(),
+        std::fs::read(target_path).unwrap(),
+        std::fs::read(snapshot_path).unwrap(),
+    );
+    let mut changed_count = 0;
+    for start in (0..DISK_BYTES as usize).step_by(cluster_bytes as usize) {
+        let range = start..start + cluster_bytes as usize;
+        if source[range.clone()] != snapshot[range.clone()] {
+            changed_count += 1;
+            assert_eq!(target[range.clone()], snapshot[range.clone()], "cluster at {start} lost its old data");
+        } else {
+            assert!(target[range].iter().all(|&b| b == 0), "cluster at {start} was copied though never overwritten");
+        }
+    }
+    assert!(changed_count > 10, "the guest changed only {changed_count} clusters");
+}
+
+#[test]
+fn sync_none_4k_saves_what_the_guest_overwrites() {
+    sync_none_saves_what_the_guest_overwrites(4 << 10);
+}
+
+#[test]
+fn sync_none_64k_saves_what_the_guest_overwrites() {
+    sync_none_saves_what_the_guest_overwrites(64 << 10);
+}
+
+#[test]
+fn sync_none_1m_saves_what_the_guest_overwrites() {
+    sync_none_saves_what_the_guest_overwrites(1 << 20);
+}
+
+fn faulty_target(s: &Setup) -> Arc<FaultyDriver> {
+    Arc::new(FaultyDriver::new(open(&s.runtime, &s.target_path), 1, false))
+}
+
+fn eio_on_writes_at(driver: &FaultyDriver, offset: u64, length_bytes: u64) {
+    driver.add_rule(FaultRule {
+        ops: OpMask::WRITE.union(OpMask::WRITE_ZEROES),
+        trigger: Trigger::Range { offset, length_bytes },
+        fault: Fault::Errno(libc::EIO),
+        fire_count_max: None,
+    });
+}
+
+fn guest_write(disk: &Disk, offset: u64, seed: u64) -> tandem::Result<()> {
+    let buf = AlignedBuf::from_slice(&random_bytes(4096, seed), 4096).unwrap();
+    disk.write_blocking(offset, buf, WriteFlags::default(), IoPriority::GUEST).0
+}
+
+fn read_source(disk: &Disk, offset: u64, length_bytes: usize) -> Vec<u8> {
+    let (result, buf) = disk.read_blocking(offset, AlignedBuf::zeroed(length_bytes, 4096).unwrap(), IoPriority::GUEST);
+    result.unwrap();
+    buf.as_slice().to_vec()
+}
+
+#[test]
+fn a_failed_copy_before_write_fails_the_guest_write_under_break_guest_write() {
+    let s = setup(Layout::Dense);
+    let target = faulty_target(&s);
+    eio_on_writes_at(&target, 4 << 20, 1 << 20);
+    let config =
+        BackupConfig { sync: SyncMode::None, on_cbw_error: OnCbwError::BreakGuestWrite, ..BackupConfig::default() };
+    let job = start(&s.runtime.handle(), &s.disk, target.clone(), config).unwrap();
+    let at = (4 << 20) + 8192;
+    assert!(guest_write(&s.disk, at, 5).is_err(), "the old data could not be saved: the write must fail");
+    assert_eq!(read_source(&s.disk, at, 4096), &s.model[at as usize..at as usize + 4096], "the source is unchanged");
+    guest_write(&s.disk, 8 << 20, 6).expect("outside the fault, writes go on");
+    assert_eq!(job.status(), JobStatus::Running, "the snapshot is still whole");
+    target.clear_rules();
+    guest_write(&s.disk, at, 7).expect("once the target works, the write goes through");
+    job.cancel(false).unwrap();
+    wait_null(&job);
+    assert_eq!(job.error(), None);
+}
+
+#[test]
+fn a_failed_copy_before_write_fails_the_backup_under_break_snapshot() {
+    let s = setup(Layout::Dense);
+    let target = faulty_target(&s);
+    eio_on_writes_at(&target, 4 << 20, 1 << 20);
+    let config = BackupConfig {
+        sync: SyncMode::None,
+        on_cbw_error: OnCbwError::BreakSnapshot,
+        auto_dismiss: false,
+        ..BackupConfig::default()
+    };
+    let job = start(&s.runtime.handle(), &s.disk, target, config).unwrap();
+    let at = (4 << 20) + 8192;
+    guest_write(&s.disk, at, 5).expect("break-snapshot lets the guest write through");
+    assert_ne!(read_source(&s.disk, at, 4096), &s.model[at as usize..at as usize + 4096]);
+    assert_eq!(job.wait_for(|s| s == JobStatus::Concluded, WAIT), JobStatus::Concluded);
+    let error = job.error().expect("the backup failed");
+    assert!(error.contains("copy-before-write"), "{error}");
+    let completed = events(&job).into_iter().find_map(|e| match e {
+        JobEvent::Completed { error, .. } => Some(error),
+        _ => None,
+    });
+    assert!(matches!(completed, Some(Some(_))), "BLOCK_JOB_COMPLETED carries the error: {completed:?}");
+    job.dismiss().unwrap();
+    assert!(!s.disk.has_filter());
+}
+
+#[test]
+fn stop_policy_pauses_on_target_eio_and_resume_finishes_the_point_in_time() {
+    let s = setup(Layout::Dense);
+    let target = faulty_target(&s);
+    eio_on_writes_at(&target, 8 << 20, 1 << 20);
+    let config = BackupConfig {
+        on_target_error: ErrorPolicy::Stop,
+        copy_priority: tandem::job::CopyPriority::Job,
+        ..BackupConfig::default()
+    };
+    let job = start(&s.runtime.handle(), &s.disk, target.clone(), config).unwrap();
+    assert_eq!(job.wait_for(|s| s == JobStatus::Paused, WAIT), JobStatus::Paused);
+    let stopped = events(&job).into_iter().any(|e| {
+        matches!(
+            e,
+            JobEvent::Error { action: tandem::job::ErrorAction::Stop, operation: tandem::job::IoOperation::Write, .. }
+        )
+    });
+    assert!(stopped, "BLOCK_JOB_ERROR with action stop");
+    // The guest's own copy-before-write would meet the fault too (and fail its write, the
+    // default policy): it starts once the target works, while the job is still paused.
+    target.clear_rules();
+    let guest = Guest::start(&s.runtime, &s.disk, &s.model, 31);
+    guest.wait_writes(200);
+    job.resume().unwrap();
+    wait_null(&job);
+    drop(guest.stop());
+    assert_eq!(job.error(), None);
+    let Setup { disk, runtime, target_path, snapshot_path, .. } = s;
+    drop((disk, target, runtime));
+    assert!(qemu_img_identical(&snapshot_path, &target_path));
+}
+
+#[test]
+fn cancel_mid_job_is_cancelled_and_takes_the_filter_off() {
+    let s = setup(Layout::Dense);
+    let config = BackupConfig { speed_bytes_per_s: 4 << 20, ..BackupConfig::default() };
+    let job = start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), config).unwrap();
+    assert!(s.disk.has_filter());
+    let guest = Guest::start(&s.runtime, &s.disk, &s.model, 41);
+    guest.wait_writes(50);
+    job.cancel(false).unwrap();
+    wait_null(&job);
+    drop(guest.stop());
+    assert!(events(&job).iter().any(|e| matches!(e, JobEvent::Cancelled { .. })));
+    assert!(!s.disk.has_filter());
+    let progress = job.progress();
+    assert!(progress.done_bytes < DISK_BYTES, "cancelled before the end: {progress:?}");
+}
+
+#[test]
+fn bad_input_is_refused_and_starts_nothing() {
+    let s = setup(Layout::Dense);
+    let handle = s.runtime.handle();
+    let target = || open(&s.runtime, &s.target_path);
+    let refused = |config: BackupConfig, target: Arc<dyn BlockDriver>| {
+        let error = start(&handle, &s.disk, target, config).map(|_| ()).unwrap_err();
+        assert!(!s.disk.has_filter(), "{error}: nothing may be started");
+        error
+    };
+    let error = refused(BackupConfig { cluster_bytes: 48 << 10, ..BackupConfig::default() }, target());
+    assert!(matches!(error, JobError::Config { name: "cluster-size", ref value, .. } if value == "49152"), "{error}");
+    let error = refused(BackupConfig { sync: SyncMode::Bitmap, ..BackupConfig::default() }, target());
+    assert!(matches!(error, JobError::Config { name: "sync", .. }), "{error}");
+    let error = refused(BackupConfig { workers_max: 0, ..BackupConfig::default() }, target());
+    assert!(matches!(error, JobError::Config { name: "max-workers", .. }), "{error}");
+    let error = refused(BackupConfig::default(), open(&s.runtime, &s.source_path));
+    assert!(matches!(error, JobError::SameDevice { .. }), "{error}");
+    let small_path = s.target_path.with_file_name("small.img");
+    std::fs::File::create(&small_path).unwrap().set_len(DISK_BYTES / 2).unwrap();
+    let error = refused(BackupConfig::default(), open(&s.runtime, &small_path));
+    assert!(error.to_string().contains("small"), "names the target: {error}");
+    let slow = BackupConfig { speed_bytes_per_s: 1 << 20, ..BackupConfig::default() };
+    let job = start(&handle, &s.disk, target(), slow).unwrap();
+    let second = BackupConfig { id: "second".into(), ..BackupConfig::default() };
+    let other_path = s.target_path.with_file_name("other.img");
+    std::fs::File::create(&other_path).unwrap().set_len(DISK_BYTES).unwrap();
+    let error = start(&handle, &s.disk, open(&s.runtime, &other_path), second).map(|_| ()).unwrap_err();
+    assert!(matches!(error, JobError::Disk(tandem::Error::DiskBusy { .. })), "{error}");
+    job.cancel(false).unwrap();
+    wait_null(&job);
+    assert!(!s.disk.has_filter());
+}
+
+#[test]
+fn cbw_timeout_bounds_how_long_a_guest_write_waits() {
+    let s = setup(Layout::Dense);
+    let target = faulty_target(&s);
+    target.add_rule(FaultRule {
+        ops: OpMask::WRITE.union(OpMask::WRITE_ZEROES),
+        trigger: Trigger::Range { offset: 4 << 20, length_bytes: 1 << 20 },
+        fault: Fault::Delay(std::time::Duration::from_secs(2)),
+        fire_count_max: None,
+    });
+    let config = BackupConfig {
+        sync: SyncMode::None,
+        cbw_timeout: Some(std::time::Duration::from_millis(100)),
+        ..BackupConfig::default()
+    };
+    let job = start(&s.runtime.handle(), &s.disk, target.clone(), config).unwrap();
+    let at = (4 << 20) + 8192;
+    let error = guest_write(&s.disk, at, 5).expect_err("the save took longer than cbw-timeout");
+    assert!(matches!(error, tandem::Error::Io { op: "copy-before-write", errno: libc::ETIMEDOUT, .. }), "{error}");
+    assert_eq!(read_source(&s.disk, at, 4096), &s.model[at as usize..at as usize + 4096], "the source is unchanged");
+    assert_eq!(job.status(), JobStatus::Running);
+    job.cancel(false).unwrap();
+    wait_null(&job);
+}

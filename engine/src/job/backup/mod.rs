@@ -1,0 +1,163 @@
+//! The backup job: a point-in-time copy of a source [`Disk`] that keeps taking guest writes.
+//! A copy-before-write filter (`copy_before_write.rs`) saves the old data of any cluster a
+//! guest write would change before the background copier reached it; the copier (`run.rs`)
+//! copies every other cluster the sync mode asks for. The target ends equal to the source as it
+//! was when `start` returned (writes still in progress then may be in it or not, as after a
+//! crash). The argument is at the top of `copy_before_write.rs`.
+//!
+//! Sync modes: `full` copies every cluster (zeros allocated on the target), `top` the same with
+//! the source's holes left as holes on the target, `none` copies nothing itself: only what the
+//! guest is about to overwrite reaches the target, and the job runs until cancelled (with a
+//! fleecing view, QEMU's image fleecing). `bitmap` is not built yet and is refused.
+
+mod run;
+
+use super::copy_before_write::{CbwFilter, CbwShared, OnCbwError};
+use super::{CopyPriority, ErrorPolicy, Job, JobCore, JobError, JobKind, SyncMode};
+use crate::bitmap::{DirtyBitmap, GRANULARITY_BYTES_MAX};
+use crate::block::{BlockDriver, Disk};
+use crate::reactor::RuntimeHandle;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A backup's options. `Default` gives QEMU's defaults where they are sound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupConfig {
+    /// The job's id in events.
+    pub id: String,
+    pub sync: SyncMode,
+    /// Copy-before-write and copy unit (power of two, 4 KiB to 64 MiB, at least the
+    /// source's block size).
+    pub cluster_bytes: u64,
+    /// Background copies in flight at most.
+    pub workers_max: usize,
+    /// One background copy's size at most (a multiple of the cluster is used).
+    pub chunk_bytes_max: u64,
+    /// Bytes the background copier keeps in flight at most.
+    pub buf_size_bytes: u64,
+    pub speed_bytes_per_s: u64,
+    pub on_source_error: ErrorPolicy,
+    pub on_target_error: ErrorPolicy,
+    pub on_cbw_error: OnCbwError,
+    /// How long a guest write may wait for its copy-before-write (`None`: no bound).
+    pub cbw_timeout: Option<Duration>,
+    pub copy_priority: CopyPriority,
+    pub auto_finalize: bool,
+    pub auto_dismiss: bool,
+}
+
+impl Default for BackupConfig {
+    fn default() -> BackupConfig {
+        BackupConfig {
+            id: "backup0".to_string(),
+            sync: SyncMode::Full,
+            cluster_bytes: 64 << 10,
+            workers_max: 16,
+            chunk_bytes_max: 1 << 20,
+            buf_size_bytes: 16 << 20,
+            speed_bytes_per_s: 0,
+            on_source_error: ErrorPolicy::Report,
+            on_target_error: ErrorPolicy::Report,
+            on_cbw_error: OnCbwError::BreakGuestWrite,
+            cbw_timeout: None,
+            copy_priority: CopyPriority::Guest,
+            auto_finalize: true,
+            auto_dismiss: true,
+        }
+    }
+}
+
+const CLUSTER_BYTES_MIN: u64 = 4 << 10;
+const WORKERS_MAX: usize = 1024;
+const BUF_SIZE_BYTES_MAX: u64 = 1 << 30;
+
+fn bad(name: &'static str, value: u64, reason: &'static str) -> JobError {
+    JobError::Config { name, value: value.to_string(), reason }
+}
+
+impl BackupConfig {
+    /// Check the options on their own; changes nothing.
+    pub fn validate(&self) -> Result<(), JobError> {
+        let cluster = self.cluster_bytes;
+        if !cluster.is_power_of_two() || !(CLUSTER_BYTES_MIN..=GRANULARITY_BYTES_MAX).contains(&cluster) {
+            return Err(bad("cluster-size", cluster, "a power of two from 4 KiB to 64 MiB"));
+        }
+        if self.chunk_bytes_max < cluster || self.chunk_bytes_max > crate::block::MAX_REQUEST_BYTES {
+            return Err(bad("max-chunk", self.chunk_bytes_max, "at least the cluster size, at most 1 GiB"));
+        }
+        if self.buf_size_bytes < self.chunk_bytes_max || self.buf_size_bytes > BUF_SIZE_BYTES_MAX {
+            return Err(bad("buf-size", self.buf_size_bytes, "at least max-chunk, at most 1 GiB"));
+        }
+        if self.workers_max == 0 || self.workers_max > WORKERS_MAX {
+            return Err(bad("max-workers", self.workers_max as u64, "1 to 1024"));
+        }
+        if self.cbw_timeout == Some(Duration::ZERO) {
+            return Err(bad("cbw-timeout", 0, "more than zero, or none"));
+        }
+        if self.sync == SyncMode::Bitmap {
+            return Err(JobError::Config { name: "sync", value: "bitmap".to_string(), reason: "full, top or none" });
+        }
+        Ok(())
+    }
+}
+
+/// Back `source` up to `target` on `runtime`, as the source is when this returns. Every
+/// check runs first: on an error nothing was started or changed.
+///
+/// ```no_run
+/// # use tandem::job::backup::{start, BackupConfig};
+/// # fn demo(runtime: &tandem::reactor::RuntimeHandle, source: &tandem::block::Disk,
+/// #         target: std::sync::Arc<dyn tandem::block::BlockDriver>) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tandem::job::JobStatus;
+/// let job = start(runtime, source, target, BackupConfig::default())?;
+/// // The guest keeps writing to `source`; the target gets the source as it was here.
+/// job.wait_for(|s| s == JobStatus::Null, Duration::from_secs(600));
+/// assert_eq!(job.error(), None);
+/// # Ok(()) }
+/// ```
+pub fn start(
+    runtime: &RuntimeHandle,
+    source: &Disk,
+    target: Arc<dyn BlockDriver>,
+    config: BackupConfig,
+) -> Result<Job, JobError> {
+    config.validate()?;
+    if config.cluster_bytes < source.alignment().request_bytes {
+        return Err(bad("cluster-size", config.cluster_bytes, "smaller than the source's block size"));
+    }
+    let below = source.driver();
+    let same = Arc::ptr_eq(&below, &target)
+        || below.device_id().zip(target.device_id()).is_some_and(|(a, b)| a == b)
+        || below.name() == target.name();
+    if same {
+        return Err(JobError::SameDevice { name: target.name().to_string() });
+    }
+    source.check_replacement(target.as_ref())?;
+    if source.has_filter() {
+        return Err(crate::Error::DiskBusy { name: source.name().to_string() }.into());
+    }
+    // Every cluster is the job's until its point-in-time data is on the target (sync=none
+    // too: the copier copies nothing, but the guest's writes save what they overwrite).
+    let to_copy = DirtyBitmap::new(config.cluster_bytes, source.size_bytes())?;
+    to_copy.set(0, source.size_bytes()).expect("the whole disk is in range");
+    let core = JobCore::new(
+        config.id.clone(),
+        JobKind::Backup,
+        config.auto_finalize,
+        config.auto_dismiss,
+        config.speed_bytes_per_s,
+        Box::new(|_| {
+            Err(JobError::Config { name: "change", value: String::new(), reason: "backup has no run-time option" })
+        }),
+    );
+    let policy = (config.on_cbw_error, config.cbw_timeout);
+    let shared = CbwShared::new(core.clone(), target, to_copy, policy, config.sync == SyncMode::Top);
+    // On the write path before `start` returns: from here on, what a write would change is
+    // saved first.
+    source.insert_filter(Arc::new(CbwFilter(shared.clone())))?;
+    let job = Job { core };
+    let source = source.clone();
+    runtime.spawn(move || run::run(shared, source, config));
+    Ok(job)
+}

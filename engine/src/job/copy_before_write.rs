@@ -1,0 +1,297 @@
+//! The copy-before-write filter a backup puts on its source disk: before a guest write may
+//! change a cluster whose point-in-time data is not yet on the target, that data is read from
+//! the source and written to the target, in whole clusters, at the guest's priority.
+//!
+//! Why the target ends equal to the source at the job's start:
+//! - `to_copy` marks the clusters whose old data is not yet on the target. A bit is only
+//!   ever cleared, and only after the target write of its cluster completed.
+//! - A guest write that finds every cluster of its range clear goes straight to the source:
+//!   their old data is already on the target, and nothing writes it there again.
+//! - A guest write that finds a marked cluster registers its cluster-aligned range in the
+//!   in-flight table (waiting for copies of the same clusters, which register too), looks
+//!   again, saves what is still marked, clears it, and only then writes the source.
+//! - The background copier registers a range, copies the clusters still marked in it, and
+//!   clears them after their target writes: a guest write to one of them waits for it.
+
+use crate::bitmap::DirtyBitmap;
+use crate::block::{BlockDriver, BufResult, IoFuture, WriteFilter, WriteFlags};
+use crate::buf::AlignedBuf;
+use crate::error::{Error, Result};
+use crate::inflight::{InflightKind, InflightTable};
+use crate::job::copy::{copy_range, CopyOptions};
+use crate::job::pace::LatencyMonitor;
+use crate::job::{IoOperation, JobCore};
+use crate::priority::IoPriority;
+use parking_lot::Mutex;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+/// What a failed copy-before-write does (QEMU's `on-cbw-error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OnCbwError {
+    /// The guest write fails; the snapshot stays whole.
+    BreakGuestWrite,
+    /// The guest write goes ahead; the backup fails.
+    BreakSnapshot,
+}
+
+impl OnCbwError {
+    pub fn parse(text: &str) -> std::result::Result<OnCbwError, super::JobError> {
+        match text {
+            "break-guest-write" => Ok(OnCbwError::BreakGuestWrite),
+            "break-snapshot" => Ok(OnCbwError::BreakSnapshot),
+            _ => Err(super::JobError::Config {
+                name: "on-cbw-error",
+                value: text.to_string(),
+                reason: "break-guest-write or break-snapshot",
+            }),
+        }
+    }
+}
+
+/// Operations the in-flight table admits at once (guest writes saving old data, and copies).
+const INFLIGHT_CAPACITY: usize = 4096;
+
+/// What the filter and the backup's task share.
+pub(crate) struct CbwShared {
+    pub(crate) core: Arc<JobCore>,
+    pub(crate) target: Arc<dyn BlockDriver>,
+    /// Clusters whose point-in-time data is not yet on the target (see the module's argument).
+    pub(crate) to_copy: DirtyBitmap,
+    pub(crate) inflight: InflightTable,
+    pub(crate) on_cbw_error: OnCbwError,
+    /// How long a guest write may wait for its copy-before-write; then it counts as failed.
+    pub(crate) cbw_timeout: Option<Duration>,
+    /// Zeros on the target as holes (sync=top) or as allocated zeros.
+    pub(crate) unmap: bool,
+    /// Set once the snapshot is broken: guest writes then pass untouched.
+    broken: AtomicBool,
+    broken_reason: Mutex<Option<String>>,
+    pub(crate) guest_latency: LatencyMonitor,
+}
+
+impl CbwShared {
+    pub(crate) fn new(
+        core: Arc<JobCore>,
+        target: Arc<dyn BlockDriver>,
+        to_copy: DirtyBitmap,
+        policy: (OnCbwError, Option<Duration>),
+        unmap: bool,
+    ) -> Arc<CbwShared> {
+        Arc::new(CbwShared {
+            core,
+            target,
+            to_copy,
+            inflight: InflightTable::new(INFLIGHT_CAPACITY).expect("capacity in range"),
+            on_cbw_error: policy.0,
+            cbw_timeout: policy.1,
+            unmap,
+            broken: AtomicBool::new(false),
+            broken_reason: Mutex::new(None),
+            guest_latency: LatencyMonitor::default(),
+        })
+    }
+
+    /// Why the snapshot broke (break-snapshot after a failed copy-before-write), if it did.
+    pub(crate) fn broken_reason(&self) -> Option<String> {
+        self.broken_reason.lock().clone()
+    }
+
+    /// The cluster-aligned span of a request.
+    fn clusters(&self, offset: u64, length_bytes: u64) -> (u64, u64) {
+        let cluster = self.to_copy.granularity_bytes();
+        let start = offset / cluster * cluster;
+        let end = (offset + length_bytes).div_ceil(cluster).saturating_mul(cluster).min(self.to_copy.size_bytes());
+        (start, end)
+    }
+
+    fn any_marked(&self, start: u64, end: u64) -> bool {
+        self.to_copy.next_dirty(start).is_some_and(|at| at < end)
+    }
+
+    /// Save the old data of every marked cluster the request touches. `Err` fails the guest
+    /// write (break-guest-write); under break-snapshot a failure breaks the snapshot instead.
+    async fn before_write(&self, below: &Arc<dyn BlockDriver>, offset: u64, length_bytes: u64) -> Result<()> {
+        let (start, end) = self.clusters(offset, length_bytes);
+        if self.broken.load(Ordering::Acquire) || !self.any_marked(start, end) {
+            return Ok(());
+        }
+        let saved = match self.cbw_timeout {
+            Some(limit) => within(limit, self.save(below, start, end)).await,
+            None => Some(self.save(below, start, end).await),
+        };
+        let error = match saved {
+            Some(Ok(())) => return Ok(()),
+            Some(Err((_, error))) => error,
+            None => Error::Io { op: "copy-before-write", offset, errno: libc::ETIMEDOUT },
+        };
+        match self.on_cbw_error {
+            OnCbwError::BreakGuestWrite => Err(error),
+            OnCbwError::BreakSnapshot => {
+                self.break_snapshot(format!("copy-before-write at offset {offset} failed: {error}"));
+                Ok(())
+            }
+        }
+    }
+
+    fn break_snapshot(&self, reason: String) {
+        self.broken_reason.lock().get_or_insert(reason);
+        self.broken.store(true, Ordering::Release);
+        self.core.signal.notify();
+    }
+
+    /// Register `[start, end)`, then copy what is still marked in it and clear it.
+    async fn save(
+        &self,
+        below: &Arc<dyn BlockDriver>,
+        start: u64,
+        end: u64,
+    ) -> std::result::Result<(), (IoOperation, Error)> {
+        let guard = self
+            .inflight
+            .register(start, end - start, InflightKind::CopyBeforeWrite)
+            .await
+            // The table's waiting list is full: guest writes pile up far beyond any device's depth.
+            .map_err(|_| {
+                (IoOperation::Read, Error::Io { op: "copy-before-write", offset: start, errno: libc::EBUSY })
+            })?;
+        let align = below.alignment().memory_bytes.max(self.target.alignment().memory_bytes) as usize;
+        let buf = AlignedBuf::zeroed((end - start) as usize, align.max(crate::buf::DEFAULT_ALIGN_BYTES))
+            .map_err(|error| (IoOperation::Read, error))?;
+        let (result, _) = self.copy_marked(below, (start, end, end - start), vec![buf], IoPriority::GUEST).await;
+        drop(guard);
+        result
+    }
+
+    /// Copy the marked clusters of `[start, end)` (registered by the caller) in requests of
+    /// at most `piece_bytes`, and clear each run after its target write. `bufs` (see
+    /// `copy_range`) come back.
+    pub(crate) async fn copy_marked(
+        &self,
+        below: &Arc<dyn BlockDriver>,
+        (start, end, piece_bytes): (u64, u64, u64),
+        mut bufs: Vec<AlignedBuf>,
+        priority: IoPriority,
+    ) -> (std::result::Result<(), (IoOperation, Error)>, Vec<AlignedBuf>) {
+        let mut at = start;
+        while let Some((offset, length_bytes)) = self.to_copy.next_dirty_area(at, end - at) {
+            if offset >= end {
+                break;
+            }
+            let length_bytes = length_bytes.min(end - offset);
+            let options = CopyOptions { unmap: self.unmap, detect_zeroes: true, priority };
+            let range = (offset, length_bytes, piece_bytes);
+            let (result, back) = copy_range(below.clone(), self.target.clone(), range, bufs, options).await;
+            bufs = back;
+            if result.is_err() {
+                return (result, bufs);
+            }
+            self.to_copy.reset(offset, length_bytes).expect("a marked area is inside the bitmap");
+            self.core.add_done_bytes(length_bytes);
+            at = offset + length_bytes;
+        }
+        (Ok(()), bufs)
+    }
+}
+
+/// `future`'s output, or `None` if `limit` passes first (the future is then dropped: its
+/// registration ends, and a target write already under way lands old data, which is harmless).
+async fn within<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
+    let deadline = crate::reactor::sleep(limit);
+    let (mut future, mut deadline) = (std::pin::pin!(future), std::pin::pin!(deadline));
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// The filter the backup puts on its source.
+pub(crate) struct CbwFilter(pub(crate) Arc<CbwShared>);
+
+impl CbwFilter {
+    /// Save old data, then run `write` with `payload` (the guest's request on the source),
+    /// or hand the payload back with the error; timing it all.
+    fn guarded<P: Send + 'static, T: Send + 'static, F: Future<Output = T> + Send + 'static>(
+        &self,
+        below: &Arc<dyn BlockDriver>,
+        (offset, length_bytes): (u64, u64),
+        payload: P,
+        write: impl FnOnce(Arc<dyn BlockDriver>, P) -> F + Send + 'static,
+        refuse: impl FnOnce(P, Error) -> T + Send + 'static,
+    ) -> impl Future<Output = T> + Send + 'static {
+        let (shared, below) = (self.0.clone(), below.clone());
+        async move {
+            let started = Instant::now();
+            let outcome = match shared.before_write(&below, offset, length_bytes).await {
+                Ok(()) => write(below, payload).await,
+                Err(error) => refuse(payload, error),
+            };
+            shared.guest_latency.record(started.elapsed());
+            outcome
+        }
+    }
+}
+
+impl WriteFilter for CbwFilter {
+    fn read(
+        &self,
+        below: &Arc<dyn BlockDriver>,
+        offset: u64,
+        buf: AlignedBuf,
+        priority: IoPriority,
+    ) -> IoFuture<BufResult<()>> {
+        let (shared, read) = (self.0.clone(), below.read(offset, buf, priority));
+        IoFuture::boxed(async move {
+            let started = Instant::now();
+            let outcome = read.await;
+            shared.guest_latency.record(started.elapsed());
+            outcome
+        })
+    }
+
+    fn write(
+        &self,
+        below: &Arc<dyn BlockDriver>,
+        offset: u64,
+        buf: AlignedBuf,
+        flags: WriteFlags,
+        priority: IoPriority,
+    ) -> IoFuture<BufResult<()>> {
+        let range = (offset, buf.len() as u64);
+        let write = move |below: Arc<dyn BlockDriver>, buf| below.write(offset, buf, flags, priority);
+        IoFuture::boxed(self.guarded(below, range, buf, write, |buf, error| (Err(error), buf)))
+    }
+
+    fn write_zeroes(
+        &self,
+        below: &Arc<dyn BlockDriver>,
+        offset: u64,
+        length_bytes: u64,
+        may_unmap: bool,
+        priority: IoPriority,
+    ) -> IoFuture<Result<()>> {
+        let write =
+            move |below: Arc<dyn BlockDriver>, ()| below.write_zeroes(offset, length_bytes, may_unmap, priority);
+        IoFuture::boxed(self.guarded(below, (offset, length_bytes), (), write, |(), error| Err(error)))
+    }
+
+    fn discard(
+        &self,
+        below: &Arc<dyn BlockDriver>,
+        offset: u64,
+        length_bytes: u64,
+        priority: IoPriority,
+    ) -> IoFuture<Result<()>> {
+        let write = move |below: Arc<dyn BlockDriver>, ()| below.discard(offset, length_bytes, priority);
+        IoFuture::boxed(self.guarded(below, (offset, length_bytes), (), write, |(), error| Err(error)))
+    }
+}
