@@ -118,10 +118,11 @@ fn sync_none_saves_what_the_guest_overwrites(cluster_bytes: u64) {
     let job = start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), config).unwrap();
     let guest = Guest::start(&s.runtime, &s.disk, &s.model, 21);
     guest.wait_writes(300);
+    // Stopped before the cancel: writes after the filter is off are not the backup's.
+    drop(guest.stop());
     assert_eq!(job.status(), JobStatus::Running, "sync=none runs until cancelled");
     job.cancel(false).unwrap();
     wait_null(&job);
-    drop(guest.stop());
     assert!(events(&job).iter().any(|e| matches!(e, JobEvent::Cancelled { .. })));
     let Setup { disk, runtime, target_path, snapshot_path, source_path, .. } = s;
     drop((disk, runtime));
@@ -292,7 +293,7 @@ fn bad_input_is_refused_and_starts_nothing() {
     let error = refused(BackupConfig { cluster_bytes: 48 << 10, ..BackupConfig::default() }, target());
     assert!(matches!(error, JobError::Config { name: "cluster-size", ref value, .. } if value == "49152"), "{error}");
     let error = refused(BackupConfig { sync: SyncMode::Bitmap, ..BackupConfig::default() }, target());
-    assert!(matches!(error, JobError::Config { name: "sync", .. }), "{error}");
+    assert!(matches!(error, JobError::Config { name: "bitmap", .. }), "{error}");
     let error = refused(BackupConfig { workers_max: 0, ..BackupConfig::default() }, target());
     assert!(matches!(error, JobError::Config { name: "max-workers", .. }), "{error}");
     let error = refused(BackupConfig::default(), open(&s.runtime, &s.source_path));
@@ -336,4 +337,188 @@ fn cbw_timeout_bounds_how_long_a_guest_write_waits() {
     assert_eq!(job.status(), JobStatus::Running);
     job.cancel(false).unwrap();
     wait_null(&job);
+}
+
+/// The data extents of a sparse file (what an incremental backup wrote).
+fn data_extents(path: &Path) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let (fd, size) = (file.as_raw_fd(), file.metadata().unwrap().len() as i64);
+    let mut extents = Vec::new();
+    let mut at = 0i64;
+    while at < size {
+        // SAFETY: lseek on an fd we own.
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        extents.push((data as u64, (hole - data) as u64));
+        at = hole;
+    }
+    extents
+}
+
+/// A new sparse image next to the source.
+fn new_image(s: &Setup, name: &str) -> PathBuf {
+    let path = s.source_path.with_file_name(name);
+    std::fs::File::create(&path).unwrap().set_len(DISK_BYTES).unwrap();
+    path
+}
+
+#[test]
+fn an_incremental_chain_restores_the_source_at_the_last_backup() {
+    let s = setup(Layout::Dense);
+    let handle = s.runtime.handle();
+    // Full backup, and the chain's bitmap created at its very instant, under a guest.
+    let full_path = s.target_path.clone();
+    let full = BackupConfig {
+        new_bitmap: Some("chain".into()),
+        speed_bytes_per_s: SPEED_BYTES_PER_S,
+        ..BackupConfig::default()
+    };
+    let job = start(&handle, &s.disk, open(&s.runtime, &full_path), full).unwrap();
+    let guest = Guest::start(&s.runtime, &s.disk, &s.model, 51);
+    wait_null(&job);
+    assert_eq!(job.error(), None);
+    let model = guest.stop();
+    let chain = s.disk.bitmaps().get("chain").unwrap();
+    assert!(chain.dirty_chunk_count() > 0, "the bitmap recorded the guest's writes since the full backup");
+    // Two incrementals, each under a guest, each against its own snapshot.
+    let mut model = model;
+    let mut incremental_paths = Vec::new();
+    for round in 0..2u64 {
+        let snapshot_path = s.source_path.with_file_name(format!("snapshot{round}.img"));
+        std::fs::copy(&s.source_path, &snapshot_path).unwrap();
+        let moved_count = chain.dirty_chunk_count();
+        let path = new_image(&s, &format!("inc{round}.img"));
+        let config = BackupConfig {
+            id: format!("inc{round}"),
+            sync: SyncMode::Bitmap,
+            bitmap: Some("chain".into()),
+            ..BackupConfig::default()
+        };
+        let job = start(&handle, &s.disk, open(&s.runtime, &path), config).unwrap();
+        let guest = Guest::start(&s.runtime, &s.disk, &model, 61 + round);
+        wait_null(&job);
+        guest.wait_writes(100);
+        model = guest.stop();
+        assert_eq!(job.error(), None);
+        let copied_bytes: u64 = data_extents(&path).iter().map(|e| e.1).sum();
+        assert!(copied_bytes > 0, "round {round}: the guest changed something");
+        assert!(copied_bytes <= moved_count * (64 << 10), "round {round}: only what the bitmap marked");
+        incremental_paths.push((path, snapshot_path));
+    }
+    // Replay full + incrementals into a fresh image: it equals the source at each instant.
+    let restored_path = s.source_path.with_file_name("restored.img");
+    std::fs::copy(&full_path, &restored_path).unwrap();
+    let Setup { disk, runtime, .. } = s;
+    drop((disk, runtime));
+    for (path, snapshot_path) in &incremental_paths {
+        use std::os::unix::fs::FileExt;
+        let (from, to) =
+            (std::fs::File::open(path).unwrap(), std::fs::OpenOptions::new().write(true).open(&restored_path).unwrap());
+        for (offset, length_bytes) in data_extents(path) {
+            let mut data = vec![0u8; length_bytes as usize];
+            from.read_exact_at(&mut data, offset).unwrap();
+            to.write_all_at(&data, offset).unwrap();
+        }
+        drop(to);
+        assert!(qemu_img_identical(snapshot_path, &restored_path), "{} restored", path.display());
+    }
+}
+
+/// A sync=bitmap backup whose target fails: what comes back to the bitmap per mode.
+fn bitmap_after_failure(mode: tandem::job::backup::BitmapMode) -> (u64, u64) {
+    let s = setup(Layout::Dense);
+    let bitmap = tandem::bitmap::DirtyBitmap::new(64 << 10, DISK_BYTES).unwrap();
+    bitmap.set(0, DISK_BYTES).unwrap();
+    let bitmap = s.disk.bitmaps().add("b", bitmap).unwrap();
+    let target = faulty_target(&s);
+    eio_on_writes_at(&target, 12 << 20, 4 << 20);
+    let config = BackupConfig {
+        sync: SyncMode::Bitmap,
+        bitmap: Some("b".into()),
+        bitmap_mode: Some(mode),
+        copy_priority: tandem::job::CopyPriority::Job,
+        workers_max: 1,
+        ..BackupConfig::default()
+    };
+    let job = start(&s.runtime.handle(), &s.disk, target, config).unwrap();
+    wait_null(&job);
+    assert!(job.error().is_some(), "the target failed");
+    (bitmap.dirty_chunk_count(), DISK_BYTES / (64 << 10))
+}
+
+#[test]
+fn bitmap_mode_on_success_gives_every_mark_back_on_failure() {
+    let (dirty, all) = bitmap_after_failure(tandem::job::backup::BitmapMode::OnSuccess);
+    assert_eq!(dirty, all);
+}
+
+#[test]
+fn bitmap_mode_never_gives_every_mark_back() {
+    let (dirty, all) = bitmap_after_failure(tandem::job::backup::BitmapMode::Never);
+    assert_eq!(dirty, all);
+}
+
+#[test]
+fn bitmap_mode_always_keeps_what_was_copied_even_on_failure() {
+    let (dirty, all) = bitmap_after_failure(tandem::job::backup::BitmapMode::Always);
+    assert!(dirty > 0 && dirty < all, "the first 12 MiB were copied before the failure: {dirty} of {all} marked");
+}
+
+#[test]
+fn bitmap_mode_never_keeps_the_marks_on_success() {
+    let s = setup(Layout::Dense);
+    let bitmap = tandem::bitmap::DirtyBitmap::new(64 << 10, DISK_BYTES).unwrap();
+    bitmap.set(1 << 20, 2 << 20).unwrap();
+    let bitmap = s.disk.bitmaps().add("b", bitmap).unwrap();
+    let config = BackupConfig {
+        sync: SyncMode::Bitmap,
+        bitmap: Some("b".into()),
+        bitmap_mode: Some(tandem::job::backup::BitmapMode::Never),
+        ..BackupConfig::default()
+    };
+    let job = start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), config).unwrap();
+    wait_null(&job);
+    assert_eq!(job.error(), None);
+    assert_eq!(bitmap.dirty_bytes(), 2 << 20);
+    let on_success = BackupConfig {
+        id: "again".into(),
+        sync: SyncMode::Bitmap,
+        bitmap: Some("b".into()),
+        ..BackupConfig::default()
+    };
+    let job = start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), on_success).unwrap();
+    wait_null(&job);
+    assert_eq!(bitmap.dirty_bytes(), 0, "on-success: what was copied is done with");
+}
+
+#[test]
+fn bitmap_input_errors_are_named_and_start_nothing() {
+    let s = setup(Layout::Dense);
+    let handle = s.runtime.handle();
+    let try_start = |config: BackupConfig| {
+        let error = start(&handle, &s.disk, open(&s.runtime, &s.target_path), config).map(|_| ()).unwrap_err();
+        assert!(!s.disk.has_filter(), "{error}");
+        error
+    };
+    let unknown = BackupConfig { sync: SyncMode::Bitmap, bitmap: Some("nope".into()), ..BackupConfig::default() };
+    let error = try_start(unknown);
+    assert!(error.to_string().contains("nope"), "{error}");
+    let wrong_sync = BackupConfig { bitmap: Some("b".into()), ..BackupConfig::default() };
+    assert!(matches!(try_start(wrong_sync), JobError::Config { name: "bitmap", .. }));
+    let mode_alone =
+        BackupConfig { bitmap_mode: Some(tandem::job::backup::BitmapMode::Always), ..BackupConfig::default() };
+    assert!(matches!(try_start(mode_alone), JobError::Config { name: "bitmap-mode", .. }));
+    let no_bitmap = BackupConfig { sync: SyncMode::Bitmap, ..BackupConfig::default() };
+    assert!(matches!(try_start(no_bitmap), JobError::Config { name: "bitmap", .. }));
+    s.disk.bitmaps().add("b", tandem::bitmap::DirtyBitmap::new(64 << 10, DISK_BYTES).unwrap()).unwrap();
+    let _lease = s.disk.bitmaps().acquire("b", "someone else").unwrap();
+    let busy = BackupConfig { sync: SyncMode::Bitmap, bitmap: Some("b".into()), ..BackupConfig::default() };
+    assert!(try_start(busy).to_string().contains("busy"));
+    let exists = BackupConfig { new_bitmap: Some("b".into()), ..BackupConfig::default() };
+    assert!(try_start(exists).to_string().contains("already exists"));
 }

@@ -8,17 +8,52 @@
 //! Sync modes: `full` copies every cluster (zeros allocated on the target), `top` the same with
 //! the source's holes left as holes on the target, `none` copies nothing itself: only what the
 //! guest is about to overwrite reaches the target, and the job runs until cancelled (with a
-//! fleecing view, QEMU's image fleecing). `bitmap` is not built yet and is refused.
+//! fleecing view, QEMU's image fleecing). `bitmap` copies what a named bitmap marks: at the
+//! point in time its marks move to the job and it starts over, recording what changes after;
+//! `bitmap_mode` says what happens to the moved marks at the end (see [`BitmapMode`]).
+//!
+//! The point in time is taken under a drain of the source: no guest write is in progress
+//! while the filter goes on, the named bitmap's marks move and a `new_bitmap` is created, so
+//! each write is wholly before it (in the backup, and not in the new or emptied bitmap) or
+//! wholly after it (saved first, and marked). That is why `start` blocks its caller until
+//! the writes in progress are done, and refuses to run on one of the runtime's cores.
 
 mod run;
 
 use super::copy_before_write::{CbwFilter, CbwShared, OnCbwError};
 use super::{CopyPriority, ErrorPolicy, Job, JobCore, JobError, JobKind, SyncMode};
-use crate::bitmap::{DirtyBitmap, GRANULARITY_BYTES_MAX};
+use crate::bitmap::{BitmapLease, DirtyBitmap, GRANULARITY_BYTES_MAX};
 use crate::block::{BlockDriver, Disk};
 use crate::reactor::RuntimeHandle;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// What happens to a sync=bitmap backup's named bitmap at the end (QEMU's `bitmap-mode`).
+/// Its marks moved to the job at the point in time; the bitmap has recorded new writes since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BitmapMode {
+    /// On success the moved marks are done with; on failure or cancel they come back.
+    OnSuccess,
+    /// The moved marks always come back: the bitmap is never cleared by the job.
+    Never,
+    /// What was copied is done with, even on failure; only what was not comes back.
+    Always,
+}
+
+impl BitmapMode {
+    pub fn parse(text: &str) -> Result<BitmapMode, JobError> {
+        match text {
+            "on-success" => Ok(BitmapMode::OnSuccess),
+            "never" => Ok(BitmapMode::Never),
+            "always" => Ok(BitmapMode::Always),
+            _ => Err(JobError::Config {
+                name: "bitmap-mode",
+                value: text.to_string(),
+                reason: "on-success, never or always",
+            }),
+        }
+    }
+}
 
 /// A backup's options. `Default` gives QEMU's defaults where they are sound.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +61,14 @@ pub struct BackupConfig {
     /// The job's id in events.
     pub id: String,
     pub sync: SyncMode,
+    /// The named bitmap of sync=bitmap.
+    pub bitmap: Option<String>,
+    /// With `bitmap`: what happens to its moved marks at the end (default on-success).
+    pub bitmap_mode: Option<BitmapMode>,
+    /// Create this named bitmap on the source at the job's point in time (granularity: the
+    /// cluster size), so later sync=bitmap backups copy only what changed since: the start of
+    /// an incremental chain. Both happen or neither.
+    pub new_bitmap: Option<String>,
     /// Copy-before-write and copy unit (power of two, 4 KiB to 64 MiB, at least the
     /// source's block size).
     pub cluster_bytes: u64,
@@ -51,6 +94,9 @@ impl Default for BackupConfig {
         BackupConfig {
             id: "backup0".to_string(),
             sync: SyncMode::Full,
+            bitmap: None,
+            bitmap_mode: None,
+            new_bitmap: None,
             cluster_bytes: 64 << 10,
             workers_max: 16,
             chunk_bytes_max: 1 << 20,
@@ -94,10 +140,22 @@ impl BackupConfig {
         if self.cbw_timeout == Some(Duration::ZERO) {
             return Err(bad("cbw-timeout", 0, "more than zero, or none"));
         }
-        if self.sync == SyncMode::Bitmap {
-            return Err(JobError::Config { name: "sync", value: "bitmap".to_string(), reason: "full, top or none" });
+        match (self.sync, &self.bitmap, self.bitmap_mode) {
+            (SyncMode::Bitmap, None, _) => {
+                Err(JobError::Config { name: "bitmap", value: String::new(), reason: "sync=bitmap needs a bitmap" })
+            }
+            (sync, Some(name), _) if sync != SyncMode::Bitmap => Err(JobError::Config {
+                name: "bitmap",
+                value: name.clone(),
+                reason: "a bitmap is only used with sync=bitmap",
+            }),
+            (_, None, Some(_)) => Err(JobError::Config {
+                name: "bitmap-mode",
+                value: String::new(),
+                reason: "bitmap-mode needs a bitmap",
+            }),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -137,10 +195,30 @@ pub fn start(
     if source.has_filter() {
         return Err(crate::Error::DiskBusy { name: source.name().to_string() }.into());
     }
+    if runtime.on_core() {
+        return Err(JobError::Config {
+            name: "start",
+            value: "on a reactor core".to_string(),
+            reason: "start a backup from outside the runtime's cores: it waits for the disk's writes in progress",
+        });
+    }
+    let owner = format!("backup job {}", config.id);
+    let lease = match &config.bitmap {
+        Some(name) => Some(source.bitmaps().acquire(name, &owner)?),
+        None => None,
+    };
+    if let Some(name) = &config.new_bitmap {
+        if source.bitmaps().get(name).is_ok() {
+            return Err(crate::bitmap::BitmapError::Exists { name: name.clone() }.into());
+        }
+    }
     // Every cluster is the job's until its point-in-time data is on the target (sync=none
-    // too: the copier copies nothing, but the guest's writes save what they overwrite).
+    // too: the copier copies nothing, but the guest's writes save what they overwrite);
+    // sync=bitmap's marks are filled in at the point in time.
     let to_copy = DirtyBitmap::new(config.cluster_bytes, source.size_bytes())?;
-    to_copy.set(0, source.size_bytes()).expect("the whole disk is in range");
+    if config.sync != SyncMode::Bitmap {
+        to_copy.set(0, source.size_bytes()).expect("the whole disk is in range");
+    }
     let core = JobCore::new(
         config.id.clone(),
         JobKind::Backup,
@@ -153,11 +231,57 @@ pub fn start(
     );
     let policy = (config.on_cbw_error, config.cbw_timeout);
     let shared = CbwShared::new(core.clone(), target, to_copy, policy, config.sync == SyncMode::Top);
-    // On the write path before `start` returns: from here on, what a write would change is
-    // saved first.
-    source.insert_filter(Arc::new(CbwFilter(shared.clone())))?;
+    let point =
+        PointInTime { source: source.clone(), shared: shared.clone(), lease, new_bitmap: config.new_bitmap.clone() };
+    let moved = runtime.spawn(move || point.take()).join().map_err(|error| {
+        JobError::Disk(crate::Error::Config { name: "start", value: error.to_string(), reason: "the runtime stopped" })
+    })??;
     let job = Job { core };
     let source = source.clone();
-    runtime.spawn(move || run::run(shared, source, config));
+    runtime.spawn(move || run::run(shared, source, config, moved));
     Ok(job)
+}
+
+/// A sync=bitmap job's named bitmap and the marks that moved from it to the job.
+pub(crate) struct MovedMarks {
+    pub(crate) lease: BitmapLease,
+    pub(crate) marks: DirtyBitmap,
+}
+
+/// What happens at the point in time, under a drain of the source.
+struct PointInTime {
+    source: Disk,
+    shared: Arc<CbwShared>,
+    lease: Option<BitmapLease>,
+    new_bitmap: Option<String>,
+}
+
+impl PointInTime {
+    /// Drain, create the new bitmap, move the named bitmap's marks, put the filter on: all or
+    /// nothing.
+    async fn take(self) -> Result<Option<MovedMarks>, JobError> {
+        let source = &self.source;
+        let drain = source.drain().ok_or_else(|| crate::Error::DiskBusy { name: source.name().to_string() })?;
+        let guard = drain.await;
+        if let Some(name) = &self.new_bitmap {
+            let bitmap = DirtyBitmap::new(self.shared.to_copy.granularity_bytes(), source.size_bytes())?;
+            source.bitmaps().add(name, bitmap)?;
+        }
+        if let Err(error) = source.insert_filter(Arc::new(CbwFilter(self.shared.clone()))) {
+            if let Some(name) = &self.new_bitmap {
+                drop(source.bitmaps().remove(name));
+            }
+            return Err(error.into());
+        }
+        let moved = self.lease.map(|lease| {
+            let marks = lease.bitmap().copy();
+            for (offset, length_bytes) in marks.areas() {
+                self.shared.to_copy.set(offset, length_bytes).expect("same disk size");
+            }
+            lease.bitmap().clear();
+            MovedMarks { lease, marks }
+        });
+        drop(guard);
+        Ok(moved)
+    }
 }

@@ -3,7 +3,7 @@
 //! overwrite; applies the error policies and verbs; at the end flushes the target, takes the
 //! filter off and concludes.
 
-use super::BackupConfig;
+use super::{BackupConfig, BitmapMode, MovedMarks};
 use crate::block::{BlockDriver, Disk};
 use crate::buf::AlignedBuf;
 use crate::error::Error;
@@ -47,9 +47,11 @@ struct Runner {
     pace: Pace,
     pace_window_start: Instant,
     failure: Option<String>,
+    /// sync=bitmap: the named bitmap and the marks that moved to the job.
+    moved: Option<MovedMarks>,
 }
 
-pub(super) async fn run(shared: Arc<CbwShared>, source: Disk, config: BackupConfig) {
+pub(super) async fn run(shared: Arc<CbwShared>, source: Disk, config: BackupConfig, moved: Option<MovedMarks>) {
     let below = source.driver();
     // A page at least: see the mirror's copier on ext4's unaligned direct writes.
     let device_align = below.alignment().memory_bytes.max(shared.target.alignment().memory_bytes);
@@ -70,6 +72,7 @@ pub(super) async fn run(shared: Arc<CbwShared>, source: Disk, config: BackupConf
         pace_window_start: Instant::now(),
         failure: None,
         config,
+        moved,
     };
     let outcome = runner.main_loop().await;
     runner.finish(outcome).await;
@@ -285,6 +288,7 @@ impl Runner {
             other => other,
         };
         self.detach().await;
+        self.settle_bitmap(matches!(outcome, Outcome::Done));
         let (id, kind, figures) = (core.id.clone(), core.kind, core.figures());
         match outcome {
             Outcome::Done => core.emit(JobEvent::Completed { id, kind, figures, error: None }),
@@ -302,6 +306,35 @@ impl Runner {
         if core.auto_dismiss() {
             core.set_status(JobStatus::Null);
         }
+    }
+
+    /// sync=bitmap: give the named bitmap back what `bitmap_mode` says, then release it. It
+    /// has recorded every write since the point in time; the moved marks are what the job was
+    /// to copy.
+    fn settle_bitmap(&mut self, succeeded: bool) {
+        let Some(MovedMarks { lease, marks }) = self.moved.take() else { return };
+        let bitmap = lease.bitmap();
+        match (self.config.bitmap_mode.unwrap_or(BitmapMode::OnSuccess), succeeded) {
+            (BitmapMode::OnSuccess | BitmapMode::Always, true) => {}
+            (BitmapMode::Never, _) | (BitmapMode::OnSuccess, false) => {
+                bitmap.merge(&marks).expect("the marks are a copy of this bitmap");
+            }
+            // Only what is still to copy comes back.
+            (BitmapMode::Always, false) => {
+                let granularity = marks.granularity_bytes();
+                for (offset, length_bytes) in marks.areas() {
+                    let mut at = offset;
+                    while at < offset + length_bytes {
+                        let step_bytes = granularity.min(offset + length_bytes - at);
+                        if self.shared.to_copy.get(at).unwrap_or(true) {
+                            bitmap.set(at, step_bytes).expect("inside the bitmap");
+                        }
+                        at += step_bytes;
+                    }
+                }
+            }
+        }
+        drop(lease);
     }
 
     /// Every cluster is on the target: flush it, then waiting → pending → finalize.
