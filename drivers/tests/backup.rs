@@ -522,3 +522,32 @@ fn bitmap_input_errors_are_named_and_start_nothing() {
     let exists = BackupConfig { new_bitmap: Some("b".into()), ..BackupConfig::default() };
     assert!(try_start(exists).to_string().contains("already exists"));
 }
+
+#[test]
+fn fleecing_reads_equal_the_snapshot_while_the_guest_writes() {
+    let s = setup(Layout::Dense);
+    let snapshot = std::fs::read(&s.snapshot_path).unwrap();
+    let config = BackupConfig { sync: SyncMode::None, ..BackupConfig::default() };
+    let target = open(&s.runtime, &s.target_path);
+    let (job, view) = tandem::job::backup::start_with_view(&s.runtime.handle(), &s.disk, target, config).unwrap();
+    let view = Disk::new(view);
+    let guest = Guest::start(&s.runtime, &s.disk, &s.model, 71);
+    for pass in 0..3 {
+        guest.wait_writes(100);
+        for offset in (0..DISK_BYTES).step_by(1 << 20) {
+            let (result, buf) =
+                view.read_blocking(offset, AlignedBuf::zeroed(1 << 20, 4096).unwrap(), IoPriority::GUEST);
+            result.unwrap();
+            let expected = &snapshot[offset as usize..(offset + (1 << 20)) as usize];
+            assert!(buf.as_slice() == expected, "pass {pass}: the view at {offset} is not the point in time");
+        }
+    }
+    let (result, _) =
+        view.write_blocking(0, AlignedBuf::zeroed(4096, 4096).unwrap(), WriteFlags::default(), IoPriority::GUEST);
+    assert!(result.is_err(), "the view is read-only");
+    drop(guest.stop());
+    job.cancel(false).unwrap();
+    wait_null(&job);
+    let (result, _) = view.read_blocking(0, AlignedBuf::zeroed(4096, 4096).unwrap(), IoPriority::GUEST);
+    assert!(matches!(result, Err(tandem::Error::Io { errno: libc::ESTALE, .. })), "{result:?}");
+}

@@ -24,7 +24,7 @@ use crate::job::{IoOperation, JobCore};
 use crate::priority::IoPriority;
 use parking_lot::Mutex;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -71,6 +71,18 @@ pub(crate) struct CbwShared {
     broken: AtomicBool,
     broken_reason: Mutex<Option<String>>,
     pub(crate) guest_latency: LatencyMonitor,
+    /// The job is ending: snapshot views refuse new reads.
+    detached: AtomicBool,
+    view_reads_in_progress: AtomicU64,
+}
+
+/// A snapshot view's read in progress (see [`CbwShared::view_read`]).
+pub(crate) struct ViewRead<'a>(&'a AtomicU64);
+
+impl Drop for ViewRead<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl CbwShared {
@@ -92,7 +104,24 @@ impl CbwShared {
             broken: AtomicBool::new(false),
             broken_reason: Mutex::new(None),
             guest_latency: LatencyMonitor::default(),
+            detached: AtomicBool::new(false),
+            view_reads_in_progress: AtomicU64::new(0),
         })
+    }
+
+    /// Count a snapshot view's read in, unless the job is ending. Ordering as the write gate's:
+    /// the reader counts itself then reads the flag, the job sets the flag then reads the
+    /// count (all SeqCst), so either the reader backs out or the job waits for it.
+    pub(crate) fn view_read(&self) -> Option<ViewRead<'_>> {
+        self.view_reads_in_progress.fetch_add(1, Ordering::SeqCst);
+        let read = ViewRead(&self.view_reads_in_progress);
+        (!self.detached.load(Ordering::SeqCst)).then_some(read)
+    }
+
+    /// Refuse new view reads; true once none is in progress.
+    pub(crate) fn detach_views(&self) -> bool {
+        self.detached.store(true, Ordering::SeqCst);
+        self.view_reads_in_progress.load(Ordering::SeqCst) == 0
     }
 
     /// Why the snapshot broke (break-snapshot after a failed copy-before-write), if it did.

@@ -19,6 +19,9 @@
 //! the writes in progress are done, and refuses to run on one of the runtime's cores.
 
 mod run;
+mod view;
+
+pub use view::SnapshotView;
 
 use super::copy_before_write::{CbwFilter, CbwShared, OnCbwError};
 use super::{CopyPriority, ErrorPolicy, Job, JobCore, JobError, JobKind, SyncMode};
@@ -180,6 +183,19 @@ pub fn start(
     target: Arc<dyn BlockDriver>,
     config: BackupConfig,
 ) -> Result<Job, JobError> {
+    start_with_view(runtime, source, target, config).map(|(job, _)| job)
+}
+
+/// As [`start`], plus a read-only driver that reads the source as it was at the point in time
+/// while the job runs (fleecing; with sync=none, QEMU's image fleecing). Wrap it in a
+/// [`Disk`] to read it, export it, or back it up again. Its reads fail (ESTALE) once the job
+/// has ended.
+pub fn start_with_view(
+    runtime: &RuntimeHandle,
+    source: &Disk,
+    target: Arc<dyn BlockDriver>,
+    config: BackupConfig,
+) -> Result<(Job, Arc<SnapshotView>), JobError> {
     config.validate()?;
     if config.cluster_bytes < source.alignment().request_bytes {
         return Err(bad("cluster-size", config.cluster_bytes, "smaller than the source's block size"));
@@ -237,9 +253,10 @@ pub fn start(
         JobError::Disk(crate::Error::Config { name: "start", value: error.to_string(), reason: "the runtime stopped" })
     })??;
     let job = Job { core };
+    let view = Arc::new(SnapshotView::new(shared.clone(), below.clone()));
     let source = source.clone();
     runtime.spawn(move || run::run(shared, source, config, moved));
-    Ok(job)
+    Ok((job, view))
 }
 
 /// A sync=bitmap job's named bitmap and the marks that moved from it to the job.

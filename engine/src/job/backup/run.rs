@@ -355,8 +355,12 @@ impl Runner {
         Outcome::Done
     }
 
-    /// Take the filter off once the guest writes in progress (and their saves) are done.
+    /// Take the filter off once the snapshot views' reads and the guest writes in progress
+    /// (and their saves) are done.
     async fn detach(&mut self) {
+        while !self.shared.detach_views() {
+            crate::reactor::sleep(Duration::from_millis(1)).await;
+        }
         if let Some(drain) = self.source.drain() {
             let guard = drain.await;
             self.source.remove_filter(&guard);
