@@ -416,15 +416,7 @@ fn an_incremental_chain_restores_the_source_at_the_last_backup() {
     let Setup { disk, runtime, .. } = s;
     drop((disk, runtime));
     for (path, snapshot_path) in &incremental_paths {
-        use std::os::unix::fs::FileExt;
-        let (from, to) =
-            (std::fs::File::open(path).unwrap(), std::fs::OpenOptions::new().write(true).open(&restored_path).unwrap());
-        for (offset, length_bytes) in data_extents(path) {
-            let mut data = vec![0u8; length_bytes as usize];
-            from.read_exact_at(&mut data, offset).unwrap();
-            to.write_all_at(&data, offset).unwrap();
-        }
-        drop(to);
+        replay(path, &restored_path);
         assert!(qemu_img_identical(snapshot_path, &restored_path), "{} restored", path.display());
     }
 }
@@ -550,4 +542,69 @@ fn fleecing_reads_equal_the_snapshot_while_the_guest_writes() {
     wait_null(&job);
     let (result, _) = view.read_blocking(0, AlignedBuf::zeroed(4096, 4096).unwrap(), IoPriority::GUEST);
     assert!(matches!(result, Err(tandem::Error::Io { errno: libc::ESTALE, .. })), "{result:?}");
+}
+
+/// Replay an incremental image's data extents over `restored`.
+fn replay(incremental: &Path, restored: &Path) {
+    use std::os::unix::fs::FileExt;
+    let (from, to) =
+        (std::fs::File::open(incremental).unwrap(), std::fs::OpenOptions::new().write(true).open(restored).unwrap());
+    for (offset, length_bytes) in data_extents(incremental) {
+        let mut data = vec![0u8; length_bytes as usize];
+        from.read_exact_at(&mut data, offset).unwrap();
+        to.write_all_at(&data, offset).unwrap();
+    }
+}
+
+#[test]
+fn an_incremental_chain_survives_a_restart_through_its_sidecar_and_refuses_after_an_unclean_stop() {
+    let s = setup(Layout::Dense);
+    let sidecar = s.source_path.with_file_name("source.img.chain.bitmap");
+    // Process one: a full backup creates the chain's bitmap, persisted from then on.
+    let full = BackupConfig {
+        new_bitmap: Some("chain".into()),
+        speed_bytes_per_s: SPEED_BYTES_PER_S,
+        ..BackupConfig::default()
+    };
+    let job = start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), full).unwrap();
+    let recording = tandem::bitmap::record(&sidecar, "chain", s.disk.bitmaps().get("chain").unwrap()).unwrap();
+    let guest = Guest::start(&s.runtime, &s.disk, &s.model, 81);
+    wait_null(&job);
+    assert_eq!(job.error(), None);
+    let model = guest.stop();
+    recording.close().unwrap(); // clean stop
+    let Setup { disk, runtime: first, source_path, target_path: full_path, _dir, .. } = s;
+    drop((disk, first));
+
+    // Process two: reopen the source and the sidecar, back up what changed.
+    let runtime = runtime(BackendChoice::Auto, 2);
+    let disk = Disk::new(open(&runtime, &source_path));
+    let recording = tandem::bitmap::open_for_recording(&sidecar).unwrap();
+    assert!(recording.bitmap().dirty_chunk_count() > 0, "the first process's writes were saved");
+    disk.bitmaps().add_shared("chain", recording.bitmap().clone()).unwrap();
+    let snapshot_path = source_path.with_file_name("snapshot-inc.img");
+    std::fs::copy(&source_path, &snapshot_path).unwrap();
+    let inc_path = source_path.with_file_name("inc.img");
+    std::fs::File::create(&inc_path).unwrap().set_len(DISK_BYTES).unwrap();
+    let config = BackupConfig { sync: SyncMode::Bitmap, bitmap: Some("chain".into()), ..BackupConfig::default() };
+    let job = start(&runtime.handle(), &disk, open(&runtime, &inc_path), config).unwrap();
+    let guest = Guest::start(&runtime, &disk, &model, 82);
+    wait_null(&job);
+    assert_eq!(job.error(), None);
+    drop(guest.stop());
+    // An unclean stop: the recording is dropped without close, as a crash would leave it.
+    drop(recording);
+    drop((disk, runtime));
+    let restored = source_path.with_file_name("restored.img");
+    std::fs::copy(&full_path, &restored).unwrap();
+    replay(&inc_path, &restored);
+    assert!(qemu_img_identical(&snapshot_path, &restored), "full + incremental after a restart");
+
+    // Process three: the sidecar was left in use; an incremental from it is refused.
+    let error = tandem::bitmap::open_for_recording(&sidecar).map(|_| ()).unwrap_err();
+    assert!(matches!(error, tandem::bitmap::PersistError::Inconsistent { ref name, .. } if name == "chain"), "{error}");
+    assert!(tandem::bitmap::clear_inconsistent(&sidecar).unwrap());
+    let recording = tandem::bitmap::open_for_recording(&sidecar).unwrap();
+    assert_eq!(recording.bitmap().dirty_bytes(), DISK_BYTES, "acknowledged: the next incremental copies everything");
+    recording.close().unwrap();
 }

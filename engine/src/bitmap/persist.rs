@@ -132,6 +132,15 @@ impl RecordingBitmap {
     }
 }
 
+/// Start persisting `bitmap` (already recording, e.g. one a backup created with
+/// `new_bitmap`) to a new sidecar at `path`: saved with the in-use flag, so a crash from here
+/// on leaves it inconsistent. The handle shares `bitmap`.
+pub fn record(path: impl AsRef<Path>, name: &str, bitmap: Arc<DirtyBitmap>) -> Result<RecordingBitmap, PersistError> {
+    let path = path.as_ref();
+    save(path, name, &bitmap, true)?;
+    Ok(RecordingBitmap { path: path.to_path_buf(), name: name.to_string(), bitmap })
+}
+
 /// Load `path`, refuse it if it was left in use, and mark it in use on disk before returning.
 pub fn open_for_recording(path: impl AsRef<Path>) -> Result<RecordingBitmap, PersistError> {
     let path = path.as_ref();

@@ -70,6 +70,14 @@ impl BitmapRegistry {
 
     /// Attach `bitmap` as `name`.
     pub fn add(&self, name: &str, bitmap: DirtyBitmap) -> Result<Arc<DirtyBitmap>, BitmapError> {
+        self.add_shared(name, Arc::new(bitmap))
+    }
+
+    /// Attach a bitmap someone else holds too, such as a [`RecordingBitmap`]'s, so the disk's
+    /// writes mark what will be saved.
+    ///
+    /// [`RecordingBitmap`]: super::RecordingBitmap
+    pub fn add_shared(&self, name: &str, bitmap: Arc<DirtyBitmap>) -> Result<Arc<DirtyBitmap>, BitmapError> {
         check_name(name)?;
         if let Some(size_bytes) = self.inner.size_bytes.filter(|size| *size != bitmap.size_bytes()) {
             return Err(BitmapError::GeometryMismatch {
@@ -83,7 +91,6 @@ impl BitmapRegistry {
         if bitmaps.iter().any(|n| n.name == name) {
             return Err(BitmapError::Exists { name: name.to_string() });
         }
-        let bitmap = Arc::new(bitmap);
         bitmaps.push(Named { name: name.to_string(), bitmap: bitmap.clone(), owner: None });
         self.inner.count.store(bitmaps.len(), Ordering::Release);
         Ok(bitmap)
