@@ -582,6 +582,8 @@ fn an_incremental_chain_survives_a_restart_through_its_sidecar_and_refuses_after
     let recording = tandem::bitmap::open_for_recording(&sidecar).unwrap();
     assert!(recording.bitmap().dirty_chunk_count() > 0, "the first process's writes were saved");
     disk.bitmaps().add_shared("chain", recording.bitmap().clone()).unwrap();
+    // A cluster that becomes zeros must reach the incremental as data, or the replay skips it.
+    disk.write_zeroes_blocking(2 << 20, 64 << 10, true, IoPriority::GUEST).unwrap();
     let snapshot_path = source_path.with_file_name("snapshot-inc.img");
     std::fs::copy(&source_path, &snapshot_path).unwrap();
     let inc_path = source_path.with_file_name("inc.img");

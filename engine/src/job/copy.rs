@@ -18,6 +18,11 @@ use std::task::Poll;
 pub(crate) struct CopyOptions {
     pub(crate) unmap: bool,
     pub(crate) detect_zeroes: bool,
+    /// Zeros travel as data after all: an incremental backup's sparse target tells what it
+    /// holds by its allocated extents, and write_zeroes may leave a range unallocated (or an
+    /// unwritten extent, which reads as a hole), so a cluster that became zeros would vanish
+    /// from it.
+    pub(crate) zeroes_as_data: bool,
     pub(crate) priority: IoPriority,
 }
 
@@ -155,7 +160,7 @@ async fn write_zeroes(
     mut buf: AlignedBuf,
     options: CopyOptions,
 ) -> (CopyResult, AlignedBuf) {
-    if target.capabilities().write_zeroes {
+    if target.capabilities().write_zeroes && !options.zeroes_as_data {
         let result = target.write_zeroes(offset, length_bytes, options.unmap, options.priority).await;
         return (result.map_err(|error| (IoOperation::Write, error)), buf);
     }

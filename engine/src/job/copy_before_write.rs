@@ -67,6 +67,8 @@ pub(crate) struct CbwShared {
     pub(crate) cbw_timeout: Option<Duration>,
     /// Zeros on the target as holes (sync=top) or as allocated zeros.
     pub(crate) unmap: bool,
+    /// Zeros as data (sync=bitmap: see `CopyOptions::zeroes_as_data`).
+    pub(crate) zeroes_as_data: bool,
     /// Set once the snapshot is broken: guest writes then pass untouched.
     broken: AtomicBool,
     broken_reason: Mutex<Option<String>>,
@@ -91,7 +93,7 @@ impl CbwShared {
         target: Arc<dyn BlockDriver>,
         to_copy: DirtyBitmap,
         policy: (OnCbwError, Option<Duration>),
-        unmap: bool,
+        (unmap, zeroes_as_data): (bool, bool),
     ) -> Arc<CbwShared> {
         Arc::new(CbwShared {
             core,
@@ -101,6 +103,7 @@ impl CbwShared {
             on_cbw_error: policy.0,
             cbw_timeout: policy.1,
             unmap,
+            zeroes_as_data,
             broken: AtomicBool::new(false),
             broken_reason: Mutex::new(None),
             guest_latency: LatencyMonitor::default(),
@@ -211,7 +214,8 @@ impl CbwShared {
                 break;
             }
             let length_bytes = length_bytes.min(end - offset);
-            let options = CopyOptions { unmap: self.unmap, detect_zeroes: true, priority };
+            let options =
+                CopyOptions { unmap: self.unmap, detect_zeroes: true, zeroes_as_data: self.zeroes_as_data, priority };
             let range = (offset, length_bytes, piece_bytes);
             let (result, back) = copy_range(below.clone(), self.target.clone(), range, bufs, options).await;
             bufs = back;

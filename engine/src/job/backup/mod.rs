@@ -246,7 +246,8 @@ pub fn start_with_view(
         }),
     );
     let policy = (config.on_cbw_error, config.cbw_timeout);
-    let shared = CbwShared::new(core.clone(), target, to_copy, policy, config.sync == SyncMode::Top);
+    let zeros = (config.sync == SyncMode::Top, config.sync == SyncMode::Bitmap);
+    let shared = CbwShared::new(core.clone(), target, to_copy, policy, zeros);
     let point =
         PointInTime { source: source.clone(), shared: shared.clone(), lease, new_bitmap: config.new_bitmap.clone() };
     let moved = runtime.spawn(move || point.take()).join().map_err(|error| {

@@ -318,6 +318,7 @@ impl Runner {
         let options = CopyOptions {
             unmap: self.config.unmap,
             detect_zeroes: self.config.detect_zeroes,
+            zeroes_as_data: false,
             priority: self.config.copy_priority.io_priority(),
         };
         let (source, target) = (self.source.clone(), self.shared.target.clone());
