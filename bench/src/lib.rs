@@ -2,6 +2,7 @@
 //! runner on the Tandem reactor, `compare-fio`, the mirror scenario and the demo. The binary is a thin CLI over it;
 //! the fuzz targets and integration tests use it directly.
 
+pub mod backup;
 pub mod compare;
 pub mod demo;
 pub mod fio;

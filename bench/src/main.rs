@@ -35,6 +35,10 @@ enum Command {
     /// copy MiB/s, CPU per GiB, the guest's IOPS and latency before and during the job, and
     /// whether source and target end identical.
     Mirror(Box<tandem_bench::mirror::MirrorArgs>),
+    /// Back a disk up under an optional guest load and measure it: time to the end, copy
+    /// MiB/s, CPU per GiB, the guest's IOPS and latency before and during the job, and whether
+    /// the target equals the source as it was at the job's start.
+    Backup(Box<tandem_bench::backup::BackupArgs>),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::CompareFio { args } => tandem_bench::compare::compare_command(&args),
         Command::Demo(args) => tandem_bench::demo::demo_command(&args),
         Command::Mirror(args) => tandem_bench::mirror::mirror_command(&args),
+        Command::Backup(args) => tandem_bench::backup::backup_command(&args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -400,6 +400,65 @@ fn mirror_bad_options_are_named_and_touch_nothing() {
     }
 }
 
+// 8b. backup.
+
+#[test]
+fn backup_json_has_the_issue_fields_and_the_point_in_time_holds() {
+    let scratch = Scratch::new("backup");
+    let (source, target) = (scratch.path("source.img"), scratch.path("target.img"));
+    let run = tandem(&[
+        "backup",
+        "--source",
+        source.to_str().expect("utf-8"),
+        "--target",
+        target.to_str().expect("utf-8"),
+        "--size=32M",
+        "--speed=16M",
+        "--guest-rw=randwrite",
+        "--guest-iodepth=4",
+        "--guest-rate-iops=500",
+        "--guest-runtime=3",
+        "--output-format=json",
+    ])
+    .ok();
+    let value: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}:\n{}", run.stdout));
+    for key in ["complete_s", "mib_per_s", "cpu_s_per_gib"] {
+        assert!(value[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {value}");
+    }
+    assert_eq!(value["point_in_time_ok"], Value::Bool(true), "{value}");
+    for window in ["baseline", "job"] {
+        for key in ["iops", "clat_p50_us", "clat_p99_us"] {
+            assert!(value["guest"][window][key].as_f64().is_some(), "guest.{window}.{key}: {value}");
+        }
+    }
+    assert!(value["guest"]["job"]["iops"].as_f64().is_some_and(|v| v > 0.0), "the guest wrote during the job: {value}");
+    for key in ["job_iops", "job_p99"] {
+        assert!(value["ratios"][key].as_f64().is_some(), "ratios.{key}: {value}");
+    }
+    assert!(!source.exists() && !target.exists(), "removed without --keep");
+    let leftovers: Vec<_> = std::fs::read_dir(scratch.path("")).expect("scratch").collect();
+    assert!(leftovers.is_empty(), "the point-in-time copy is removed too: {leftovers:?}");
+}
+
+#[test]
+fn backup_bad_options_are_named_and_touch_nothing() {
+    let scratch = Scratch::new("backupbad");
+    let source = scratch.path("source.img");
+    let source_arg = format!("--source={}", source.display());
+    for (option, named) in [
+        ("--sync=sideways", "sideways"),
+        ("--sync=none", "none"),
+        ("--cluster-size=3000", "3000"),
+        ("--copy-priority=me", "me"),
+        ("--max-workers=0", "max-workers"),
+        ("--output-format=xml", "xml"),
+    ] {
+        let run = tandem(&["backup", &source_arg, "--size=8M", "--guest-runtime=2", option]).failed();
+        assert!(run.stderr.contains(named), "{option}: {}", run.stderr);
+        assert!(!source.exists(), "{option}: nothing created");
+    }
+}
+
 // 9. help.
 
 #[test]

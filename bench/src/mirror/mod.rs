@@ -5,7 +5,7 @@
 //! stops. Then it completes the job and checks with `qemu-img compare` that source and target
 //! are identical. Guest figures per phase count only completions inside that phase.
 
-mod guest;
+pub(crate) mod guest;
 mod plot;
 mod qemu;
 
@@ -112,14 +112,14 @@ impl MirrorArgs {
     }
 }
 
-fn parse_size(value: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(value: &str) -> Result<u64, String> {
     match fio::parse_size(value).map_err(|e| e.to_string())? {
         0 => Err(format!("{value}: must be more than 0")),
         bytes => Ok(bytes),
     }
 }
 
-fn parse_size_or_zero(value: &str) -> Result<u64, String> {
+pub(crate) fn parse_size_or_zero(value: &str) -> Result<u64, String> {
     fio::parse_size(value).map_err(|e| e.to_string())
 }
 
@@ -199,7 +199,7 @@ impl MirrorReport {
     }
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
+pub(crate) fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 {
         a / b
     } else {
@@ -317,7 +317,7 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
     };
     let runtime = Runtime::new(Config { cores: args.cores as usize, pin: false, ..Config::default() })
         .map_err(|e| e.to_string())?;
-    prepare_images(args, &runtime, &note)?;
+    prepare_images((&args.source, &args.target), args.size, &runtime, &note)?;
     let baseline = match plan.guest {
         Some(spec) => {
             note(format!("baseline: the guest alone for {} s", args.guest_runtime));
@@ -341,7 +341,7 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
     let job =
         tandem::job::mirror::start(&runtime.handle(), &disk, target, plan.config.clone()).map_err(|e| e.to_string())?;
     let sampler = Sampler::start(&job);
-    let status = watch(&job, show_progress, |s| s == JobStatus::Ready || s.is_finished());
+    let status = watch(&job, "mirror", show_progress, |s| s == JobStatus::Ready || s.is_finished());
     let ready_at = Instant::now();
     let usage_ready = rusage().since(&usage_before);
     if status != JobStatus::Ready {
@@ -470,11 +470,11 @@ fn plot_run(
 }
 
 /// Wait for `until`, drawing progress (dirty bytes) on a terminal or a plain line every 5 s.
-fn watch(job: &Job, show: bool, until: impl Fn(JobStatus) -> bool) -> JobStatus {
+pub(crate) fn watch(job: &Job, label: &str, show: bool, until: impl Fn(JobStatus) -> bool) -> JobStatus {
     let terminal = show && std::io::stderr().is_terminal();
     let bar = terminal.then(|| {
         let bar = indicatif::ProgressBar::new(1);
-        let style = indicatif::ProgressStyle::with_template("mirror [{bar:30}] {percent:>3}% {msg}")
+        let style = indicatif::ProgressStyle::with_template(&format!("{label} [{{bar:30}}] {{percent:>3}}% {{msg}}"))
             .expect("static template")
             .progress_chars("=> ");
         bar.set_style(style);
@@ -486,13 +486,13 @@ fn watch(job: &Job, show: bool, until: impl Fn(JobStatus) -> bool) -> JobStatus 
         let status = job.wait_for(&until, Duration::from_millis(250));
         let progress = job.progress();
         let dirty_mib = (progress.total_bytes - progress.done_bytes) as f64 / (1 << 20) as f64;
-        let message = format!("{} MiB copied, {dirty_mib:.1} MiB dirty, {status}", progress.done_bytes >> 20);
+        let message = format!("{} MiB copied, {dirty_mib:.1} MiB to copy, {status}", progress.done_bytes >> 20);
         if let Some(bar) = &bar {
             bar.set_length(progress.total_bytes.max(1));
             bar.set_position(progress.done_bytes);
             bar.set_message(message);
         } else if show && last_line.elapsed() >= Duration::from_secs(5) {
-            eprintln!("mirror: {:.0} s, {message}", started.elapsed().as_secs_f64());
+            eprintln!("{label}: {:.0} s, {message}", started.elapsed().as_secs_f64());
             last_line = Instant::now();
         }
         if until(status) || started.elapsed() > JOB_WAIT_MAX {
@@ -504,22 +504,27 @@ fn watch(job: &Job, show: bool, until: impl Fn(JobStatus) -> bool) -> JobStatus 
     }
 }
 
-/// The source full of random data, the target preallocated, both `size` bytes.
-fn prepare_images(args: &MirrorArgs, runtime: &Runtime, note: &dyn Fn(String)) -> Result<(), String> {
-    for path in [&args.source, &args.target] {
+/// The source full of random data, the target preallocated, both `size_bytes`.
+pub(crate) fn prepare_images(
+    (source, target): (&Path, &Path),
+    size_bytes: u64,
+    runtime: &Runtime,
+    note: &dyn Fn(String),
+) -> Result<(), String> {
+    for path in [source, target] {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
     }
-    let source_ok = std::fs::metadata(&args.source).is_ok_and(|m| m.len() == args.size);
+    let source_ok = std::fs::metadata(source).is_ok_and(|m| m.len() == size_bytes);
     if !source_ok {
         // A new file, laid out with random data the way `run` lays out fio's files.
-        let _ = std::fs::remove_file(&args.source);
-        let options = FileOptions { create_size_bytes: Some(args.size), ..FileOptions::default() };
-        let driver = FileDriver::open(&runtime.handle(), &args.source, &options).map_err(|e| e.to_string())?;
-        crate::target::lay_out(&Disk::new(Arc::new(driver)), 0, args.size).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(source);
+        let options = FileOptions { create_size_bytes: Some(size_bytes), ..FileOptions::default() };
+        let driver = FileDriver::open(&runtime.handle(), source, &options).map_err(|e| e.to_string())?;
+        crate::target::lay_out(&Disk::new(Arc::new(driver)), 0, size_bytes).map_err(|e| e.to_string())?;
     }
-    fresh_target(&args.target, args.size, note)
+    fresh_target(target, size_bytes, note)
 }
 
 /// Make the target a new preallocated file, as a real mirror target is: its extents start
@@ -546,7 +551,7 @@ pub(crate) fn fresh_target(path: &Path, size_bytes: u64, note: &dyn Fn(String)) 
     Ok(())
 }
 
-fn open_file(
+pub(crate) fn open_file(
     runtime: &Runtime,
     path: &Path,
     allow_buffered: bool,
@@ -563,7 +568,7 @@ fn open_file(
 /// The target, through the page cache where O_DIRECT is refused, or where its O_DIRECT
 /// alignment is stricter than the source's (tmpfs takes O_DIRECT at 4 KiB on recent kernels,
 /// while the guest may write 512 B blocks, which the target must take after the switch-over).
-fn open_target(
+pub(crate) fn open_target(
     runtime: &Runtime,
     path: &Path,
     source: &Disk,
@@ -584,7 +589,7 @@ fn open_target(
     Ok(Arc::new(FileDriver::open(&runtime.handle(), path, &options).map_err(|e| e.to_string())?))
 }
 
-fn qemu_img_identical(a: &Path, b: &Path) -> Result<bool, String> {
+pub(crate) fn qemu_img_identical(a: &Path, b: &Path) -> Result<bool, String> {
     let output = std::process::Command::new("qemu-img")
         .args(["compare", "-q", "-f", "raw", "-F", "raw"])
         .arg(a)

@@ -1,0 +1,279 @@
+//! `tandem-bench backup`: one backup job on real files, measured. The source is copied aside
+//! first (the expected point in time). With a guest (fio's words, as for `mirror`) the guest
+//! first runs alone (the baseline), then again from the instant the backup starts, so every
+//! write it makes during the job lands after the point in time. At the end `qemu-img compare`
+//! checks that the target equals the copy: `point_in_time_ok`. Guest figures inside the job
+//! count only completions between the job's start and its end.
+
+use crate::mirror::guest::{self, GuestFigures, GuestRw, GuestSpec};
+use crate::mirror::{
+    open_file, open_target, parse_size, parse_size_or_zero, prepare_images, qemu_img_identical, ratio, watch,
+};
+use crate::runner::rusage;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tandem::block::Disk;
+use tandem::job::backup::BackupConfig;
+use tandem::job::{CopyPriority, JobStatus, SyncMode};
+use tandem::reactor::{Config, Runtime};
+
+/// Longest the bench waits for the job to end before it gives up.
+const JOB_WAIT_MAX: Duration = Duration::from_secs(3600);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackupArgs {
+    /// Source image (created with --size and random data if missing or too small).
+    #[arg(long, default_value = "target/tandem-backup/source.img")]
+    pub source: PathBuf,
+    /// Target image (created and preallocated). On a filesystem that refuses O_DIRECT, such as
+    /// /dev/shm, it is opened through the page cache (with a note).
+    #[arg(long, default_value = "target/tandem-backup/target.img")]
+    pub target: PathBuf,
+    /// Disk size, fio syntax.
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    pub size: u64,
+    /// Keep the images afterwards (the point-in-time copy is always removed).
+    #[arg(long)]
+    pub keep: bool,
+    /// full or top (none runs until cancelled and bitmap needs a named bitmap: not benched).
+    #[arg(long, default_value = "full")]
+    pub sync: String,
+    /// guest, balanced or job: who goes first on the device (see docs/jobs.md).
+    #[arg(long = "copy-priority", default_value = "guest")]
+    pub copy_priority: String,
+    /// Copy-before-write and copy unit, fio size syntax.
+    #[arg(long = "cluster-size", default_value = "64K", value_parser = parse_size)]
+    pub cluster_size: u64,
+    /// Copy bytes in flight, fio size syntax.
+    #[arg(long = "buf-size", default_value = "16M", value_parser = parse_size)]
+    pub buf_size: u64,
+    /// Bytes one background copy moves at most, fio size syntax.
+    #[arg(long = "max-chunk", default_value = "1M", value_parser = parse_size)]
+    pub max_chunk: u64,
+    /// Background copies in flight at most.
+    #[arg(long = "max-workers", default_value_t = 16)]
+    pub max_workers: usize,
+    /// Copy speed limit in bytes/s, fio size syntax (0: none).
+    #[arg(long, default_value = "0", value_parser = parse_size_or_zero)]
+    pub speed: u64,
+    /// The guest: randwrite, randread or randrw (none if not given).
+    #[arg(long = "guest-rw")]
+    pub guest_rw: Option<String>,
+    #[arg(long = "guest-bs", default_value = "4k", value_parser = parse_size)]
+    pub guest_bs: u64,
+    #[arg(long = "guest-iodepth", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub guest_iodepth: u32,
+    /// Total guest IOPS (0: unthrottled).
+    #[arg(long = "guest-rate-iops", default_value_t = 0)]
+    pub guest_rate_iops: u64,
+    /// Seconds the guest runs (baseline and job run each).
+    #[arg(long = "guest-runtime", default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub guest_runtime: u64,
+    /// normal or json.
+    #[arg(long = "output-format", default_value = "normal")]
+    pub output_format: String,
+    /// Reactor cores.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub cores: u64,
+}
+
+/// What one invocation measured.
+#[derive(Debug, Clone)]
+pub struct BackupReport {
+    pub complete_s: f64,
+    pub mib_per_s: f64,
+    pub cpu_s_per_gib: f64,
+    pub point_in_time_ok: bool,
+    pub copied_bytes: u64,
+    /// (baseline, inside the job) with a guest.
+    pub guest: Option<(GuestFigures, GuestFigures)>,
+}
+
+impl BackupReport {
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = json!({
+            "complete_s": self.complete_s,
+            "mib_per_s": self.mib_per_s,
+            "cpu_s_per_gib": self.cpu_s_per_gib,
+            "point_in_time_ok": self.point_in_time_ok,
+            "copied_bytes": self.copied_bytes,
+        });
+        if let Some((baseline, job)) = &self.guest {
+            value["guest"] = json!({"baseline": baseline.to_json(), "job": job.to_json()});
+            value["ratios"] = json!({
+                "job_iops": ratio(job.iops, baseline.iops),
+                "job_p99": ratio(job.clat_p99_us, baseline.clat_p99_us),
+            });
+        }
+        value
+    }
+
+    pub fn to_text(&self) -> String {
+        let verdict = match self.point_in_time_ok {
+            true => "the target equals the source at the job's start",
+            false => "THE TARGET DIFFERS FROM THE SOURCE AT THE JOB'S START",
+        };
+        let mut text = format!(
+            "backup: complete after {:.2} s, {:.0} MiB/s, {:.2} CPU s per GiB, {verdict}\n",
+            self.complete_s, self.mib_per_s, self.cpu_s_per_gib
+        );
+        if let Some((baseline, job)) = &self.guest {
+            text += &format!(
+                "{:<18} {:>10} {:>12} {:>12} {:>10} {:>10}\n",
+                "guest", "IOPS", "p50 (us)", "p99 (us)", "IOPS x", "p99 x"
+            );
+            for (name, f) in [("baseline", baseline), ("during the job", job)] {
+                text += &format!(
+                    "{:<18} {:>10.0} {:>12.1} {:>12.1} {:>10.2} {:>10.2}\n",
+                    name,
+                    f.iops,
+                    f.clat_p50_us,
+                    f.clat_p99_us,
+                    ratio(f.iops, baseline.iops),
+                    ratio(f.clat_p99_us, baseline.clat_p99_us)
+                );
+            }
+        }
+        text
+    }
+}
+
+pub fn backup_command(args: &BackupArgs) -> Result<(), String> {
+    let json = match args.output_format.as_str() {
+        "json" => true,
+        "normal" => false,
+        other => return Err(format!("--output-format {other}: expected normal or json")),
+    };
+    let report = run_backup(args, !json);
+    let _ = std::fs::remove_file(snapshot_path(args));
+    if !args.keep {
+        let _ = std::fs::remove_file(&args.source);
+        let _ = std::fs::remove_file(&args.target);
+    }
+    let report = report?;
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(&report.to_json()).map_err(|e| e.to_string())?),
+        false => print!("{}", report.to_text()),
+    }
+    match report.point_in_time_ok {
+        true => Ok(()),
+        false => Err("the target differs from the source as it was at the job's start".into()),
+    }
+}
+
+/// Where the expected point in time is copied: next to the target.
+fn snapshot_path(args: &BackupArgs) -> PathBuf {
+    let mut name = args.target.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".point-in-time");
+    args.target.with_file_name(name)
+}
+
+/// Options checked before any file is touched.
+fn plan(args: &BackupArgs) -> Result<(BackupConfig, Option<GuestSpec>), String> {
+    let sync = SyncMode::parse(&args.sync).map_err(|e| e.to_string())?;
+    if matches!(sync, SyncMode::None | SyncMode::Bitmap) {
+        return Err(format!(
+            "--sync {}: the bench runs full or top (none runs until cancelled; bitmap needs a named bitmap)",
+            args.sync
+        ));
+    }
+    let config = BackupConfig {
+        sync,
+        copy_priority: CopyPriority::parse(&args.copy_priority).map_err(|e| e.to_string())?,
+        cluster_bytes: args.cluster_size,
+        buf_size_bytes: args.buf_size,
+        chunk_bytes_max: args.max_chunk,
+        workers_max: args.max_workers,
+        speed_bytes_per_s: args.speed,
+        ..BackupConfig::default()
+    };
+    config.validate().map_err(|e| e.to_string())?;
+    if !args.size.is_multiple_of(1 << 20) {
+        return Err(format!("--size {}: must be a whole number of MiB", args.size));
+    }
+    let guest = match &args.guest_rw {
+        None => None,
+        Some(rw) => {
+            if !args.guest_bs.is_multiple_of(512) || args.guest_bs > args.size {
+                return Err(format!("--guest-bs {}: a multiple of 512 no larger than --size", args.guest_bs));
+            }
+            Some(GuestSpec {
+                rw: GuestRw::parse(rw)?,
+                block_size_bytes: args.guest_bs,
+                iodepth: args.guest_iodepth,
+                rate_iops: args.guest_rate_iops,
+                runtime: Duration::from_secs(args.guest_runtime),
+            })
+        }
+    };
+    Ok((config, guest))
+}
+
+/// Run the scenario; the images stay (the caller removes them unless `--keep`).
+pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport, String> {
+    let (config, spec) = plan(args)?;
+    let note = |text: String| {
+        if show_progress {
+            eprintln!("{text}")
+        }
+    };
+    let runtime = Runtime::new(Config { cores: args.cores as usize, pin: false, ..Config::default() })
+        .map_err(|e| e.to_string())?;
+    prepare_images((&args.source, &args.target), args.size, &runtime, &note)?;
+    let baseline = match spec {
+        Some(spec) => {
+            note(format!("baseline: the guest alone for {} s", args.guest_runtime));
+            let disk = Disk::new(open_file(&runtime, &args.source, false, &note)?);
+            let record = guest::Guest::start(&runtime, &disk, spec, 1).join();
+            if let Some(e) = record.error {
+                return Err(format!("guest failed in the baseline: {e}"));
+            }
+            Some(record.window(record.started, record.started + spec.runtime))
+        }
+        None => None,
+    };
+    note("copying the source aside as the expected point in time".to_string());
+    let snapshot = snapshot_path(args);
+    std::fs::copy(&args.source, &snapshot)
+        .map_err(|e| format!("cannot copy the source to {}: {e}", snapshot.display()))?;
+    let disk = Disk::new(open_file(&runtime, &args.source, false, &note)?);
+    let target = open_target(&runtime, &args.target, &disk, &note)?;
+    let usage_before = rusage();
+    let job_started = Instant::now();
+    let job = tandem::job::backup::start(&runtime.handle(), &disk, target, config).map_err(|e| e.to_string())?;
+    let guest = spec.map(|spec| guest::Guest::start(&runtime, &disk, spec, 2));
+    let status = watch(&job, "backup", show_progress, |s| s == JobStatus::Null);
+    let job_ended = Instant::now();
+    let usage = rusage().since(&usage_before);
+    let copied_bytes = job.progress().done_bytes;
+    let record = guest.map(guest::Guest::join);
+    if let Some(error) = job.error() {
+        return Err(format!("the backup failed: {error}"));
+    }
+    if status != JobStatus::Null || job_started.elapsed() > JOB_WAIT_MAX {
+        return Err(format!("the backup did not finish (status {status})"));
+    }
+    drop(disk);
+    drop(runtime);
+    let point_in_time_ok = qemu_img_identical(&snapshot, &args.target)?;
+    let complete_s = job_ended.duration_since(job_started).as_secs_f64();
+    let gib = copied_bytes as f64 / (1u64 << 30) as f64;
+    let guest = match (baseline, record) {
+        (Some(baseline), Some(record)) => {
+            if let Some(e) = &record.error {
+                return Err(format!("guest failed during the job: {e}"));
+            }
+            Some((baseline, record.window(job_started, job_ended)))
+        }
+        _ => None,
+    };
+    Ok(BackupReport {
+        complete_s,
+        mib_per_s: copied_bytes as f64 / (1 << 20) as f64 / complete_s.max(1e-9),
+        cpu_s_per_gib: (usage.user_s + usage.system_s) / gib.max(1e-9),
+        point_in_time_ok,
+        copied_bytes,
+        guest,
+    })
+}
