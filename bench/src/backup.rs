@@ -4,8 +4,14 @@
 //! write it makes during the job lands after the point in time. At the end `qemu-img compare`
 //! checks that the target equals the copy: `point_in_time_ok`. Guest figures inside the job
 //! count only completions between the job's start and its end.
+//!
+//! `--compare-qemu` runs the same scenario through qemu-storage-daemon (`blockdev-backup`
+//! over QMP, fio over NBD as its guest, started right after the job), each system on its own
+//! fresh target and checked against its own point-in-time copy. Only each side's ratio to its
+//! own no-job baseline compares: QEMU's guest goes through NBD.
 
 use crate::mirror::guest::{self, GuestFigures, GuestRw, GuestSpec};
+use crate::mirror::qemu::{unix_ms, window, Daemon, FioGuest};
 use crate::mirror::{
     open_file, open_target, parse_size, parse_size_or_zero, prepare_images, qemu_img_identical, ratio, watch,
 };
@@ -73,6 +79,10 @@ pub struct BackupArgs {
     /// normal or json.
     #[arg(long = "output-format", default_value = "normal")]
     pub output_format: String,
+    /// Then run the same scenario through qemu-storage-daemon on the same files (its guest is
+    /// fio over NBD) and print both side by side.
+    #[arg(long = "compare-qemu")]
+    pub compare_qemu: bool,
     /// Reactor cores.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub cores: u64,
@@ -88,6 +98,16 @@ pub struct BackupReport {
     pub copied_bytes: u64,
     /// (baseline, inside the job) with a guest.
     pub guest: Option<(GuestFigures, GuestFigures)>,
+    /// QEMU's figures for the same scenario (`--compare-qemu`).
+    pub qemu: Option<Box<BackupReport>>,
+}
+
+fn guest_json((baseline, job): &(GuestFigures, GuestFigures)) -> (serde_json::Value, serde_json::Value) {
+    let ratios = json!({
+        "job_iops": ratio(job.iops, baseline.iops),
+        "job_p99": ratio(job.clat_p99_us, baseline.clat_p99_us),
+    });
+    (json!({"baseline": baseline.to_json(), "job": job.to_json()}), ratios)
 }
 
 impl BackupReport {
@@ -99,29 +119,47 @@ impl BackupReport {
             "point_in_time_ok": self.point_in_time_ok,
             "copied_bytes": self.copied_bytes,
         });
-        if let Some((baseline, job)) = &self.guest {
-            value["guest"] = json!({"baseline": baseline.to_json(), "job": job.to_json()});
-            value["ratios"] = json!({
-                "job_iops": ratio(job.iops, baseline.iops),
-                "job_p99": ratio(job.clat_p99_us, baseline.clat_p99_us),
+        if let Some(guest) = &self.guest {
+            (value["guest"], value["ratios"]) = guest_json(guest);
+        }
+        if let Some(qemu) = &self.qemu {
+            value["qemu"] = qemu.to_json();
+            value["vs_qemu"] = json!({
+                "mib_per_s": ratio(self.mib_per_s, qemu.mib_per_s),
+                "cpu_s_per_gib": ratio(self.cpu_s_per_gib, qemu.cpu_s_per_gib),
             });
         }
         value
     }
 
     pub fn to_text(&self) -> String {
+        let mut text = self.summary("backup", "guest");
+        if let Some(qemu) = &self.qemu {
+            text += &qemu.summary("qemu", "qemu guest (NBD)");
+            text += &format!(
+                "tandem/qemu: {:.2}x MiB/s, {:.2}x CPU s per GiB (guests: compare each side's x columns, \
+                 not absolute figures: QEMU's guest goes through NBD)\n",
+                ratio(self.mib_per_s, qemu.mib_per_s),
+                ratio(self.cpu_s_per_gib, qemu.cpu_s_per_gib)
+            );
+        }
+        text
+    }
+
+    fn summary(&self, label: &str, guest_title: &str) -> String {
         let verdict = match self.point_in_time_ok {
             true => "the target equals the source at the job's start",
             false => "THE TARGET DIFFERS FROM THE SOURCE AT THE JOB'S START",
         };
         let mut text = format!(
-            "backup: complete after {:.2} s, {:.0} MiB/s, {:.2} CPU s per GiB, {verdict}\n",
+            "{label}: complete after {:.2} s, {:.0} MiB/s, {:.2} CPU s per GiB, {verdict}\n",
             self.complete_s, self.mib_per_s, self.cpu_s_per_gib
         );
         if let Some((baseline, job)) = &self.guest {
+            let header = ("IOPS", "p50 (us)", "p99 (us)", "IOPS x", "p99 x");
             text += &format!(
-                "{:<18} {:>10} {:>12} {:>12} {:>10} {:>10}\n",
-                "guest", "IOPS", "p50 (us)", "p99 (us)", "IOPS x", "p99 x"
+                "{guest_title:<18} {:>10} {:>12} {:>12} {:>10} {:>10}\n",
+                header.0, header.1, header.2, header.3, header.4
             );
             for (name, f) in [("baseline", baseline), ("during the job", job)] {
                 text += &format!(
@@ -156,9 +194,11 @@ pub fn backup_command(args: &BackupArgs) -> Result<(), String> {
         true => println!("{}", serde_json::to_string_pretty(&report.to_json()).map_err(|e| e.to_string())?),
         false => print!("{}", report.to_text()),
     }
-    match report.point_in_time_ok {
-        true => Ok(()),
-        false => Err("the target differs from the source as it was at the job's start".into()),
+    let qemu_ok = report.qemu.as_ref().is_none_or(|q| q.point_in_time_ok);
+    match (report.point_in_time_ok, qemu_ok) {
+        (true, true) => Ok(()),
+        (false, _) => Err("the target differs from the source as it was at the job's start".into()),
+        (true, false) => Err("QEMU's target differs from the source as it was at its job's start".into()),
     }
 }
 
@@ -268,6 +308,10 @@ pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport
         }
         _ => None,
     };
+    let qemu = match args.compare_qemu {
+        true => Some(Box::new(run_qemu(args, spec, &note)?)),
+        false => None,
+    };
     Ok(BackupReport {
         complete_s,
         mib_per_s: copied_bytes as f64 / (1 << 20) as f64 / complete_s.max(1e-9),
@@ -275,5 +319,57 @@ pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport
         point_in_time_ok,
         copied_bytes,
         guest,
+        qemu,
+    })
+}
+
+/// The scenario through QEMU: its own fresh target and point-in-time copy, blockdev-backup,
+/// fio over NBD from the job's start.
+fn run_qemu(args: &BackupArgs, spec: Option<GuestSpec>, note: &dyn Fn(String)) -> Result<BackupReport, String> {
+    let baseline = match &spec {
+        Some(spec) => {
+            note(format!("QEMU baseline: fio over NBD alone for {} s", spec.runtime.as_secs()));
+            let daemon = Daemon::start(&args.source, &args.target)?;
+            let started_ms = unix_ms();
+            let points = FioGuest::start(&daemon, spec, args.size, "baseline")?.finish()?;
+            daemon.quit()?;
+            Some(window(&points, started_ms, started_ms + spec.runtime.as_millis() as u64))
+        }
+        None => None,
+    };
+    crate::mirror::fresh_target(&args.target, args.size, note)?;
+    let snapshot = snapshot_path(args);
+    std::fs::copy(&args.source, &snapshot)
+        .map_err(|e| format!("cannot copy the source to {}: {e}", snapshot.display()))?;
+    let mut daemon = Daemon::start(&args.source, &args.target)?;
+    note(format!("QEMU: blockdev-backup sync={}", args.sync));
+    let (cpu_before, started, started_ms) = (daemon.cpu_s(), Instant::now(), unix_ms());
+    // QEMU's own copy sizes and depths (x-perf left at its defaults): what its users get.
+    let backup = json!({"job-id": "j", "device": "src", "target": "dst", "sync": args.sync, "speed": args.speed});
+    daemon.execute("blockdev-backup", backup)?;
+    let fio = spec.as_ref().map(|spec| FioGuest::start(&daemon, spec, args.size, "job")).transpose()?;
+    let (event, ended) = daemon.wait_event(&["BLOCK_JOB_COMPLETED"])?;
+    if event != "BLOCK_JOB_COMPLETED" {
+        return Err(format!("QEMU's backup sent {event}"));
+    }
+    let cpu_s = daemon.cpu_s() - cpu_before;
+    let complete_s = ended.duration_since(started).as_secs_f64();
+    let guest = match (fio, baseline) {
+        (Some(fio), Some(baseline)) => {
+            let points = fio.finish()?;
+            Some((baseline, window(&points, started_ms, started_ms + (complete_s * 1000.0) as u64)))
+        }
+        _ => None,
+    };
+    daemon.quit()?;
+    let gib = args.size as f64 / (1u64 << 30) as f64;
+    Ok(BackupReport {
+        complete_s,
+        mib_per_s: args.size as f64 / (1 << 20) as f64 / complete_s.max(1e-9),
+        cpu_s_per_gib: cpu_s / gib,
+        point_in_time_ok: qemu_img_identical(&snapshot, &args.target)?,
+        copied_bytes: args.size,
+        guest,
+        qemu: None,
     })
 }

@@ -7,7 +7,7 @@
 
 pub(crate) mod guest;
 mod plot;
-mod qemu;
+pub(crate) mod qemu;
 
 pub use guest::{GuestFigures, GuestRecord, GuestRw, GuestSpec};
 pub use qemu::QemuReport;
@@ -26,7 +26,7 @@ use tandem::reactor::{Config, Runtime};
 use tandem_drivers::{FileDriver, FileOptions};
 
 /// The job starts this long after the guest, so phase one starts from a running guest.
-const JOB_DELAY: Duration = Duration::from_secs(1);
+pub(crate) const JOB_DELAY: Duration = Duration::from_secs(1);
 /// Longest the bench waits for READY or the end before it gives up.
 const JOB_WAIT_MAX: Duration = Duration::from_secs(3600);
 

@@ -46,7 +46,7 @@ impl QemuReport {
 }
 
 /// The running daemon and its QMP connection.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     qmp: BufReader<UnixStream>,
     dir: tempfile::TempDir,
@@ -63,7 +63,7 @@ fn blockdev(name: &str, path: &Path) -> String {
 }
 
 impl Daemon {
-    fn start(source: &Path, target: &Path) -> Result<Daemon, String> {
+    pub(crate) fn start(source: &Path, target: &Path) -> Result<Daemon, String> {
         let dir = tempfile::Builder::new().prefix("tandem-qsd-").tempdir().map_err(|e| e.to_string())?;
         let (qmp_path, nbd_path) = (dir.path().join("qmp.sock"), dir.path().join("nbd.sock"));
         let child = Command::new("qemu-storage-daemon")
@@ -108,7 +108,7 @@ impl Daemon {
 
     /// Run a command; events that arrive meanwhile are dropped (the caller waits for events
     /// only once nothing else is pending).
-    fn execute(&mut self, name: &str, arguments: Value) -> Result<Value, String> {
+    pub(crate) fn execute(&mut self, name: &str, arguments: Value) -> Result<Value, String> {
         let line = json!({"execute": name, "arguments": arguments}).to_string() + "\n";
         self.qmp.get_mut().write_all(line.as_bytes()).map_err(|e| format!("writing QMP: {e}"))?;
         loop {
@@ -123,7 +123,7 @@ impl Daemon {
     }
 
     /// The first of `names` to arrive, with its time; a job error or end ends the wait too.
-    fn wait_event(&mut self, names: &[&str]) -> Result<(String, Instant), String> {
+    pub(crate) fn wait_event(&mut self, names: &[&str]) -> Result<(String, Instant), String> {
         loop {
             let message = self.read()?;
             let Some(event) = message.get("event").and_then(Value::as_str) else { continue };
@@ -134,7 +134,7 @@ impl Daemon {
     }
 
     /// CPU seconds the daemon has used so far (utime + stime from /proc).
-    fn cpu_s(&self) -> f64 {
+    pub(crate) fn cpu_s(&self) -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // Fields after the command name (which may hold spaces) start after the last ')'.
         let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
@@ -144,7 +144,7 @@ impl Daemon {
         (ticks(11) + ticks(12)) / per_s
     }
 
-    fn quit(mut self) -> Result<(), String> {
+    pub(crate) fn quit(mut self) -> Result<(), String> {
         let _ = self.execute("quit", json!({}));
         self.child.wait().map_err(|e| e.to_string())?;
         Ok(())
@@ -152,14 +152,14 @@ impl Daemon {
 }
 
 /// fio as QEMU's guest, over NBD, logging every completion's latency with its wall time.
-struct FioGuest {
+pub(crate) struct FioGuest {
     child: Child,
     log_prefix: PathBuf,
     dir: PathBuf,
 }
 
 impl FioGuest {
-    fn start(daemon: &Daemon, spec: &GuestSpec, size_bytes: u64, tag: &str) -> Result<FioGuest, String> {
+    pub(crate) fn start(daemon: &Daemon, spec: &GuestSpec, size_bytes: u64, tag: &str) -> Result<FioGuest, String> {
         let dir = daemon.dir.path().to_path_buf();
         let log_prefix = dir.join(format!("lat-{tag}"));
         let rw = match spec.rw {
@@ -188,7 +188,7 @@ impl FioGuest {
     }
 
     /// Wait for fio; every completion as (unix ms, clat ns).
-    fn finish(mut self) -> Result<Vec<(u64, u64)>, String> {
+    pub(crate) fn finish(mut self) -> Result<Vec<(u64, u64)>, String> {
         let status = self.child.wait().map_err(|e| e.to_string())?;
         if !status.success() {
             return Err(format!("fio (QEMU's guest over NBD) failed: {status}"));
@@ -212,12 +212,12 @@ impl FioGuest {
     }
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Figures of the completions logged in `[from_ms, to_ms)`.
-fn window(points: &[(u64, u64)], from_ms: u64, to_ms: u64) -> GuestFigures {
+pub(crate) fn window(points: &[(u64, u64)], from_ms: u64, to_ms: u64) -> GuestFigures {
     let mut latencies: Vec<u64> = points.iter().filter(|(at, _)| (from_ms..to_ms).contains(at)).map(|p| p.1).collect();
     if latencies.is_empty() || to_ms <= from_ms {
         return GuestFigures::default();
