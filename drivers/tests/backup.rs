@@ -513,6 +513,12 @@ fn bitmap_input_errors_are_named_and_start_nothing() {
     assert!(try_start(busy).to_string().contains("busy"));
     let exists = BackupConfig { new_bitmap: Some("b".into()), ..BackupConfig::default() };
     assert!(try_start(exists).to_string().contains("already exists"));
+    drop(_lease);
+    let viewed = BackupConfig { sync: SyncMode::Bitmap, bitmap: Some("b".into()), ..BackupConfig::default() };
+    let target = open(&s.runtime, &s.target_path);
+    let error = tandem::job::backup::start_with_view(&handle, &s.disk, target, viewed).map(|_| ()).unwrap_err();
+    assert!(matches!(error, JobError::Config { name: "sync", .. }), "no view of an incremental: {error}");
+    assert!(!s.disk.has_filter());
 }
 
 #[test]
@@ -609,4 +615,58 @@ fn an_incremental_chain_survives_a_restart_through_its_sidecar_and_refuses_after
     let recording = tandem::bitmap::open_for_recording(&sidecar).unwrap();
     assert_eq!(recording.bitmap().dirty_bytes(), DISK_BYTES, "acknowledged: the next incremental copies everything");
     recording.close().unwrap();
+}
+
+#[test]
+fn a_discard_of_the_whole_disk_saves_it_all_a_piece_at_a_time() {
+    let s = setup(Layout::Dense);
+    // Saves in 64 KiB pieces: a discard of the whole disk needs no buffer of its size.
+    let config = BackupConfig {
+        sync: SyncMode::None,
+        chunk_bytes_max: 64 << 10,
+        buf_size_bytes: 64 << 10,
+        ..BackupConfig::default()
+    };
+    let job = start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), config).unwrap();
+    s.disk.discard_blocking(0, DISK_BYTES, IoPriority::GUEST).unwrap();
+    job.cancel(false).unwrap();
+    wait_null(&job);
+    let Setup { disk, runtime, target_path, snapshot_path, .. } = s;
+    drop((disk, runtime));
+    assert!(qemu_img_identical(&snapshot_path, &target_path), "every cluster was saved before the discard");
+}
+
+#[test]
+fn bitmap_mode_always_gives_back_a_coarse_chunk_that_was_only_partly_copied() {
+    let s = setup(Layout::Dense);
+    // The named bitmap's chunks (2 MiB) are coarser than the clusters (64 KiB) and copies (1 MiB).
+    let bitmap = tandem::bitmap::DirtyBitmap::new(2 << 20, DISK_BYTES).unwrap();
+    bitmap.set(0, 2 << 20).unwrap();
+    let bitmap = s.disk.bitmaps().add("coarse", bitmap).unwrap();
+    let target = faulty_target(&s);
+    eio_on_writes_at(&target, 1 << 20, 1 << 20);
+    let config = BackupConfig {
+        sync: SyncMode::Bitmap,
+        bitmap: Some("coarse".into()),
+        bitmap_mode: Some(tandem::job::backup::BitmapMode::Always),
+        copy_priority: tandem::job::CopyPriority::Job,
+        workers_max: 1,
+        ..BackupConfig::default()
+    };
+    let job = start(&s.runtime.handle(), &s.disk, target, config).unwrap();
+    wait_null(&job);
+    assert!(job.error().is_some());
+    assert!(bitmap.get(0).unwrap(), "[1 MiB, 2 MiB) was never copied: its chunk must come back");
+}
+
+#[test]
+fn a_failed_full_backup_takes_its_new_bitmap_away() {
+    let s = setup(Layout::Dense);
+    let target = faulty_target(&s);
+    eio_on_writes_at(&target, 8 << 20, 1 << 20);
+    let config = BackupConfig { new_bitmap: Some("chain".into()), ..BackupConfig::default() };
+    let job = start(&s.runtime.handle(), &s.disk, target, config).unwrap();
+    wait_null(&job);
+    assert!(job.error().is_some());
+    assert!(s.disk.bitmaps().get("chain").is_err(), "no chain may start from a full backup that failed");
 }

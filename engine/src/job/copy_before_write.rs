@@ -69,6 +69,8 @@ pub(crate) struct CbwShared {
     pub(crate) unmap: bool,
     /// Zeros as data (sync=bitmap: see `CopyOptions::zeroes_as_data`).
     pub(crate) zeroes_as_data: bool,
+    /// A save's largest request (and buffer).
+    save_piece_bytes: u64,
     /// Set once the snapshot is broken: guest writes then pass untouched.
     broken: AtomicBool,
     broken_reason: Mutex<Option<String>>,
@@ -94,7 +96,9 @@ impl CbwShared {
         to_copy: DirtyBitmap,
         policy: (OnCbwError, Option<Duration>),
         (unmap, zeroes_as_data): (bool, bool),
+        save_piece_bytes: u64,
     ) -> Arc<CbwShared> {
+        assert!(save_piece_bytes > 0);
         Arc::new(CbwShared {
             core,
             target,
@@ -104,6 +108,7 @@ impl CbwShared {
             cbw_timeout: policy.1,
             unmap,
             zeroes_as_data,
+            save_piece_bytes,
             broken: AtomicBool::new(false),
             broken_reason: Mutex::new(None),
             guest_latency: LatencyMonitor::default(),
@@ -125,6 +130,11 @@ impl CbwShared {
     pub(crate) fn detach_views(&self) -> bool {
         self.detached.store(true, Ordering::SeqCst);
         self.view_reads_in_progress.load(Ordering::SeqCst) == 0
+    }
+
+    /// The snapshot broke: what the source holds is no longer the point in time anywhere.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
     }
 
     /// Why the snapshot broke (break-snapshot after a failed copy-before-write), if it did.
@@ -190,10 +200,13 @@ impl CbwShared {
             .map_err(|_| {
                 (IoOperation::Read, Error::Io { op: "copy-before-write", offset: start, errno: libc::EBUSY })
             })?;
+        // One buffer of at most a piece: a discard of the whole disk saves it all, a piece at
+        // a time, without asking for memory the size of the request.
+        let piece_bytes = (end - start).min(self.save_piece_bytes);
         let align = below.alignment().memory_bytes.max(self.target.alignment().memory_bytes) as usize;
-        let buf = AlignedBuf::zeroed((end - start) as usize, align.max(crate::buf::DEFAULT_ALIGN_BYTES))
+        let buf = AlignedBuf::zeroed(piece_bytes as usize, align.max(crate::buf::DEFAULT_ALIGN_BYTES))
             .map_err(|error| (IoOperation::Read, error))?;
-        let (result, _) = self.copy_marked(below, (start, end, end - start), vec![buf], IoPriority::GUEST).await;
+        let (result, _) = self.copy_marked(below, (start, end, piece_bytes), vec![buf], IoPriority::GUEST).await;
         drop(guard);
         result
     }

@@ -333,6 +333,12 @@ impl RuntimeHandle {
     }
 }
 
+/// Whether the caller runs on a core of any runtime (where blocking on a join would stop the
+/// core that must run the task).
+pub fn on_any_core() -> bool {
+    local::current_core().is_some()
+}
+
 /// The calling core's buffer pool (buffers registered with its ring). `None` off a core.
 pub fn current_buf_pool() -> Option<BufPool> {
     CURRENT_SHARED.with(|c| c.borrow().as_ref().map(|core| core.pool.clone()))

@@ -183,7 +183,8 @@ pub fn start(
     target: Arc<dyn BlockDriver>,
     config: BackupConfig,
 ) -> Result<Job, JobError> {
-    start_with_view(runtime, source, target, config).map(|(job, _)| job)
+    config.validate()?;
+    start_job(runtime, source, target, config).map(|(job, _)| job)
 }
 
 /// As [`start`], plus a read-only driver that reads the source as it was at the point in time
@@ -197,6 +198,25 @@ pub fn start_with_view(
     config: BackupConfig,
 ) -> Result<(Job, Arc<SnapshotView>), JobError> {
     config.validate()?;
+    if config.sync == SyncMode::Bitmap {
+        // A clear bit there also means "not in the bitmap", whose data the target never gets.
+        return Err(JobError::Config {
+            name: "sync",
+            value: "bitmap".to_string(),
+            reason: "a snapshot view needs sync full, top or none",
+        });
+    }
+    let (job, shared) = start_job(runtime, source, target, config)?;
+    Ok((job, Arc::new(SnapshotView::new(shared, source.driver()))))
+}
+
+/// Everything of `start` after the options' own checks; the shared state for a view.
+fn start_job(
+    runtime: &RuntimeHandle,
+    source: &Disk,
+    target: Arc<dyn BlockDriver>,
+    config: BackupConfig,
+) -> Result<(Job, Arc<CbwShared>), JobError> {
     if config.cluster_bytes < source.alignment().request_bytes {
         return Err(bad("cluster-size", config.cluster_bytes, "smaller than the source's block size"));
     }
@@ -211,7 +231,7 @@ pub fn start_with_view(
     if source.has_filter() {
         return Err(crate::Error::DiskBusy { name: source.name().to_string() }.into());
     }
-    if runtime.on_core() {
+    if runtime.on_core() || crate::reactor::on_any_core() {
         return Err(JobError::Config {
             name: "start",
             value: "on a reactor core".to_string(),
@@ -247,17 +267,17 @@ pub fn start_with_view(
     );
     let policy = (config.on_cbw_error, config.cbw_timeout);
     let zeros = (config.sync == SyncMode::Top, config.sync == SyncMode::Bitmap);
-    let shared = CbwShared::new(core.clone(), target, to_copy, policy, zeros);
+    let shared = CbwShared::new(core.clone(), target, to_copy, policy, zeros, config.chunk_bytes_max);
     let point =
         PointInTime { source: source.clone(), shared: shared.clone(), lease, new_bitmap: config.new_bitmap.clone() };
     let moved = runtime.spawn(move || point.take()).join().map_err(|error| {
         JobError::Disk(crate::Error::Config { name: "start", value: error.to_string(), reason: "the runtime stopped" })
     })??;
     let job = Job { core };
-    let view = Arc::new(SnapshotView::new(shared.clone(), below.clone()));
     let source = source.clone();
-    runtime.spawn(move || run::run(shared, source, config, moved));
-    Ok((job, view))
+    let task_shared = shared.clone();
+    runtime.spawn(move || run::run(task_shared, source, config, moved));
+    Ok((job, shared))
 }
 
 /// A sync=bitmap job's named bitmap and the marks that moved from it to the job.

@@ -165,8 +165,10 @@ impl Runner {
     /// flight (runs behind the cursor then were copied, or failed and are due again).
     fn next_area(&mut self, length_max: u64) -> Option<(u64, u64)> {
         let to_copy = &self.shared.to_copy;
-        if let Some(area) = to_copy.next_dirty_area(self.cursor.min(to_copy.size_bytes()), length_max) {
-            return Some(area);
+        if self.cursor < to_copy.size_bytes() {
+            if let Some(area) = to_copy.next_dirty_area(self.cursor, length_max) {
+                return Some(area);
+            }
         }
         if self.copies_in_flight > 0 {
             return None;
@@ -288,7 +290,17 @@ impl Runner {
             other => other,
         };
         self.detach().await;
-        self.settle_bitmap(matches!(outcome, Outcome::Done));
+        let succeeded = matches!(outcome, Outcome::Done);
+        if !succeeded {
+            // What `always` keeps as copied must be durable on the target (best effort: a
+            // failed flush is already part of the failure being reported).
+            drop(self.shared.target.flush(self.config.copy_priority.io_priority()).await);
+            // A chain may not start from a full backup that did not finish.
+            if let Some(name) = &self.config.new_bitmap {
+                drop(self.source.bitmaps().remove(name));
+            }
+        }
+        self.settle_bitmap(succeeded);
         let (id, kind, figures) = (core.id.clone(), core.kind, core.figures());
         match outcome {
             Outcome::Done => core.emit(JobEvent::Completed { id, kind, figures, error: None }),
@@ -326,7 +338,8 @@ impl Runner {
                     let mut at = offset;
                     while at < offset + length_bytes {
                         let step_bytes = granularity.min(offset + length_bytes - at);
-                        if self.shared.to_copy.get(at).unwrap_or(true) {
+                        // Any cluster of the step still to copy: the whole step comes back.
+                        if self.shared.to_copy.next_dirty(at).is_some_and(|dirty| dirty < at + step_bytes) {
                             bitmap.set(at, step_bytes).expect("inside the bitmap");
                         }
                         at += step_bytes;
@@ -361,10 +374,14 @@ impl Runner {
         while !self.shared.detach_views() {
             crate::reactor::sleep(Duration::from_millis(1)).await;
         }
-        if let Some(drain) = self.source.drain() {
-            let guard = drain.await;
-            self.source.remove_filter(&guard);
-        }
+        // Another drain of the disk (a user's) must end first: the filter has to come off.
+        let drain = loop {
+            match self.source.drain() {
+                Some(drain) => break drain,
+                None => crate::reactor::sleep(Duration::from_millis(1)).await,
+            }
+        };
+        self.source.remove_filter(&drain.await);
     }
 
     fn to_aborting(&self) {

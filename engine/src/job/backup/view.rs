@@ -7,7 +7,9 @@
 //! A read registers its clusters in the job's in-flight table, so no save of them starts
 //! while it reads: a cluster still marked keeps its old data on the source until the read is
 //! done, and a cleared one is on the target for good. Once the job ends the view refuses to
-//! read (ESTALE): the job waits for the reads in progress before it takes the filter off.
+//! read (ESTALE): the job waits for the reads in progress before it takes the filter off. So
+//! does a broken snapshot (break-snapshot), whose source is no longer protected. Under
+//! sync=bitmap there is no view: a clear bit there also means "never marked".
 
 use crate::block::{Alignment, BlockDriver, BlockStatus, BufResult, Capabilities, Extent, IoFuture, WriteFlags};
 use crate::buf::AlignedBuf;
@@ -101,9 +103,18 @@ impl BlockDriver for SnapshotView {
     fn read(&self, offset: u64, buf: AlignedBuf, priority: IoPriority) -> IoFuture<BufResult<()>> {
         let (shared, source) = (self.shared.clone(), self.source.clone());
         IoFuture::boxed(async move {
+            let stale = || Error::Io { op: "read", offset, errno: libc::ESTALE };
             let Some(_reading) = shared.view_read() else {
-                return (Err(Error::Io { op: "read", offset, errno: libc::ESTALE }), buf);
+                return (Err(stale()), buf);
             };
+            let size_bytes = shared.to_copy.size_bytes();
+            if buf.is_empty() {
+                return (Err(Error::EmptyRequest { offset }), buf);
+            }
+            match offset.checked_add(buf.len() as u64) {
+                Some(end) if end <= size_bytes => {}
+                _ => return (Err(Error::OutOfBounds { offset, length_bytes: buf.len() as u64, size_bytes }), buf),
+            }
             let cluster = shared.to_copy.granularity_bytes();
             let start = offset / cluster * cluster;
             let end =
@@ -111,9 +122,14 @@ impl BlockDriver for SnapshotView {
             let Ok(guard) = shared.inflight.register(start, end - start, InflightKind::Copy).await else {
                 return (Err(Error::Io { op: "read", offset, errno: libc::EBUSY }), buf);
             };
-            let outcome = read_registered(&shared, &source, offset, buf, priority).await;
+            let (result, buf) = read_registered(&shared, &source, offset, buf, priority).await;
             drop(guard);
-            outcome
+            // A broken snapshot stops protecting the source: guest writes go through without
+            // saving or registering, so this read may hold data from after the point in time.
+            match shared.is_broken() {
+                true => (Err(stale()), buf),
+                false => (result, buf),
+            }
         })
     }
 

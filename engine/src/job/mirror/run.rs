@@ -586,10 +586,14 @@ impl Runner {
     /// Take the filter off (cancel, failure) once the last active write is done.
     async fn detach(&mut self) {
         let source = self.shared.source.clone();
-        if let Some(drain) = source.drain() {
-            let guard = drain.await;
-            source.remove_filter(&guard);
-        }
+        // Another drain of the disk (a user's) must end first: the filter has to come off.
+        let drain = loop {
+            match source.drain() {
+                Some(drain) => break drain,
+                None => sleep(Duration::from_millis(1)).await,
+            }
+        };
+        source.remove_filter(&drain.await);
         while self.shared.inflight.counts() != (0, 0) || self.shared.behind.outstanding_bytes() > 0 {
             sleep(Duration::from_millis(1)).await;
         }
