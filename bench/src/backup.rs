@@ -10,10 +10,11 @@
 //! fresh target and checked against its own point-in-time copy. Only each side's ratio to its
 //! own no-job baseline compares: QEMU's guest goes through NBD.
 
-use crate::mirror::guest::{self, GuestFigures, GuestRw, GuestSpec};
-use crate::mirror::qemu::{unix_ms, window, Daemon, FioGuest};
+use crate::mirror::guest::{self, GuestFigures, GuestSpec};
+use crate::mirror::qemu::{baseline, unix_ms, window, Daemon, FioGuest};
 use crate::mirror::{
-    open_file, open_target, parse_size, parse_size_or_zero, prepare_images, qemu_img_identical, ratio, watch,
+    guest_rows, open_file, open_target, parse_size, parse_size_or_zero, prepare_images, qemu_img_identical, ratio,
+    watch,
 };
 use crate::runner::rusage;
 use serde_json::json;
@@ -156,22 +157,7 @@ impl BackupReport {
             self.complete_s, self.mib_per_s, self.cpu_s_per_gib
         );
         if let Some((baseline, job)) = &self.guest {
-            let header = ("IOPS", "p50 (us)", "p99 (us)", "IOPS x", "p99 x");
-            text += &format!(
-                "{guest_title:<18} {:>10} {:>12} {:>12} {:>10} {:>10}\n",
-                header.0, header.1, header.2, header.3, header.4
-            );
-            for (name, f) in [("baseline", baseline), ("during the job", job)] {
-                text += &format!(
-                    "{:<18} {:>10.0} {:>12.1} {:>12.1} {:>10.2} {:>10.2}\n",
-                    name,
-                    f.iops,
-                    f.clat_p50_us,
-                    f.clat_p99_us,
-                    ratio(f.iops, baseline.iops),
-                    ratio(f.clat_p99_us, baseline.clat_p99_us)
-                );
-            }
+            text += &guest_rows(guest_title, baseline, &[("baseline", baseline), ("during the job", job)]);
         }
         text
     }
@@ -232,21 +218,14 @@ fn plan(args: &BackupArgs) -> Result<(BackupConfig, Option<GuestSpec>), String> 
     if !args.size.is_multiple_of(1 << 20) {
         return Err(format!("--size {}: must be a whole number of MiB", args.size));
     }
-    let guest = match &args.guest_rw {
-        None => None,
-        Some(rw) => {
-            if !args.guest_bs.is_multiple_of(512) || args.guest_bs > args.size {
-                return Err(format!("--guest-bs {}: a multiple of 512 no larger than --size", args.guest_bs));
-            }
-            Some(GuestSpec {
-                rw: GuestRw::parse(rw)?,
-                block_size_bytes: args.guest_bs,
-                iodepth: args.guest_iodepth,
-                rate_iops: args.guest_rate_iops,
-                runtime: Duration::from_secs(args.guest_runtime),
-            })
-        }
-    };
+    let guest = GuestSpec::from_flags(
+        args.guest_rw.as_deref(),
+        args.guest_bs,
+        args.guest_iodepth,
+        args.guest_rate_iops,
+        args.guest_runtime,
+        args.size,
+    )?;
     Ok((config, guest))
 }
 
@@ -326,17 +305,7 @@ pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport
 /// The scenario through QEMU: its own fresh target and point-in-time copy, blockdev-backup,
 /// fio over NBD from the job's start.
 fn run_qemu(args: &BackupArgs, spec: Option<GuestSpec>, note: &dyn Fn(String)) -> Result<BackupReport, String> {
-    let baseline = match &spec {
-        Some(spec) => {
-            note(format!("QEMU baseline: fio over NBD alone for {} s", spec.runtime.as_secs()));
-            let daemon = Daemon::start(&args.source, &args.target)?;
-            let started_ms = unix_ms();
-            let points = FioGuest::start(&daemon, spec, args.size, "baseline")?.finish()?;
-            daemon.quit()?;
-            Some(window(&points, started_ms, started_ms + spec.runtime.as_millis() as u64))
-        }
-        None => None,
-    };
+    let baseline = spec.as_ref().map(|spec| baseline(&args.source, &args.target, spec, args.size, note)).transpose()?;
     crate::mirror::fresh_target(&args.target, args.size, note)?;
     let snapshot = snapshot_path(args);
     std::fs::copy(&args.source, &snapshot)

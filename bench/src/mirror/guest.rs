@@ -49,6 +49,30 @@ pub struct GuestSpec {
     pub runtime: Duration,
 }
 
+impl GuestSpec {
+    /// From the `--guest-*` flags: `None` without `--guest-rw`.
+    pub fn from_flags(
+        rw: Option<&str>,
+        block_size_bytes: u64,
+        iodepth: u32,
+        rate_iops: u64,
+        runtime_s: u64,
+        disk_bytes: u64,
+    ) -> Result<Option<GuestSpec>, String> {
+        let Some(rw) = rw else { return Ok(None) };
+        if !block_size_bytes.is_multiple_of(512) || block_size_bytes > disk_bytes {
+            return Err(format!("--guest-bs {block_size_bytes}: a multiple of 512 no larger than --size"));
+        }
+        Ok(Some(GuestSpec {
+            rw: GuestRw::parse(rw)?,
+            block_size_bytes,
+            iodepth,
+            rate_iops,
+            runtime: Duration::from_secs(runtime_s),
+        }))
+    }
+}
+
 /// The record of one guest run: a latency histogram per slot from `started`.
 pub struct GuestRecord {
     pub started: Instant,

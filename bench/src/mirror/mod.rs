@@ -220,10 +220,15 @@ fn phase_ratios(guest: &(GuestFigures, GuestFigures, GuestFigures)) -> serde_jso
 
 fn guest_table(title: &str, guest: &(GuestFigures, GuestFigures, GuestFigures)) -> String {
     let (baseline, phase1, phase2) = guest;
+    guest_rows(title, baseline, &[("baseline", baseline), ("phase 1", phase1), ("phase 2", phase2)])
+}
+
+/// The guest's figures per window, and each against `baseline`.
+pub(crate) fn guest_rows(title: &str, baseline: &GuestFigures, rows: &[(&str, &GuestFigures)]) -> String {
     let header = ("IOPS", "p50 (us)", "p99 (us)", "IOPS x", "p99 x");
     let mut text =
         format!("{title:<18} {:>10} {:>12} {:>12} {:>10} {:>10}\n", header.0, header.1, header.2, header.3, header.4);
-    for (name, f) in [("baseline", baseline), ("phase 1", phase1), ("phase 2", phase2)] {
+    for (name, f) in rows {
         text += &format!(
             "{:<18} {:>10.0} {:>12.1} {:>12.1} {:>10.2} {:>10.2}\n",
             name,
@@ -286,21 +291,14 @@ fn plan(args: &MirrorArgs) -> Result<Plan, String> {
         ..MirrorConfig::default()
     };
     config.validate().map_err(|e| e.to_string())?;
-    let guest = match &args.guest_rw {
-        None => None,
-        Some(rw) => {
-            if !args.guest_bs.is_multiple_of(512) || args.guest_bs > args.size {
-                return Err(format!("--guest-bs {}: a multiple of 512 no larger than --size", args.guest_bs));
-            }
-            Some(GuestSpec {
-                rw: GuestRw::parse(rw)?,
-                block_size_bytes: args.guest_bs,
-                iodepth: args.guest_iodepth,
-                rate_iops: args.guest_rate_iops,
-                runtime: Duration::from_secs(args.guest_runtime),
-            })
-        }
-    };
+    let guest = GuestSpec::from_flags(
+        args.guest_rw.as_deref(),
+        args.guest_bs,
+        args.guest_iodepth,
+        args.guest_rate_iops,
+        args.guest_runtime,
+        args.size,
+    )?;
     if !args.size.is_multiple_of(1 << 20) {
         return Err(format!("--size {}: must be a whole number of MiB", args.size));
     }

@@ -240,20 +240,27 @@ fn qemu_copy_mode(args: &MirrorArgs) -> Result<&'static str, String> {
     }
 }
 
+/// QEMU's guest alone: fio over NBD through a daemon with no job.
+pub(crate) fn baseline(
+    source: &Path,
+    target: &Path,
+    spec: &GuestSpec,
+    size_bytes: u64,
+    note: &dyn Fn(String),
+) -> Result<GuestFigures, String> {
+    note(format!("QEMU baseline: fio over NBD alone for {} s", spec.runtime.as_secs()));
+    let daemon = Daemon::start(source, target)?;
+    let started_ms = unix_ms();
+    let points = FioGuest::start(&daemon, spec, size_bytes, "baseline")?.finish()?;
+    daemon.quit()?;
+    Ok(window(&points, started_ms, started_ms + spec.runtime.as_millis() as u64))
+}
+
 /// Run the scenario through QEMU. The source must hold the same data as for our run.
 pub fn run_qemu(args: &MirrorArgs, guest: Option<GuestSpec>, note: &dyn Fn(String)) -> Result<QemuReport, String> {
     let copy_mode = qemu_copy_mode(args)?;
-    let baseline = match &guest {
-        Some(spec) => {
-            note(format!("QEMU baseline: fio over NBD alone for {} s", spec.runtime.as_secs()));
-            let daemon = Daemon::start(&args.source, &args.target)?;
-            let started_ms = unix_ms();
-            let points = FioGuest::start(&daemon, spec, args.size, "baseline")?.finish()?;
-            daemon.quit()?;
-            Some(window(&points, started_ms, started_ms + spec.runtime.as_millis() as u64))
-        }
-        None => None,
-    };
+    let baseline =
+        guest.as_ref().map(|spec| baseline(&args.source, &args.target, spec, args.size, note)).transpose()?;
     super::fresh_target(&args.target, args.size, note)?;
     let mut daemon = Daemon::start(&args.source, &args.target)?;
     let fio = match &guest {

@@ -138,6 +138,26 @@ impl JobCore {
 
     /// The `stop` error policy: pause as a user would, once however many errors arrive
     /// together (QEMU's rule: no new pause if already paused); one `resume` retries.
+    /// Carry out an error policy's `action` for a failed `operation`: BLOCK_JOB_ERROR, then
+    /// nothing (ignore), a pause (stop), or the message the job fails with (report).
+    pub(crate) fn apply_error(
+        &self,
+        operation: super::IoOperation,
+        action: super::ErrorAction,
+        error: &crate::Error,
+    ) -> Option<String> {
+        let message = error.to_string();
+        self.emit(JobEvent::Error { id: self.id.clone(), operation, action, message: message.clone() });
+        match action {
+            super::ErrorAction::Ignore => None,
+            super::ErrorAction::Stop => {
+                self.pause_for_error();
+                None
+            }
+            super::ErrorAction::Report => Some(message),
+        }
+    }
+
     pub(crate) fn pause_for_error(&self) {
         let mut control = self.control.lock();
         control.pause_count = control.pause_count.max(1);

@@ -317,6 +317,27 @@ pub enum JobError {
     Disk(#[from] Error),
 }
 
+/// A target fit for a job on `source`: not the source itself (the same driver, or the same
+/// file under another name or a hard link), at least as large and no stricter in alignment;
+/// and no other job's filter on the disk.
+pub(crate) fn check_target(
+    source: &crate::block::Disk,
+    target: &std::sync::Arc<dyn crate::block::BlockDriver>,
+) -> Result<(), JobError> {
+    let below = source.driver();
+    let same = std::sync::Arc::ptr_eq(&below, target)
+        || below.device_id().zip(target.device_id()).is_some_and(|(a, b)| a == b)
+        || below.name() == target.name();
+    if same {
+        return Err(JobError::SameDevice { name: target.name().to_string() });
+    }
+    source.check_replacement(target.as_ref())?;
+    if source.has_filter() {
+        return Err(Error::DiskBusy { name: source.name().to_string() }.into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,21 @@ impl LatencyMonitor {
     }
 }
 
+/// A guest read through a job's filter, timed into the job's monitor (`monitor` picks it out
+/// of the state the filter shares with its job).
+pub(crate) fn timed_read<S: Send + Sync + 'static>(
+    shared: std::sync::Arc<S>,
+    monitor: fn(&S) -> &LatencyMonitor,
+    read: crate::block::IoFuture<crate::block::BufResult<()>>,
+) -> crate::block::IoFuture<crate::block::BufResult<()>> {
+    crate::block::IoFuture::boxed(async move {
+        let started = std::time::Instant::now();
+        let outcome = read.await;
+        monitor(&shared).record(started.elapsed());
+        outcome
+    })
+}
+
 /// The copier's in-flight byte budget.
 pub(crate) struct Pace {
     priority: CopyPriority,

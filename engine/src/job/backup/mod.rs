@@ -220,17 +220,7 @@ fn start_job(
     if config.cluster_bytes < source.alignment().request_bytes {
         return Err(bad("cluster-size", config.cluster_bytes, "smaller than the source's block size"));
     }
-    let below = source.driver();
-    let same = Arc::ptr_eq(&below, &target)
-        || below.device_id().zip(target.device_id()).is_some_and(|(a, b)| a == b)
-        || below.name() == target.name();
-    if same {
-        return Err(JobError::SameDevice { name: target.name().to_string() });
-    }
-    source.check_replacement(target.as_ref())?;
-    if source.has_filter() {
-        return Err(crate::Error::DiskBusy { name: source.name().to_string() }.into());
-    }
+    super::check_target(source, &target)?;
     if runtime.on_core() || crate::reactor::on_any_core() {
         return Err(JobError::Config {
             name: "start",

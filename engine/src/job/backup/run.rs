@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::inflight::InflightKind;
 use crate::job::copy_before_write::CbwShared;
 use crate::job::pace::{Pace, WINDOW as PACE_WINDOW};
-use crate::job::{ErrorAction, IoOperation, JobEvent, JobStatus, RateLimit, StopRequest, SyncMode};
+use crate::job::{IoOperation, JobEvent, JobStatus, RateLimit, StopRequest, SyncMode};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -252,16 +252,8 @@ impl Runner {
             IoOperation::Read => self.config.on_source_error,
             IoOperation::Write => self.config.on_target_error,
         };
-        let action = policy.action(&error);
-        let core = &self.shared.core;
-        let message = error.to_string();
-        core.emit(JobEvent::Error { id: core.id.clone(), operation, action, message: message.clone() });
-        match action {
-            ErrorAction::Ignore => {}
-            ErrorAction::Stop => core.pause_for_error(),
-            ErrorAction::Report => {
-                self.failure.get_or_insert(message);
-            }
+        if let Some(message) = self.shared.core.apply_error(operation, policy.action(&error), &error) {
+            self.failure.get_or_insert(message);
         }
     }
 

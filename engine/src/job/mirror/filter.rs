@@ -345,13 +345,8 @@ impl WriteFilter for MirrorFilter {
         buf: AlignedBuf,
         priority: IoPriority,
     ) -> IoFuture<BufResult<()>> {
-        let (shared, read) = (self.0.clone(), below.read(offset, buf, priority));
-        IoFuture::boxed(async move {
-            let started = Instant::now();
-            let outcome = read.await;
-            shared.guest_latency.record(started.elapsed());
-            outcome
-        })
+        let read = below.read(offset, buf, priority);
+        crate::job::pace::timed_read(self.0.clone(), |shared| &shared.guest_latency, read)
     }
 
     fn write(

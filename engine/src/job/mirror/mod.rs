@@ -217,17 +217,7 @@ pub fn start(
     config: MirrorConfig,
 ) -> Result<Job, JobError> {
     config.check(source)?;
-    let below = source.driver();
-    let same = Arc::ptr_eq(&below, &target)
-        || below.device_id().zip(target.device_id()).is_some_and(|(a, b)| a == b)
-        || below.name() == target.name();
-    if same {
-        return Err(JobError::SameDevice { name: target.name().to_string() });
-    }
-    source.check_replacement(target.as_ref())?;
-    if source.has_filter() {
-        return Err(crate::Error::DiskBusy { name: source.name().to_string() }.into());
-    }
+    super::check_target(source, &target)?;
     let lease = match &config.bitmap {
         Some(name) => Some(source.bitmaps().acquire(name, &format!("mirror job {}", config.id))?),
         None => None,

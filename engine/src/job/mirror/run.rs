@@ -406,15 +406,8 @@ impl Runner {
             IoOperation::Write => self.config.on_target_error,
         };
         let action = if self.converging { ErrorAction::Report } else { policy.action(&error) };
-        let core = &self.shared.core;
-        let message = error.to_string();
-        core.emit(JobEvent::Error { id: core.id.clone(), operation, action, message: message.clone() });
-        match action {
-            ErrorAction::Ignore => {}
-            ErrorAction::Stop => core.pause_for_error(),
-            ErrorAction::Report => {
-                self.failure.get_or_insert(message);
-            }
+        if let Some(message) = self.shared.core.apply_error(operation, action, &error) {
+            self.failure.get_or_insert(message);
         }
     }
 
