@@ -13,8 +13,8 @@
 use crate::mirror::guest::{self, GuestFigures, GuestSpec};
 use crate::mirror::qemu::{baseline, unix_ms, window, Daemon, FioGuest};
 use crate::mirror::{
-    guest_rows, open_file, open_target, parse_size, parse_size_or_zero, prepare_images, qemu_img_identical, ratio,
-    watch,
+    guest_rows, open_file, open_target, parse_size, parse_size_or_zero, plot_run, prepare_images, qemu_img_identical,
+    ratio, watch, Sampler,
 };
 use crate::runner::rusage;
 use serde_json::json;
@@ -80,6 +80,9 @@ pub struct BackupArgs {
     /// normal or json.
     #[arg(long = "output-format", default_value = "normal")]
     pub output_format: String,
+    /// Draw MiB still to copy, copy MiB/s, guest IOPS and guest p99 over time into this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     /// Then run the same scenario through qemu-storage-daemon on the same files (its guest is
     /// fio over NBD) and print both side by side.
     #[arg(long = "compare-qemu")]
@@ -87,6 +90,21 @@ pub struct BackupArgs {
     /// Reactor cores.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub cores: u64,
+}
+
+impl BackupArgs {
+    /// The defaults of the command line, for callers that build a scenario in code.
+    pub fn defaults(source: PathBuf, target: PathBuf, size: u64) -> BackupArgs {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: BackupArgs,
+        }
+        let mut args = Wrapper::parse_from(["backup"]).args;
+        (args.source, args.target, args.size) = (source, target, size);
+        args
+    }
 }
 
 /// What one invocation measured.
@@ -170,7 +188,7 @@ pub fn backup_command(args: &BackupArgs) -> Result<(), String> {
         other => return Err(format!("--output-format {other}: expected normal or json")),
     };
     let report = run_backup(args, !json);
-    let _ = std::fs::remove_file(snapshot_path(args));
+    let _ = std::fs::remove_file(snapshot_path(&args.target));
     if !args.keep {
         let _ = std::fs::remove_file(&args.source);
         let _ = std::fs::remove_file(&args.target);
@@ -189,10 +207,10 @@ pub fn backup_command(args: &BackupArgs) -> Result<(), String> {
 }
 
 /// Where the expected point in time is copied: next to the target.
-fn snapshot_path(args: &BackupArgs) -> PathBuf {
-    let mut name = args.target.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+pub(crate) fn snapshot_path(target: &std::path::Path) -> PathBuf {
+    let mut name = target.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".point-in-time");
-    args.target.with_file_name(name)
+    target.with_file_name(name)
 }
 
 /// Options checked before any file is touched.
@@ -253,7 +271,7 @@ pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport
         None => None,
     };
     note("copying the source aside as the expected point in time".to_string());
-    let snapshot = snapshot_path(args);
+    let snapshot = snapshot_path(&args.target);
     std::fs::copy(&args.source, &snapshot)
         .map_err(|e| format!("cannot copy the source to {}: {e}", snapshot.display()))?;
     let disk = Disk::new(open_file(&runtime, &args.source, false, &note)?);
@@ -262,8 +280,10 @@ pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport
     let job_started = Instant::now();
     let job = tandem::job::backup::start(&runtime.handle(), &disk, target, config).map_err(|e| e.to_string())?;
     let guest = spec.map(|spec| guest::Guest::start(&runtime, &disk, spec, 2));
+    let sampler = Sampler::start(&job);
     let status = watch(&job, "backup", show_progress, |s| s == JobStatus::Null);
     let job_ended = Instant::now();
+    let samples = sampler.finish();
     let usage = rusage().since(&usage_before);
     let copied_bytes = job.progress().done_bytes;
     let record = guest.map(guest::Guest::join);
@@ -275,9 +295,15 @@ pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport
     }
     drop(disk);
     drop(runtime);
-    let point_in_time_ok = qemu_img_identical(&snapshot, &args.target)?;
+    let point_in_time_ok = qemu_img_identical(&snapshot, &args.target);
+    let _ = std::fs::remove_file(&snapshot);
+    let point_in_time_ok = point_in_time_ok?;
     let complete_s = job_ended.duration_since(job_started).as_secs_f64();
     let gib = copied_bytes as f64 / (1u64 << 30) as f64;
+    if let Some(path) = &args.plot {
+        let svg = plot_run(&samples, record.as_ref(), (job_started, job_ended), &[(job_started, "job")], "to copy");
+        std::fs::write(path, svg).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     let guest = match (baseline, record) {
         (Some(baseline), Some(record)) => {
             if let Some(e) = &record.error {
@@ -307,7 +333,7 @@ pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport
 fn run_qemu(args: &BackupArgs, spec: Option<GuestSpec>, note: &dyn Fn(String)) -> Result<BackupReport, String> {
     let baseline = spec.as_ref().map(|spec| baseline(&args.source, &args.target, spec, args.size, note)).transpose()?;
     crate::mirror::fresh_target(&args.target, args.size, note)?;
-    let snapshot = snapshot_path(args);
+    let snapshot = snapshot_path(&args.target);
     std::fs::copy(&args.source, &snapshot)
         .map_err(|e| format!("cannot copy the source to {}: {e}", snapshot.display()))?;
     let mut daemon = Daemon::start(&args.source, &args.target)?;
@@ -336,7 +362,11 @@ fn run_qemu(args: &BackupArgs, spec: Option<GuestSpec>, note: &dyn Fn(String)) -
         complete_s,
         mib_per_s: args.size as f64 / (1 << 20) as f64 / complete_s.max(1e-9),
         cpu_s_per_gib: cpu_s / gib,
-        point_in_time_ok: qemu_img_identical(&snapshot, &args.target)?,
+        point_in_time_ok: {
+            let identical = qemu_img_identical(&snapshot, &args.target);
+            let _ = std::fs::remove_file(&snapshot);
+            identical?
+        },
         copied_bytes: args.size,
         guest,
         qemu: None,

@@ -2,6 +2,7 @@
 //! benchmarks with a visible progress display, mirrors the scratch disk under a guest that
 //! keeps writing, prints a summary and cleans up.
 
+use crate::backup::{BackupArgs, BackupReport};
 use crate::fio::{self, JobSpec, RwMode};
 use crate::mirror::{MirrorArgs, MirrorReport};
 use std::path::PathBuf;
@@ -57,20 +58,27 @@ pub fn demo_command(args: &DemoArgs) -> Result<(), String> {
         args.seconds
     );
     let mirror_target = args.dir.join("mirror-target.dat");
-    let outcome = run_steps(args, &file).and_then(|rows| Ok((rows, mirror_step(args, &file, &mirror_target)?)));
+    let backup_target = args.dir.join("backup-target.dat");
+    let outcome = run_steps(args, &file).and_then(|rows| {
+        let mirror = mirror_step(args, &file, &mirror_target)?;
+        Ok((rows, mirror, backup_step(args, &file, &backup_target)?))
+    });
     if args.keep {
         println!("kept {}", args.dir.display());
     } else {
         let _ = std::fs::remove_file(&file);
         let _ = std::fs::remove_file(&mirror_target);
+        let _ = std::fs::remove_file(&backup_target);
+        let _ = std::fs::remove_file(crate::backup::snapshot_path(&backup_target));
         let _ = std::fs::remove_dir(&args.dir);
     }
-    let (rows, mirror) = outcome?;
+    let (rows, mirror, backup) = outcome?;
     println!("\n{:<20} {:>10} {:>10} {:>12} {:>12}", "step", "IOPS", "MiB/s", "p50 (us)", "p99 (us)");
     for row in rows {
         println!("{row}");
     }
     println!("\n{}", mirror.to_text().trim_end());
+    println!("{}", backup.to_text().trim_end());
     println!("\nNext: `tandem-bench compare-fio` runs any of these side by side with fio.");
     Ok(())
 }
@@ -88,6 +96,21 @@ fn mirror_step(args: &DemoArgs, source: &std::path::Path, target: &std::path::Pa
     match report.identical {
         true => Ok(report),
         false => Err("the mirror's source and target differ".into()),
+    }
+}
+
+/// Back the scratch disk up to a third file while the same guest writes to it, then check the
+/// backup equals the disk as it was when the job started.
+fn backup_step(args: &DemoArgs, source: &std::path::Path, target: &std::path::Path) -> Result<BackupReport, String> {
+    println!("-- backup under a 2000 IOPS randwrite guest (copy-before-write)");
+    let mut backup = BackupArgs::defaults(source.to_path_buf(), target.to_path_buf(), args.size);
+    backup.guest_rw = Some("randwrite".into());
+    backup.guest_rate_iops = 2000;
+    backup.guest_runtime = (args.seconds * 2).max(2);
+    let report = crate::backup::run_backup(&backup, true)?;
+    match report.point_in_time_ok {
+        true => Ok(report),
+        false => Err("the backup differs from the disk as it was at the job's start".into()),
     }
 }
 

@@ -328,6 +328,7 @@ fn demo_runs_every_step_and_cleans_up() {
         assert!(run.stdout.contains(step), "step {step} missing:\n{}", run.stdout);
     }
     assert!(run.stdout.contains("source and target identical"), "mirror step:\n{}", run.stdout);
+    assert!(run.stdout.contains("the target equals the source at the job's start"), "backup step:\n{}", run.stdout);
     assert!(!dir.exists(), "{} should be removed", dir.display());
 }
 
@@ -405,9 +406,11 @@ fn mirror_bad_options_are_named_and_touch_nothing() {
 #[test]
 fn backup_json_has_the_issue_fields_and_the_point_in_time_holds() {
     let scratch = Scratch::new("backup");
-    let (source, target) = (scratch.path("source.img"), scratch.path("target.img"));
+    let (source, target, plot) = (scratch.path("source.img"), scratch.path("target.img"), scratch.path("run.svg"));
     let run = tandem(&[
         "backup",
+        "--plot",
+        plot.to_str().expect("utf-8"),
         "--source",
         source.to_str().expect("utf-8"),
         "--target",
@@ -436,6 +439,9 @@ fn backup_json_has_the_issue_fields_and_the_point_in_time_holds() {
         assert!(value["ratios"][key].as_f64().is_some(), "ratios.{key}: {value}");
     }
     assert!(!source.exists() && !target.exists(), "removed without --keep");
+    let svg = std::fs::read_to_string(&plot).expect("--plot writes the file");
+    assert_eq!(svg.matches("<polyline").count(), 4, "to copy, copy rate, guest IOPS, guest p99");
+    std::fs::remove_file(&plot).expect("the plot");
     let leftovers: Vec<_> = std::fs::read_dir(scratch.path("")).expect("scratch").collect();
     assert!(leftovers.is_empty(), "the point-in-time copy is removed too: {leftovers:?}");
 }

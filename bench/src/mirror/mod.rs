@@ -368,7 +368,9 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
     let gib = copied_bytes as f64 / (1u64 << 30) as f64;
     if let Some(path) = &args.plot {
         let origin = record.as_ref().map_or(job_started, |r| r.started);
-        let svg = plot_run(&samples, record.as_ref(), origin, job_started, ready_at, complete_s);
+        let job_ended = job_started + Duration::from_secs_f64(complete_s);
+        let marks = [(job_started, "job"), (ready_at, "READY")];
+        let svg = plot_run(&samples, record.as_ref(), (origin, job_ended), &marks, "dirty");
         std::fs::write(path, svg).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     let guest = match (baseline, record) {
@@ -398,13 +400,13 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
 }
 
 /// The job's progress every 250 ms from its start to its end, for `--plot`.
-struct Sampler {
+pub(crate) struct Sampler {
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<Vec<(Instant, u64, u64)>>,
 }
 
 impl Sampler {
-    fn start(job: &Job) -> Sampler {
+    pub(crate) fn start(job: &Job) -> Sampler {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (job, flag) = (job.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
@@ -419,19 +421,20 @@ impl Sampler {
         Sampler { stop, thread }
     }
 
-    fn finish(self) -> Vec<(Instant, u64, u64)> {
+    pub(crate) fn finish(self) -> Vec<(Instant, u64, u64)> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
     }
 }
 
-fn plot_run(
+/// What `--plot` draws: bytes left (`left_title`), copy MiB/s, and the guest's IOPS and p99,
+/// from `origin`, with `marks` (the job's start, READY) drawn as lines.
+pub(crate) fn plot_run(
     samples: &[(Instant, u64, u64)],
     record: Option<&GuestRecord>,
-    origin: Instant,
-    job_started: Instant,
-    ready_at: Instant,
-    complete_s: f64,
+    (origin, job_ended): (Instant, Instant),
+    marks: &[(Instant, &'static str)],
+    left_title: &'static str,
 ) -> String {
     let at = |t: Instant| t.saturating_duration_since(origin).as_secs_f64();
     let mib = (1u64 << 20) as f64;
@@ -444,7 +447,7 @@ fn plot_run(
         })
         .collect();
     let mut series = vec![
-        plot::Series { title: "dirty", unit: "MiB", points: dirty },
+        plot::Series { title: left_title, unit: "MiB", points: dirty },
         plot::Series { title: "copy", unit: "MiB/s", points: rate },
     ];
     if let Some(record) = record {
@@ -462,9 +465,10 @@ fn plot_run(
             points: points.iter().map(|p| (p.0, p.2)).collect(),
         });
     }
-    let end_s = at(job_started) + complete_s;
+    let end_s = at(job_ended);
     let end_s = record.map_or(end_s, |r| end_s.max(r.slots.len() as f64 * guest::SLOT.as_secs_f64()));
-    plot::svg(&series, end_s, &[(at(job_started), "job"), (at(ready_at), "READY")])
+    let marks: Vec<(f64, &str)> = marks.iter().map(|(t, name)| (at(*t), *name)).collect();
+    plot::svg(&series, end_s, &marks)
 }
 
 /// Wait for `until`, drawing progress (dirty bytes) on a terminal or a plain line every 5 s.
