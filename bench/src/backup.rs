@@ -10,7 +10,7 @@
 //! fresh target and checked against its own point-in-time copy. Only each side's ratio to its
 //! own no-job baseline compares: QEMU's guest goes through NBD.
 
-use crate::mirror::guest::{self, GuestFigures, GuestSpec};
+use crate::mirror::guest::{self, GuestArgs, GuestFigures, GuestSpec};
 use crate::mirror::qemu::{baseline, unix_ms, window, Daemon, FioGuest};
 use crate::mirror::{
     guest_rows, open_file, open_target, parse_size, parse_size_or_zero, plot_run, prepare_images, qemu_img_identical,
@@ -64,19 +64,9 @@ pub struct BackupArgs {
     /// Copy speed limit in bytes/s, fio size syntax (0: none).
     #[arg(long, default_value = "0", value_parser = parse_size_or_zero)]
     pub speed: u64,
-    /// The guest: randwrite, randread or randrw (none if not given).
-    #[arg(long = "guest-rw")]
-    pub guest_rw: Option<String>,
-    #[arg(long = "guest-bs", default_value = "4k", value_parser = parse_size)]
-    pub guest_bs: u64,
-    #[arg(long = "guest-iodepth", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub guest_iodepth: u32,
-    /// Total guest IOPS (0: unthrottled).
-    #[arg(long = "guest-rate-iops", default_value_t = 0)]
-    pub guest_rate_iops: u64,
-    /// Seconds the guest runs (baseline and job run each).
-    #[arg(long = "guest-runtime", default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
-    pub guest_runtime: u64,
+    /// The guest, in fio's words.
+    #[command(flatten)]
+    pub guest: GuestArgs,
     /// normal or json.
     #[arg(long = "output-format", default_value = "normal")]
     pub output_format: String,
@@ -236,14 +226,7 @@ fn plan(args: &BackupArgs) -> Result<(BackupConfig, Option<GuestSpec>), String> 
     if !args.size.is_multiple_of(1 << 20) {
         return Err(format!("--size {}: must be a whole number of MiB", args.size));
     }
-    let guest = GuestSpec::from_flags(
-        args.guest_rw.as_deref(),
-        args.guest_bs,
-        args.guest_iodepth,
-        args.guest_rate_iops,
-        args.guest_runtime,
-        args.size,
-    )?;
+    let guest = args.guest.spec(args.size)?;
     Ok((config, guest))
 }
 
@@ -260,7 +243,7 @@ pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport
     prepare_images((&args.source, &args.target), args.size, &runtime, &note)?;
     let baseline = match spec {
         Some(spec) => {
-            note(format!("baseline: the guest alone for {} s", args.guest_runtime));
+            note(format!("baseline: the guest alone for {} s", args.guest.guest_runtime));
             let disk = Disk::new(open_file(&runtime, &args.source, false, &note)?);
             let record = guest::Guest::start(&runtime, &disk, spec, 1).join();
             if let Some(e) = record.error {

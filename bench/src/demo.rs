@@ -89,9 +89,9 @@ fn mirror_step(args: &DemoArgs, source: &std::path::Path, target: &std::path::Pa
     println!("-- mirror under a 2000 IOPS randwrite guest (write-blocking)");
     let mut mirror = MirrorArgs::defaults(source.to_path_buf(), target.to_path_buf(), args.size);
     mirror.copy_mode = "write-blocking".into();
-    mirror.guest_rw = Some("randwrite".into());
-    mirror.guest_rate_iops = 2000;
-    mirror.guest_runtime = (args.seconds * 2).max(2);
+    mirror.guest.guest_rw = Some("randwrite".into());
+    mirror.guest.guest_rate_iops = 2000;
+    mirror.guest.guest_runtime = (args.seconds * 2).max(2);
     let report = crate::mirror::run_mirror(&mirror, true)?;
     match report.identical {
         true => Ok(report),
@@ -104,9 +104,9 @@ fn mirror_step(args: &DemoArgs, source: &std::path::Path, target: &std::path::Pa
 fn backup_step(args: &DemoArgs, source: &std::path::Path, target: &std::path::Path) -> Result<BackupReport, String> {
     println!("-- backup under a 2000 IOPS randwrite guest (copy-before-write)");
     let mut backup = BackupArgs::defaults(source.to_path_buf(), target.to_path_buf(), args.size);
-    backup.guest_rw = Some("randwrite".into());
-    backup.guest_rate_iops = 2000;
-    backup.guest_runtime = (args.seconds * 2).max(2);
+    backup.guest.guest_rw = Some("randwrite".into());
+    backup.guest.guest_rate_iops = 2000;
+    backup.guest.guest_runtime = (args.seconds * 2).max(2);
     let report = crate::backup::run_backup(&backup, true)?;
     match report.point_in_time_ok {
         true => Ok(report),

@@ -49,26 +49,38 @@ pub struct GuestSpec {
     pub runtime: Duration,
 }
 
-impl GuestSpec {
-    /// From the `--guest-*` flags: `None` without `--guest-rw`.
-    pub fn from_flags(
-        rw: Option<&str>,
-        block_size_bytes: u64,
-        iodepth: u32,
-        rate_iops: u64,
-        runtime_s: u64,
-        disk_bytes: u64,
-    ) -> Result<Option<GuestSpec>, String> {
-        let Some(rw) = rw else { return Ok(None) };
+/// The `--guest-*` flags the job commands share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GuestArgs {
+    /// The guest: randwrite, randread or randrw (none if not given).
+    #[arg(long = "guest-rw")]
+    pub guest_rw: Option<String>,
+    #[arg(long = "guest-bs", default_value = "4k", value_parser = super::parse_size)]
+    pub guest_bs: u64,
+    #[arg(long = "guest-iodepth", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub guest_iodepth: u32,
+    /// Total guest IOPS (0: unthrottled).
+    #[arg(long = "guest-rate-iops", default_value_t = 0)]
+    pub guest_rate_iops: u64,
+    /// Seconds the guest runs (baseline and job run each).
+    #[arg(long = "guest-runtime", default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub guest_runtime: u64,
+}
+
+impl GuestArgs {
+    /// The guest these flags ask for on a disk of `disk_bytes`: `None` without `--guest-rw`.
+    pub fn spec(&self, disk_bytes: u64) -> Result<Option<GuestSpec>, String> {
+        let Some(rw) = &self.guest_rw else { return Ok(None) };
+        let block_size_bytes = self.guest_bs;
         if !block_size_bytes.is_multiple_of(512) || block_size_bytes > disk_bytes {
             return Err(format!("--guest-bs {block_size_bytes}: a multiple of 512 no larger than --size"));
         }
         Ok(Some(GuestSpec {
             rw: GuestRw::parse(rw)?,
             block_size_bytes,
-            iodepth,
-            rate_iops,
-            runtime: Duration::from_secs(runtime_s),
+            iodepth: self.guest_iodepth,
+            rate_iops: self.guest_rate_iops,
+            runtime: Duration::from_secs(self.guest_runtime),
         }))
     }
 }

@@ -9,7 +9,7 @@ pub(crate) mod guest;
 mod plot;
 pub(crate) mod qemu;
 
-pub use guest::{GuestFigures, GuestRecord, GuestRw, GuestSpec};
+pub use guest::{GuestArgs, GuestFigures, GuestRecord, GuestRw, GuestSpec};
 pub use qemu::QemuReport;
 
 use crate::fio;
@@ -69,19 +69,9 @@ pub struct MirrorArgs {
     /// Copy speed limit in bytes/s, fio size syntax (0: none).
     #[arg(long, default_value = "0", value_parser = parse_size_or_zero)]
     pub speed: u64,
-    /// The guest: randwrite, randread or randrw (none if not given).
-    #[arg(long = "guest-rw")]
-    pub guest_rw: Option<String>,
-    #[arg(long = "guest-bs", default_value = "4k", value_parser = parse_size)]
-    pub guest_bs: u64,
-    #[arg(long = "guest-iodepth", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub guest_iodepth: u32,
-    /// Total guest IOPS (0: unthrottled).
-    #[arg(long = "guest-rate-iops", default_value_t = 0)]
-    pub guest_rate_iops: u64,
-    /// Seconds the guest runs (baseline and job run each).
-    #[arg(long = "guest-runtime", default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..=3600))]
-    pub guest_runtime: u64,
+    /// The guest, in fio's words.
+    #[command(flatten)]
+    pub guest: GuestArgs,
     /// normal or json.
     #[arg(long = "output-format", default_value = "normal")]
     pub output_format: String,
@@ -291,14 +281,7 @@ fn plan(args: &MirrorArgs) -> Result<Plan, String> {
         ..MirrorConfig::default()
     };
     config.validate().map_err(|e| e.to_string())?;
-    let guest = GuestSpec::from_flags(
-        args.guest_rw.as_deref(),
-        args.guest_bs,
-        args.guest_iodepth,
-        args.guest_rate_iops,
-        args.guest_runtime,
-        args.size,
-    )?;
+    let guest = args.guest.spec(args.size)?;
     if !args.size.is_multiple_of(1 << 20) {
         return Err(format!("--size {}: must be a whole number of MiB", args.size));
     }
@@ -318,7 +301,7 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
     prepare_images((&args.source, &args.target), args.size, &runtime, &note)?;
     let baseline = match plan.guest {
         Some(spec) => {
-            note(format!("baseline: the guest alone for {} s", args.guest_runtime));
+            note(format!("baseline: the guest alone for {} s", args.guest.guest_runtime));
             let disk = Disk::new(open_file(&runtime, &args.source, false, &note)?);
             let record = guest::Guest::start(&runtime, &disk, spec, 1).join();
             if let Some(e) = record.error {
