@@ -243,6 +243,11 @@ impl BufPool {
     pub fn limit_bytes(&self) -> usize {
         self.shared.limit_bytes
     }
+
+    /// The alignment of every buffer the pool hands out.
+    pub fn align(&self) -> usize {
+        self.shared.align
+    }
 }
 
 /// A slice of the arena's unused tail, if it has room.
