@@ -24,6 +24,7 @@ pub mod file;
 mod mapped;
 pub mod memory;
 pub mod null;
+pub mod rbd;
 
 pub use faulty::{Fault, FaultRule, FaultyDriver, OpMask, Trigger};
 pub use file::{FileDriver, FileOptions};

@@ -21,12 +21,18 @@ struct Subject {
     disk: Disk,
     runtime: Runtime,
     stores_data: bool,
+    /// block_status tells holes from data to the byte range written. rbd knows only which
+    /// objects exist (4 MiB by default) and how far each reaches, so it may say data over
+    /// zeros or holes in an object that holds data, never the reverse.
+    status_exact: bool,
     _dir: Option<tempfile::TempDir>,
+    _image: Option<common::ScratchImage>,
 }
 
 fn subject(driver: &str, backend: BackendChoice) -> Subject {
     let runtime = runtime(backend, 2);
     let mut dir = None;
+    let mut image = None;
     let (inner, stores_data): (Arc<dyn BlockDriver>, bool) = match driver {
         "file" => {
             let scratch = scratch_dir();
@@ -39,10 +45,17 @@ fn subject(driver: &str, backend: BackendChoice) -> Subject {
         }
         "memory" => (Arc::new(MemoryDriver::new(DISK_BYTES)), true),
         "null" => (Arc::new(NullDriver::new(DISK_BYTES)), false),
+        "rbd" => {
+            let scratch = common::ScratchImage::new(DISK_BYTES);
+            let driver = scratch.open();
+            image = Some(scratch);
+            (Arc::new(driver), true)
+        }
         "faulty" => (Arc::new(FaultyDriver::new(Arc::new(MemoryDriver::new(DISK_BYTES)), 7, true)), true),
         _ => unreachable!("unknown driver {driver}"),
     };
-    Subject { disk: Disk::new(inner), runtime, stores_data, _dir: dir }
+    let status_exact = driver != "rbd";
+    Subject { disk: Disk::new(inner), runtime, stores_data, status_exact, _dir: dir, _image: image }
 }
 
 /// Instantiate every check for every (driver, backend) pair.
@@ -65,7 +78,7 @@ conformance!(
 );
 
 fn each_driver(backend: BackendChoice, check: fn(&Subject)) {
-    for driver in ["file", "memory", "null", "faulty"] {
+    for driver in ["file", "memory", "null", "faulty", "rbd"] {
         let s = subject(driver, backend);
         eprintln!("{driver} on {:?}", s.runtime.backend());
         check(&s);
@@ -118,7 +131,7 @@ fn write_zeroes_reads_zero(s: &Subject) {
         assert!(read(s, (1 << 20) + 4096, 65536).is_all_zero(), "{} may_unmap={may_unmap}", s.disk.name());
         assert!(!read(s, 1 << 20, 4096).is_all_zero(), "bytes before the range are kept");
         assert!(!read(s, (1 << 20) + 4096 + 65536, 4096).is_all_zero(), "bytes after the range are kept");
-        if may_unmap {
+        if may_unmap && s.status_exact {
             let extent = s.disk.block_status_blocking((1 << 20) + 4096, 65536).unwrap();
             assert_ne!(extent.status, BlockStatus::Data, "{}: unmapped zeros report as data", s.disk.name());
         }
@@ -146,11 +159,17 @@ fn block_status_tells_data_from_holes(s: &Subject) {
     assert_eq!(extent.status, BlockStatus::Hole, "{}: never written", s.disk.name());
     assert_eq!(extent.length_bytes, 4 << 20);
     write(s, start + (1 << 20), pattern(65536, 8));
-    let hole = s.disk.block_status_blocking(start, 4 << 20).unwrap();
-    assert_eq!((hole.status, hole.length_bytes), (BlockStatus::Hole, 1 << 20));
+    let first = s.disk.block_status_blocking(start, 4 << 20).unwrap();
     let data = s.disk.block_status_blocking(start + (1 << 20), (4 << 20) - (1 << 20)).unwrap();
     assert_eq!(data.status, BlockStatus::Data);
-    assert!(data.length_bytes >= 65536 && data.length_bytes < 3 << 20, "data run {}", data.length_bytes);
+    if s.status_exact {
+        assert_eq!((first.status, first.length_bytes), (BlockStatus::Hole, 1 << 20));
+        assert!(data.length_bytes >= 65536 && data.length_bytes < 3 << 20, "data run {}", data.length_bytes);
+    } else {
+        // Coarse, never wrong: a hole may not reach the written bytes, data must cover them.
+        assert!(first.status == BlockStatus::Data || first.length_bytes <= 1 << 20, "{first:?}");
+        assert!(data.length_bytes >= 65536, "data run {}", data.length_bytes);
+    }
 }
 
 fn bad_requests_are_refused_and_change_nothing(s: &Subject) {

@@ -30,3 +30,46 @@ pub fn pattern(len: usize, seed: u64) -> tandem::buf::AlignedBuf {
     }
     buf
 }
+
+/// The test cluster's conf and pool, from the environment `scripts/test` sets up (see
+/// `scripts/ceph-test-cluster`). Never a skip: without a cluster the rbd tests fail and say
+/// how to get one.
+pub fn ceph_cluster() -> (String, String) {
+    let conf = std::env::var("TANDEM_CEPH_CONF").unwrap_or_else(|_| {
+        panic!(
+            "the rbd tests need a Ceph cluster: run the suite with scripts/test (it starts a \
+             throwaway one), or start one with `scripts/ceph-test-cluster start target/ceph` and \
+             export the TANDEM_CEPH_CONF and TANDEM_CEPH_POOL it prints"
+        )
+    });
+    (conf, std::env::var("TANDEM_CEPH_POOL").unwrap_or_else(|_| "tandem".into()))
+}
+
+/// A fresh image of `size_bytes` in the test cluster, removed on drop.
+pub struct ScratchImage {
+    pub spec: tandem_drivers::rbd::RbdSpec,
+}
+
+impl ScratchImage {
+    pub fn new(size_bytes: u64) -> ScratchImage {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let (conf, pool) = ceph_cluster();
+        let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let image = format!("test-{}-{unique}", std::process::id());
+        let spec = tandem_drivers::rbd::RbdSpec::parse(&format!("rbd:{pool}/{image}:conf={conf}")).unwrap();
+        tandem_drivers::rbd::create_image(&spec, size_bytes).unwrap_or_else(|e| panic!("creating {image}: {e}"));
+        ScratchImage { spec }
+    }
+
+    pub fn open(&self) -> tandem_drivers::rbd::RbdDriver {
+        let options = tandem_drivers::rbd::RbdOptions::default();
+        tandem_drivers::rbd::RbdDriver::open(&self.spec, &options).unwrap_or_else(|e| panic!("opening: {e}"))
+    }
+}
+
+impl Drop for ScratchImage {
+    fn drop(&mut self) {
+        // An image still open elsewhere refuses removal (EBUSY): leave it to the cluster's end.
+        let _ = tandem_drivers::rbd::remove_image(&self.spec);
+    }
+}

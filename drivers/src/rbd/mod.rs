@@ -1,0 +1,682 @@
+//! The `rbd` driver: a Ceph RBD image as a Tandem disk, through librbd's asynchronous API.
+//!
+//! How a completion reaches the core that asked for it. Each request is an `Arc<Request>`
+//! holding the caller's buffer, the result slot and the waker of the task awaiting it; one
+//! reference goes to librbd as the completion's argument. librbd calls [`on_complete`] on one
+//! of its own finisher threads; that stores the return value and wakes the task. A Tandem
+//! waker woken off its core posts the task to the core's inbox (and writes the core's eventfd
+//! only if it sleeps), so the core is never blocked and no thread is started per request.
+//! librbd's other scheme, an eventfd per image polled through the ring plus
+//! `rbd_poll_io_events`, would tie an image to one core, where a disk here is shared by the
+//! tasks of every core.
+//!
+//! Limits: at most [`RbdOptions::inflight_max`] requests are inside librbd per image (a
+//! request beyond waits for a slot, and the slot goes back only when librbd is done with the
+//! buffer, even if the caller stopped waiting). A cluster that stops answering fails
+//! requests with ETIMEDOUT after [`RbdOptions::op_timeout_s`] (librados' `rados_osd_op_timeout`
+//! and `rados_mon_op_timeout`, and `client_mount_timeout` for the connection), never hangs.
+//!
+//! `block_status` asks `rbd_diff_iterate2`, which is synchronous and may talk to the cluster,
+//! so it runs on one metadata thread per image, never on a core.
+
+mod librbd;
+mod spec;
+
+pub use spec::RbdSpec;
+
+use librbd::{lib, CompletionT, ImageT, IoctxT, Lib, RadosT};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::ffi::{c_void, CString};
+use std::future::Future;
+use std::ptr::null_mut;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use tandem::block::{Alignment, BlockDriver, BlockStatus, BufResult, Capabilities, Extent, IoFuture, WriteFlags};
+use tandem::buf::AlignedBuf;
+use tandem::error::errno_text;
+use tandem::{Error, IoPriority, Result};
+
+/// Why an rbd disk could not be opened (or an image created); each names the bad value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RbdError {
+    #[error("{library} cannot be loaded ({detail}); it is in the Debian package {package}: apt-get install {package}")]
+    LibraryMissing { library: &'static str, package: &'static str, detail: String },
+    #[error("{library} has no {symbol} ({detail}): Ceph 15 (Octopus) or newer is needed")]
+    Symbol { library: &'static str, symbol: &'static str, detail: String },
+    #[error("bad rbd spec {spec}: {reason} (the form is rbd:POOL[/NAMESPACE]/IMAGE[@SNAP][:conf=PATH][:id=USER][:KEY=VALUE])")]
+    Spec { spec: String, reason: &'static str },
+    #[error("bad rbd option {key}={value}: {reason}")]
+    Option { key: String, value: String, reason: String },
+    #[error("cannot read the Ceph configuration {path}: {}", errno_text(*.errno))]
+    Conf { path: String, errno: i32 },
+    #[error("cannot connect to the Ceph cluster as client.{user} (conf {conf}): {}", errno_text(*.errno))]
+    Connect { user: String, conf: String, errno: i32 },
+    #[error("no pool {pool} in the Ceph cluster: {}", errno_text(*.errno))]
+    Pool { pool: String, errno: i32 },
+    #[error("cannot open rbd image {image}: {}", errno_text(*.errno))]
+    Image { image: String, errno: i32 },
+    #[error("cannot create rbd image {image} of {size_bytes} bytes: {}", errno_text(*.errno))]
+    Create { image: String, size_bytes: u64, errno: i32 },
+    #[error("a name in {value} holds a NUL byte")]
+    Nul { value: String },
+}
+
+/// How an rbd disk is opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdOptions {
+    /// Refuse writes (a snapshot always opens read-only).
+    pub read_only: bool,
+    /// Seconds after which an unanswered request fails with ETIMEDOUT. A `rados_osd_op_timeout`
+    /// or `rados_mon_op_timeout` in the spec's options wins over it.
+    pub op_timeout_s: u32,
+    /// Requests inside librbd at once, per image.
+    pub inflight_max: usize,
+}
+
+impl Default for RbdOptions {
+    fn default() -> RbdOptions {
+        // 30 s: longer than a healthy cluster's recovery pauses, short enough that a job's
+        // error policy sees a dead cluster. 128 requests: QEMU's rbd queue depth is a guest's,
+        // and librbd's own throttles start above this.
+        RbdOptions { read_only: false, op_timeout_s: 30, inflight_max: 128 }
+    }
+}
+
+/// librados' cluster handle and the pool's I/O context; closed in that order on drop.
+struct Cluster {
+    lib: &'static Lib,
+    rados: RadosT,
+    ioctx: IoctxT,
+}
+
+// SAFETY: librados handles may be used from any thread (the library locks internally).
+unsafe impl Send for Cluster {}
+unsafe impl Sync for Cluster {}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: both handles were created by this struct and are released once, ioctx first
+        // (it is null when connecting failed before the pool was opened).
+        unsafe {
+            if !self.ioctx.is_null() {
+                (self.lib.rados_ioctx_destroy)(self.ioctx);
+            }
+            (self.lib.rados_shutdown)(self.rados);
+        }
+    }
+}
+
+/// An open image; closed before its cluster.
+struct Image {
+    handle: ImageT,
+    cluster: Cluster,
+}
+
+// SAFETY: librbd image handles are thread-safe for I/O; close happens once, on drop, when no
+// request holds the image any more (each request's future holds an `Arc<Image>`).
+unsafe impl Send for Image {}
+unsafe impl Sync for Image {}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from rbd_open and no request uses it any more. rbd_close
+        // waits for librbd's own in-flight work.
+        unsafe { (self.cluster.lib.rbd_close)(self.handle) };
+    }
+}
+
+fn cstring(value: &str) -> std::result::Result<CString, RbdError> {
+    CString::new(value).map_err(|_| RbdError::Nul { value: value.to_string() })
+}
+
+/// Connect to the spec's cluster and open its pool (and namespace).
+fn connect(spec: &RbdSpec, options: &RbdOptions) -> std::result::Result<Cluster, RbdError> {
+    let lib = lib()?;
+    let user = spec.user.clone().unwrap_or_else(|| "admin".to_string());
+    let conf = spec.conf_path.as_ref().map(|path| path.to_string_lossy().into_owned());
+    if let Some(path) = &conf {
+        // librados says only "not found" for any conf it cannot use: name the file and why.
+        std::fs::File::open(path)
+            .map_err(|error| RbdError::Conf { path: path.clone(), errno: error.raw_os_error().unwrap_or(libc::EIO) })?;
+    }
+    let user_c = cstring(&user)?;
+    let mut rados: RadosT = null_mut();
+    // SAFETY: rados points at a handle slot; user_c lives across the call.
+    let created = unsafe { (lib.rados_create)(&mut rados, user_c.as_ptr()) };
+    let connect_error = |errno: i32| RbdError::Connect {
+        user: user.clone(),
+        conf: conf.clone().unwrap_or_else(|| "librados' default search".into()),
+        errno,
+    };
+    if created < 0 {
+        return Err(connect_error(-created));
+    }
+    // From here the handle is shut down on every path out (Cluster's drop).
+    let mut cluster = Cluster { lib, rados, ioctx: null_mut() };
+    configure(&cluster, spec, conf.as_deref(), options)?;
+    // SAFETY: a created, configured, not yet connected handle.
+    let connected = unsafe { (lib.rados_connect)(cluster.rados) };
+    if connected < 0 {
+        return Err(connect_error(-connected));
+    }
+    let pool_c = cstring(&spec.pool)?;
+    // SAFETY: a connected handle, a NUL-terminated name and a slot for the context.
+    let opened = unsafe { (lib.rados_ioctx_create)(cluster.rados, pool_c.as_ptr(), &mut cluster.ioctx) };
+    if opened < 0 {
+        cluster.ioctx = null_mut();
+        return Err(RbdError::Pool { pool: spec.pool.clone(), errno: -opened });
+    }
+    if let Some(namespace) = &spec.namespace {
+        let namespace_c = cstring(namespace)?;
+        // SAFETY: a live ioctx and a NUL-terminated name (copied by librados).
+        unsafe { (lib.rados_ioctx_set_namespace)(cluster.ioctx, namespace_c.as_ptr()) };
+    }
+    Ok(cluster)
+}
+
+/// The conf file, the timeouts, then the spec's own options (which may override them).
+fn configure(
+    cluster: &Cluster,
+    spec: &RbdSpec,
+    conf: Option<&str>,
+    options: &RbdOptions,
+) -> std::result::Result<(), RbdError> {
+    let lib = cluster.lib;
+    let conf_c = conf.map(cstring).transpose()?;
+    let conf_ptr = conf_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: a created handle and a NUL-terminated path or NULL (librados' search path).
+    let read = unsafe { (lib.rados_conf_read_file)(cluster.rados, conf_ptr) };
+    // Without a named conf, a missing default is fine: the options may carry mon_host.
+    if read < 0 && conf.is_some() {
+        return Err(RbdError::Conf { path: conf.unwrap_or_default().to_string(), errno: -read });
+    }
+    let timeout = options.op_timeout_s.to_string();
+    let timeouts = ["rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout"];
+    let settings = timeouts.iter().map(|key| (key.to_string(), timeout.clone())).chain(spec.options.iter().cloned());
+    for (key, value) in settings {
+        let (key_c, value_c) = (cstring(&key)?, cstring(&value)?);
+        // SAFETY: a created handle and two NUL-terminated strings (copied by librados).
+        let set = unsafe { (lib.rados_conf_set)(cluster.rados, key_c.as_ptr(), value_c.as_ptr()) };
+        if set < 0 {
+            let reason = match -set {
+                libc::ENOENT => "librados knows no such option".to_string(),
+                errno => errno_text(errno),
+            };
+            return Err(RbdError::Option { key, value, reason });
+        }
+    }
+    Ok(())
+}
+
+/// Create an image of `size_bytes` (librbd's default features and object size), as
+/// `rbd create` would.
+pub fn create_image(spec: &RbdSpec, size_bytes: u64) -> std::result::Result<(), RbdError> {
+    let cluster = connect(spec, &RbdOptions::default())?;
+    let name_c = cstring(&spec.image)?;
+    let mut order: libc::c_int = 0;
+    // SAFETY: a live ioctx, a NUL-terminated name, and order 0 (librbd's default object size).
+    let created = unsafe { (cluster.lib.rbd_create)(cluster.ioctx, name_c.as_ptr(), size_bytes, &mut order) };
+    if created < 0 {
+        return Err(RbdError::Create { image: spec.image_path(), size_bytes, errno: -created });
+    }
+    Ok(())
+}
+
+/// Remove an image (and its data), as `rbd rm` would.
+pub fn remove_image(spec: &RbdSpec) -> std::result::Result<(), RbdError> {
+    let cluster = connect(spec, &RbdOptions::default())?;
+    let name_c = cstring(&spec.image)?;
+    // SAFETY: a live ioctx and a NUL-terminated name.
+    let removed = unsafe { (cluster.lib.rbd_remove)(cluster.ioctx, name_c.as_ptr()) };
+    if removed < 0 {
+        return Err(RbdError::Image { image: spec.image_path(), errno: -removed });
+    }
+    Ok(())
+}
+
+/// A Ceph RBD image behind the [`BlockDriver`] trait.
+pub struct RbdDriver {
+    name: String,
+    image: Arc<Image>,
+    size_bytes: u64,
+    read_only: bool,
+    slots: Arc<Slots>,
+    status: StatusThread,
+}
+
+impl RbdDriver {
+    /// Open the image `spec` names (QEMU's `rbd:` spelling: see [`RbdSpec::parse`]).
+    ///
+    /// ```no_run
+    /// use tandem_drivers::rbd::{RbdDriver, RbdOptions};
+    /// let disk = RbdDriver::open_spec("rbd:vms/disk1:conf=/etc/ceph/ceph.conf", &RbdOptions::default())?;
+    /// # Ok::<(), tandem_drivers::rbd::RbdError>(())
+    /// ```
+    pub fn open_spec(spec: &str, options: &RbdOptions) -> std::result::Result<RbdDriver, RbdError> {
+        RbdDriver::open(&RbdSpec::parse(spec)?, options)
+    }
+
+    /// Open the image a typed spec names.
+    pub fn open(spec: &RbdSpec, options: &RbdOptions) -> std::result::Result<RbdDriver, RbdError> {
+        if options.inflight_max == 0 || options.op_timeout_s == 0 {
+            let value = format!("inflight_max {} op_timeout_s {}", options.inflight_max, options.op_timeout_s);
+            return Err(RbdError::Option {
+                key: "rbd options".into(),
+                value,
+                reason: "both must be at least 1".into(),
+            });
+        }
+        let cluster = connect(spec, options)?;
+        let lib = cluster.lib;
+        let read_only = options.read_only || spec.snapshot.is_some();
+        let name_c = cstring(&spec.image)?;
+        let snap_c = spec.snapshot.as_deref().map(cstring).transpose()?;
+        let snap_ptr = snap_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+        let open = if read_only { lib.rbd_open_read_only } else { lib.rbd_open };
+        let mut handle: ImageT = null_mut();
+        // SAFETY: a live ioctx, NUL-terminated names (or NULL: no snapshot) and a handle slot.
+        let opened = unsafe { open(cluster.ioctx, name_c.as_ptr(), &mut handle, snap_ptr) };
+        if opened < 0 {
+            return Err(RbdError::Image { image: spec.image_path(), errno: -opened });
+        }
+        let image = Arc::new(Image { handle, cluster });
+        let mut size_bytes = 0u64;
+        // SAFETY: an open image and a slot for its size.
+        let sized = unsafe { (lib.rbd_get_size)(image.handle, &mut size_bytes) };
+        if sized < 0 {
+            return Err(RbdError::Image { image: spec.image_path(), errno: -sized });
+        }
+        Ok(RbdDriver {
+            name: format!("rbd:{}", spec.image_path()),
+            status: StatusThread::start(image.clone(), size_bytes),
+            image,
+            size_bytes,
+            read_only,
+            slots: Slots::new(options.inflight_max),
+        })
+    }
+
+    /// Run `submit` (a librbd aio call given the completion and the buffer's address) for a
+    /// request holding `buf`, once a slot is free; the result and the buffer when librbd is done.
+    fn request(
+        &self,
+        buf: Option<AlignedBuf>,
+        submit: impl FnOnce(&'static Lib, ImageT, CompletionT, *mut u8) -> libc::c_int + Send + 'static,
+    ) -> impl Future<Output = (std::result::Result<isize, i32>, Option<AlignedBuf>)> + Send + 'static {
+        let (image, slots) = (self.image.clone(), self.slots.clone());
+        async move {
+            let slot = slots.acquire().await;
+            let request =
+                Arc::new(Request { state: Mutex::new(State { result: None, waker: None, buf }), _slot: slot });
+            if let Err(errno) = request.submit(image.cluster.lib, image.handle, submit) {
+                return (Err(errno), request.state.lock().buf.take());
+            }
+            let result = request.wait().await;
+            let buf = request.state.lock().buf.take();
+            // The image stays open until librbd is done with this request. (A caller that stops
+            // waiting drops its reference early; rbd_close waits for librbd's requests.)
+            drop(image);
+            (result, buf)
+        }
+    }
+}
+
+/// One request in librbd's hands (see the module's first lines).
+struct Request {
+    state: Mutex<State>,
+    /// Given back when the last reference (the caller's or librbd's) goes.
+    _slot: Slot,
+}
+
+struct State {
+    /// librbd's return value: bytes or 0 on success, a negative errno on failure.
+    result: Option<isize>,
+    waker: Option<Waker>,
+    buf: Option<AlignedBuf>,
+}
+
+impl Request {
+    fn submit(
+        self: &Arc<Self>,
+        lib: &'static Lib,
+        image: ImageT,
+        submit: impl FnOnce(&'static Lib, ImageT, CompletionT, *mut u8) -> libc::c_int,
+    ) -> std::result::Result<(), i32> {
+        // The buffer's heap address is stable while it sits in the state; nobody takes it out
+        // before the result is in.
+        let buf_ptr = self.state.lock().buf.as_mut().map_or(null_mut(), |buf| buf.as_mut_ptr());
+        let arg = Arc::into_raw(self.clone()) as *mut c_void;
+        let mut completion: CompletionT = null_mut();
+        // SAFETY: `arg` is a counted reference that on_complete takes back exactly once.
+        let created = unsafe { (lib.rbd_aio_create_completion)(arg, on_complete, &mut completion) };
+        if created < 0 {
+            // SAFETY: librbd never saw `arg`: take the reference back.
+            drop(unsafe { Arc::from_raw(arg as *const Request) });
+            return Err(-created);
+        }
+        let submitted = submit(lib, image, completion, buf_ptr);
+        if submitted < 0 {
+            // SAFETY: the call was refused, so librbd will not call back: release both.
+            unsafe {
+                (lib.rbd_aio_release)(completion);
+                drop(Arc::from_raw(arg as *const Request));
+            }
+            return Err(-submitted);
+        }
+        Ok(())
+    }
+
+    async fn wait(&self) -> std::result::Result<isize, i32> {
+        std::future::poll_fn(|cx| {
+            let mut state = self.state.lock();
+            match state.result {
+                Some(result) if result < 0 => Poll::Ready(Err(-(result as i32))),
+                Some(result) => Poll::Ready(Ok(result)),
+                None => {
+                    state.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// librbd's completion callback, on one of librbd's threads: record, release, wake. Nothing
+/// in it can panic (a panic must not unwind into C).
+extern "C" fn on_complete(completion: CompletionT, arg: *mut c_void) {
+    // SAFETY: `arg` is the reference `Request::submit` leaked for this completion.
+    let request = unsafe { Arc::from_raw(arg as *const Request) };
+    let Ok(lib) = lib() else { return };
+    // SAFETY: the completion is done and released exactly once, here.
+    let result = unsafe {
+        let result = (lib.rbd_aio_get_return_value)(completion);
+        (lib.rbd_aio_release)(completion);
+        result
+    };
+    let waker = {
+        let mut state = request.state.lock();
+        state.result = Some(result);
+        state.waker.take()
+    };
+    if let Some(waker) = waker {
+        waker.wake();
+    }
+}
+
+/// A bounded count of requests inside librbd, with the tasks waiting for one.
+struct Slots {
+    max: usize,
+    state: Mutex<(usize, VecDeque<Waker>)>,
+}
+
+struct Slot(Arc<Slots>);
+
+impl Slots {
+    fn new(max: usize) -> Arc<Slots> {
+        assert!(max > 0);
+        Arc::new(Slots { max, state: Mutex::new((0, VecDeque::new())) })
+    }
+
+    async fn acquire(self: &Arc<Self>) -> Slot {
+        std::future::poll_fn(|cx| {
+            let mut state = self.state.lock();
+            if state.0 < self.max {
+                state.0 += 1;
+                return Poll::Ready(Slot(self.clone()));
+            }
+            state.1.push_back(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let waker = {
+            let mut state = self.0.state.lock();
+            assert!(state.0 > 0, "slot accounting underflow");
+            state.0 -= 1;
+            state.1.pop_front()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// Turn a request's outcome into the driver's result for `op` at `offset`.
+fn outcome(op: &'static str, offset: u64, result: std::result::Result<isize, i32>) -> Result<isize> {
+    result.map_err(|errno| Error::Io { op, offset, errno })
+}
+
+impl BlockDriver for RbdDriver {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn alignment(&self) -> Alignment {
+        // librbd takes any byte range; 512 keeps requests in sectors, as QEMU's rbd does.
+        Alignment { request_bytes: 512, memory_bytes: 512 }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { read_only: self.read_only, fua: true, write_zeroes: true, discard: true, block_status: true }
+    }
+
+    fn read(&self, offset: u64, buf: AlignedBuf, _priority: IoPriority) -> IoFuture<BufResult<()>> {
+        let length_bytes = buf.len();
+        let request = self.request(Some(buf), move |lib, image, completion, ptr| {
+            // SAFETY: ptr addresses length_bytes of the request's own buffer, alive until done.
+            unsafe { (lib.rbd_aio_read)(image, offset, length_bytes, ptr.cast(), completion) }
+        });
+        IoFuture::boxed(async move {
+            let (result, buf) = request.await;
+            let buf = buf.expect("a read's buffer comes back");
+            let result = outcome("read", offset, result).and_then(|done| match done as usize == length_bytes {
+                true => Ok(()),
+                false => Err(Error::ShortTransfer {
+                    op: "read",
+                    offset,
+                    done_bytes: done as u64,
+                    length_bytes: length_bytes as u64,
+                }),
+            });
+            (result, buf)
+        })
+    }
+
+    fn write(&self, offset: u64, buf: AlignedBuf, flags: WriteFlags, _priority: IoPriority) -> IoFuture<BufResult<()>> {
+        if self.read_only {
+            return IoFuture::ready((Err(Error::ReadOnly { op: "write", name: self.name.clone() }), buf));
+        }
+        let length_bytes = buf.len();
+        let op_flags = if flags.fua { librbd::OP_FLAG_FUA } else { 0 };
+        let request = self.request(Some(buf), move |lib, image, completion, ptr| {
+            // SAFETY: as for read; librbd copies nothing back into the buffer.
+            unsafe { (lib.rbd_aio_write2)(image, offset, length_bytes, ptr.cast_const().cast(), completion, op_flags) }
+        });
+        IoFuture::boxed(async move {
+            let (result, buf) = request.await;
+            (outcome("write", offset, result).map(drop), buf.expect("a write's buffer comes back"))
+        })
+    }
+
+    fn flush(&self, _priority: IoPriority) -> IoFuture<Result<()>> {
+        let request = self.request(None, |lib, image, completion, _| {
+            // SAFETY: an open image and a fresh completion.
+            unsafe { (lib.rbd_aio_flush)(image, completion) }
+        });
+        IoFuture::boxed(async move { outcome("flush", 0, request.await.0).map(drop) })
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length_bytes: u64,
+        may_unmap: bool,
+        _priority: IoPriority,
+    ) -> IoFuture<Result<()>> {
+        if self.read_only {
+            return IoFuture::ready(Err(Error::ReadOnly { op: "write_zeroes", name: self.name.clone() }));
+        }
+        // Thick provisioning writes real zeros; without it librbd may deallocate the range.
+        let zero_flags = if may_unmap { 0 } else { THICK_PROVISION };
+        let request = self.request(None, move |lib, image, completion, _| {
+            // SAFETY: an open image and a fresh completion; no buffer involved.
+            unsafe { (lib.rbd_aio_write_zeroes)(image, offset, length_bytes as usize, completion, zero_flags, 0) }
+        });
+        IoFuture::boxed(async move { outcome("write_zeroes", offset, request.await.0).map(drop) })
+    }
+
+    fn discard(&self, offset: u64, length_bytes: u64, _priority: IoPriority) -> IoFuture<Result<()>> {
+        if self.read_only {
+            return IoFuture::ready(Err(Error::ReadOnly { op: "discard", name: self.name.clone() }));
+        }
+        let request = self.request(None, move |lib, image, completion, _| {
+            // SAFETY: an open image and a fresh completion; no buffer involved.
+            unsafe { (lib.rbd_aio_discard)(image, offset, length_bytes, completion) }
+        });
+        IoFuture::boxed(async move { outcome("discard", offset, request.await.0).map(drop) })
+    }
+
+    fn block_status(&self, offset: u64, length_bytes: u64) -> IoFuture<Result<Extent>> {
+        IoFuture::boxed(self.status.query(offset, length_bytes))
+    }
+}
+
+/// `RBD_WRITE_ZEROES_FLAG_THICK_PROVISION`.
+const THICK_PROVISION: libc::c_int = 1;
+
+/// The most one block_status query walks: an answer need not cover the whole request, and
+/// a shorter walk keeps the metadata thread's turns short.
+const STATUS_QUERY_MAX_BYTES: u64 = 1 << 30;
+
+/// The image's metadata thread (see the module's first lines). It ends when the driver goes.
+struct StatusThread {
+    queries: Mutex<mpsc::Sender<StatusQuery>>,
+}
+
+struct StatusQuery {
+    offset: u64,
+    length_bytes: u64,
+    answer: Answer,
+}
+
+/// A query's answer once the thread has it, and the task waiting for it.
+type Answer = Arc<Mutex<(Option<Result<Extent>>, Option<Waker>)>>;
+
+impl StatusThread {
+    fn start(image: Arc<Image>, size_bytes: u64) -> StatusThread {
+        let (sender, receiver) = mpsc::channel::<StatusQuery>();
+        let spawned = std::thread::Builder::new().name("tandem-rbd-status".into()).spawn(move || {
+            for query in receiver {
+                let extent = diff_extent(&image, query.offset, query.length_bytes.min(size_bytes - query.offset));
+                let waker = {
+                    let mut answer = query.answer.lock();
+                    answer.0 = Some(extent);
+                    answer.1.take()
+                };
+                waker.into_iter().for_each(Waker::wake);
+            }
+        });
+        // Without the thread every query answers "data": correct, only not sparse.
+        if let Err(error) = spawned {
+            eprintln!("tandem: no rbd metadata thread ({error}); block status reports data everywhere");
+        }
+        StatusThread { queries: Mutex::new(sender) }
+    }
+
+    fn query(&self, offset: u64, length_bytes: u64) -> impl Future<Output = Result<Extent>> + Send + 'static {
+        let length_bytes = length_bytes.min(STATUS_QUERY_MAX_BYTES);
+        let answer: Answer = Arc::new(Mutex::new((None, None)));
+        let sent = self.queries.lock().send(StatusQuery { offset, length_bytes, answer: answer.clone() });
+        async move {
+            if sent.is_err() {
+                return Ok(Extent { status: BlockStatus::Data, offset, length_bytes });
+            }
+            std::future::poll_fn(|cx| {
+                let mut answer = answer.lock();
+                match answer.0.take() {
+                    Some(extent) => Poll::Ready(extent),
+                    None => {
+                        answer.1 = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                }
+            })
+            .await
+        }
+    }
+}
+
+/// What `rbd_diff_iterate2` found from the walk's start: the first allocated run.
+struct Walk {
+    start: u64,
+    run: Option<(u64, u64)>,
+}
+
+/// Stops the walk once the answer is known (diff_iterate returns it; it is not an error).
+const WALK_DONE: libc::c_int = -libc::ECANCELED;
+
+extern "C" fn diff_callback(offset: u64, length: libc::size_t, exists: libc::c_int, arg: *mut c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `Walk` diff_extent lent for the duration of the call.
+    let walk = unsafe { &mut *(arg as *mut Walk) };
+    if exists == 0 {
+        return 0;
+    }
+    let end = offset + length as u64;
+    match walk.run {
+        None if offset > walk.start => {
+            walk.run = Some((offset, end));
+            WALK_DONE
+        }
+        None => {
+            walk.run = Some((offset, end));
+            0
+        }
+        Some((run_start, run_end)) if offset <= run_end => {
+            walk.run = Some((run_start, run_end.max(end)));
+            0
+        }
+        Some(_) => WALK_DONE,
+    }
+}
+
+/// The extent at `offset`: data up to the end of the first allocated run, or a hole up to its
+/// start.
+fn diff_extent(image: &Image, offset: u64, length_bytes: u64) -> Result<Extent> {
+    let lib = image.cluster.lib;
+    let mut walk = Walk { start: offset, run: None };
+    // SAFETY: an open image; the callback gets `walk` only during this call.
+    let walked = unsafe {
+        (lib.rbd_diff_iterate2)(
+            image.handle,
+            std::ptr::null(),
+            offset,
+            length_bytes,
+            1,
+            0,
+            diff_callback,
+            (&mut walk as *mut Walk).cast(),
+        )
+    };
+    if walked < 0 && walked != WALK_DONE {
+        return Err(Error::Io { op: "block_status", offset, errno: -walked });
+    }
+    let end = offset + length_bytes;
+    Ok(match walk.run {
+        None => Extent { status: BlockStatus::Hole, offset, length_bytes },
+        Some((run_start, _)) if run_start > offset => {
+            Extent { status: BlockStatus::Hole, offset, length_bytes: run_start.min(end) - offset }
+        }
+        Some((_, run_end)) => Extent { status: BlockStatus::Data, offset, length_bytes: run_end.min(end) - offset },
+    })
+}
