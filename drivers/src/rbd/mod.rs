@@ -33,6 +33,7 @@ use std::ptr::null_mut;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
+use std::time::Duration;
 use tandem::block::{Alignment, BlockDriver, BlockStatus, BufResult, Capabilities, Extent, IoFuture, WriteFlags};
 use tandem::buf::AlignedBuf;
 use tandem::error::errno_text;
@@ -97,6 +98,9 @@ unsafe impl Sync for Cluster {}
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.rados.is_null() {
+            return;
+        }
         // SAFETY: both handles were created by this struct and are released once, ioctx first
         // (it is null when connecting failed before the pool was opened).
         unsafe {
@@ -121,11 +125,28 @@ unsafe impl Sync for Image {}
 
 impl Drop for Image {
     fn drop(&mut self) {
-        // SAFETY: the handle came from rbd_open and no request uses it any more. rbd_close
-        // waits for librbd's own in-flight work.
-        unsafe { (self.cluster.lib.rbd_close)(self.handle) };
+        // rbd_close waits for librbd's requests and releases the image's lock, which a cluster
+        // that stopped answering never lets finish: it runs on a thread of its own, so the
+        // last holder of a disk (maybe a reactor core) never blocks on it.
+        let closed = Cluster { lib: self.cluster.lib, rados: null_mut(), ioctx: null_mut() };
+        let (handle, cluster) = (SendHandle(self.handle), std::mem::replace(&mut self.cluster, closed));
+        let close = move || {
+            let handle = handle;
+            // SAFETY: the handle came from rbd_open and no request of ours uses it any more.
+            unsafe { (cluster.lib.rbd_close)(handle.0) };
+            drop(cluster);
+        };
+        if let Err(error) = std::thread::Builder::new().name("tandem-rbd-close".into()).spawn(close) {
+            eprintln!("tandem: cannot start a thread to close an rbd image ({error}); left open");
+        }
     }
 }
+
+/// An image handle on its way to the closing thread.
+struct SendHandle(ImageT);
+
+// SAFETY: see Image.
+unsafe impl Send for SendHandle {}
 
 fn cstring(value: &str) -> std::result::Result<CString, RbdError> {
     CString::new(value).map_err(|_| RbdError::Nul { value: value.to_string() })
@@ -194,7 +215,16 @@ fn configure(
     }
     let timeout = options.op_timeout_s.to_string();
     let timeouts = ["rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout"];
-    let settings = timeouts.iter().map(|key| (key.to_string(), timeout.clone())).chain(spec.options.iter().cloned());
+    // The objecter blocks the submitting thread (a core) when its own budget is spent: make
+    // it larger than anything the driver's slots let in.
+    let inflight_bytes = (options.inflight_max as u64 * tandem::block::MAX_REQUEST_BYTES).to_string();
+    let inflight_ops = (options.inflight_max as u64 * OBJECTS_PER_REQUEST_MAX).to_string();
+    let throttles = [("objecter_inflight_op_bytes", inflight_bytes), ("objecter_inflight_ops", inflight_ops)];
+    let settings = timeouts
+        .iter()
+        .map(|key| (key.to_string(), timeout.clone()))
+        .chain(throttles.into_iter().map(|(key, value)| (key.to_string(), value)))
+        .chain(spec.options.iter().cloned());
     for (key, value) in settings {
         let (key_c, value_c) = (cstring(&key)?, cstring(&value)?);
         // SAFETY: a created handle and two NUL-terminated strings (copied by librados).
@@ -209,6 +239,10 @@ fn configure(
     }
     Ok(())
 }
+
+/// The most RADOS objects one request spans: the largest request over the smallest object
+/// size librbd allows (4 KiB), plus the two partial ends.
+const OBJECTS_PER_REQUEST_MAX: u64 = tandem::block::MAX_REQUEST_BYTES / 4096 + 2;
 
 /// Create an image of `size_bytes` (librbd's default features and object size), as
 /// `rbd create` would.
@@ -243,8 +277,15 @@ pub struct RbdDriver {
     size_bytes: u64,
     read_only: bool,
     slots: Arc<Slots>,
+    /// How long a request may take, slot wait included (see [`REPLY_GRACE`]).
+    deadline: Duration,
     status: StatusThread,
 }
+
+/// Added to the op timeout for the driver's own deadline: librados' timeout should fire first
+/// and say which operation failed; the deadline catches what librbd holds back itself (I/O it
+/// queues while it re-acquires the exclusive lock from a cluster that does not answer).
+const REPLY_GRACE: Duration = Duration::from_secs(5);
 
 impl RbdDriver {
     /// Open the image `spec` names (QEMU's `rbd:` spelling: see [`RbdSpec::parse`]).
@@ -295,18 +336,22 @@ impl RbdDriver {
             size_bytes,
             read_only,
             slots: Slots::new(options.inflight_max),
+            deadline: Duration::from_secs(options.op_timeout_s.into()) + REPLY_GRACE,
         })
     }
 
     /// Run `submit` (a librbd aio call given the completion and the buffer's address) for a
-    /// request holding `buf`, once a slot is free; the result and the buffer when librbd is done.
+    /// request holding `buf`, once a slot is free; the result and the buffer when librbd is
+    /// done, or ETIMEDOUT and a fresh buffer of the same length if it has not answered by the
+    /// deadline (librbd keeps the original, and its slot, until it calls back).
     fn request(
         &self,
         buf: Option<AlignedBuf>,
         submit: impl FnOnce(&'static Lib, ImageT, CompletionT, *mut u8) -> libc::c_int + Send + 'static,
     ) -> impl Future<Output = (std::result::Result<isize, i32>, Option<AlignedBuf>)> + Send + 'static {
-        let (image, slots) = (self.image.clone(), self.slots.clone());
-        async move {
+        let (image, slots, deadline) = (self.image.clone(), self.slots.clone(), self.deadline);
+        let shape = buf.as_ref().map(|buf| (buf.len(), buf.align()));
+        let work = async move {
             let slot = slots.acquire().await;
             let request =
                 Arc::new(Request { state: Mutex::new(State { result: None, waker: None, buf }), _slot: slot });
@@ -315,12 +360,30 @@ impl RbdDriver {
             }
             let result = request.wait().await;
             let buf = request.state.lock().buf.take();
-            // The image stays open until librbd is done with this request. (A caller that stops
-            // waiting drops its reference early; rbd_close waits for librbd's requests.)
-            drop(image);
             (result, buf)
+        };
+        async move {
+            match first(work, tandem::reactor::sleep(deadline)).await {
+                Some(done) => done,
+                None => {
+                    let replace = |(len, align)| AlignedBuf::zeroed(len, align).expect("a buffer like the caller's");
+                    (Err(libc::ETIMEDOUT), shape.map(replace))
+                }
+            }
         }
     }
+}
+
+/// `work`'s output, or `None` if `deadline` comes first (`work` is then dropped).
+async fn first<W: Future, D: Future<Output = ()>>(work: W, deadline: D) -> Option<W::Output> {
+    let (mut work, mut deadline) = (std::pin::pin!(work), std::pin::pin!(deadline));
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(output) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        deadline.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }
 
 /// One request in librbd's hands (see the module's first lines).
