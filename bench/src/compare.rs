@@ -1,11 +1,13 @@
 //! `tandem-bench compare-fio`: the same job through fio (ioengine=io_uring, direct=1, as the
-//! project's anchors run it) and through Tandem, on the same file, alternating for N rounds.
+//! project's anchors run it; ioengine=rbd for an `rbd:` filename) and through Tandem, on the
+//! same file or image, alternating for N rounds.
 //! Prints each figure's mean and spread and the ratio Tandem/fio. fio's command is built from
 //! the parsed job, so both sides run exactly the same job and nothing is tuned for either.
 
 use crate::fio::{self, JobResult, JobSpec, RunReport};
 use serde_json::{json, Value};
 use std::process::Command;
+use tandem_drivers::rbd::RbdSpec;
 
 const ROUNDS_DEFAULT: u32 = 3;
 const ROUNDS_MAX: u32 = 100;
@@ -39,7 +41,8 @@ pub fn compare_command(args: &[String]) -> Result<(), String> {
     let (rounds, rest) = take_rounds(args)?;
     let config = fio::parse_command_line(&rest).map_err(|e| e.to_string())?;
     let fio_version = fio_version()?;
-    let fio_args = fio_command(&config.jobs);
+    let fio_args = fio_command(&config.jobs)?;
+    let fio_env = fio_env(&config.jobs)?;
     // Lay out the files once, through Tandem, before any timed round.
     crate::target::prepare_files(&config.jobs)?;
     let mut fio_rounds = Vec::new();
@@ -49,13 +52,13 @@ pub fn compare_command(args: &[String]) -> Result<(), String> {
         eprintln!("compare-fio: round {}/{rounds}", round + 1);
         // Alternate who goes first, so drift on the machine hits both alike.
         if round % 2 == 0 {
-            fio_rounds.push(run_fio(&fio_args)?);
+            fio_rounds.push(run_fio(&fio_args, &fio_env)?);
         }
         let report = crate::run_jobs(&config.jobs, Some("tandem"))?;
         engine = report.engine.clone();
         tandem_rounds.push(tandem_figures(&report)?);
         if round % 2 == 1 {
-            fio_rounds.push(run_fio(&fio_args)?);
+            fio_rounds.push(run_fio(&fio_args, &fio_env)?);
         }
     }
     let summary =
@@ -94,20 +97,55 @@ fn fio_version() -> Result<String, String> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
-/// fio's command line for the parsed jobs: the same job, io_uring, direct=1.
-fn fio_command(jobs: &[JobSpec]) -> Vec<String> {
+/// fio's command line for the parsed jobs: the same job, io_uring, direct=1 (or fio's rbd
+/// engine on the same image).
+fn fio_command(jobs: &[JobSpec]) -> Result<Vec<String>, String> {
     let mut args = vec!["--output-format=json".to_string()];
     for job in jobs {
-        args.extend(fio_job_args(job));
+        args.extend(fio_job_args(job)?);
     }
-    args
+    Ok(args)
 }
 
-fn fio_job_args(job: &JobSpec) -> Vec<String> {
+/// The job's rbd image, if its filename is one.
+fn rbd_spec(job: &JobSpec) -> Result<Option<RbdSpec>, String> {
+    match job.filename.as_deref().filter(|name| name.starts_with("rbd:")) {
+        Some(name) => RbdSpec::parse(name).map(Some).map_err(|e| e.to_string()),
+        None => Ok(None),
+    }
+}
+
+/// fio's rbd engine reads the conf from CEPH_CONF and takes no librados options: refuse what
+/// it could not be given, rather than compare against a different setup.
+fn fio_env(jobs: &[JobSpec]) -> Result<Vec<(String, String)>, String> {
+    let mut env = Vec::new();
+    for spec in jobs.iter().map(rbd_spec).collect::<Result<Vec<_>, _>>()?.into_iter().flatten() {
+        if let Some((key, _)) = spec.options.first() {
+            return Err(format!(
+                "compare-fio: fio's rbd engine cannot take the librados option {key}; put it in the conf"
+            ));
+        }
+        if spec.namespace.is_some() || spec.snapshot.is_some() {
+            return Err("compare-fio: fio's rbd engine takes no namespace or snapshot".into());
+        }
+        if let Some(conf) = spec.conf_path {
+            env.push(("CEPH_CONF".to_string(), conf.to_string_lossy().into_owned()));
+        }
+    }
+    Ok(env)
+}
+
+fn fio_job_args(job: &JobSpec) -> Result<Vec<String>, String> {
     let null = job.ioengine.as_deref() == Some("null");
+    let rbd = rbd_spec(job)?;
+    let engine = match (null, &rbd) {
+        (true, _) => "null",
+        (false, Some(_)) => "rbd",
+        (false, None) => "io_uring",
+    };
     let mut args = vec![
         format!("--name={}", job.name),
-        format!("--ioengine={}", if null { "null" } else { "io_uring" }),
+        format!("--ioengine={engine}"),
         format!("--rw={}", fio::rw_name(job.rw)),
         format!("--bs={}", job.block_size_bytes),
         format!("--iodepth={}", job.iodepth),
@@ -115,11 +153,15 @@ fn fio_job_args(job: &JobSpec) -> Vec<String> {
         format!("--offset={}", job.offset_bytes),
         format!("--rwmixread={}", job.rwmixread_percent),
     ];
-    if !null {
+    if let Some(spec) = &rbd {
+        args.push(format!("--pool={}", spec.pool));
+        args.push(format!("--rbdname={}", spec.image));
+        args.push(format!("--clientname={}", spec.user.as_deref().unwrap_or("admin")));
+    } else if !null {
         args.push("--direct=1".into());
     }
     let optional = [
-        job.filename.as_ref().filter(|_| !null).map(|f| format!("--filename={f}")),
+        job.filename.as_ref().filter(|_| !null && rbd.is_none()).map(|f| format!("--filename={f}")),
         job.size_bytes.map(|s| format!("--size={s}")),
         job.io_size_bytes.map(|s| format!("--io_size={s}")),
         job.runtime.map(|r| format!("--runtime={}ms", r.as_millis())),
@@ -131,18 +173,45 @@ fn fio_job_args(job: &JobSpec) -> Vec<String> {
         job.randseed.map(|s| format!("--randseed={s}")),
     ];
     args.extend(optional.into_iter().flatten());
-    args
+    Ok(args)
 }
 
-fn run_fio(args: &[String]) -> Result<Figures, String> {
-    let output = Command::new("fio").args(args).output().map_err(|e| format!("running fio: {e}"))?;
+/// Run fio. With an rbd job (`env` set) its CPU figure is the whole process's, as Tandem's
+/// is: fio reports its job thread's own time (RUSAGE_THREAD), which leaves out librbd's
+/// threads, where most of an rbd client's CPU goes.
+fn run_fio(args: &[String], env: &[(String, String)]) -> Result<Figures, String> {
+    let mut command = Command::new("fio");
+    command.args(args).envs(env.iter().map(|(key, value)| (key, value)));
+    let children_cpu_before_s = children_cpu_s();
+    let output = command.output().map_err(|e| format!("running fio: {e}"))?;
+    let fio_process_cpu_s = children_cpu_s() - children_cpu_before_s;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         return Err(format!("fio failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim()));
     }
     let start = stdout.find('{').ok_or_else(|| format!("fio printed no JSON: {stdout}"))?;
     let parsed: Value = serde_json::from_str(&stdout[start..]).map_err(|e| format!("fio's JSON: {e}"))?;
-    fio_figures(&parsed)
+    let mut figures = fio_figures(&parsed)?;
+    if !env.is_empty() {
+        let ios = fio_total_ios(&parsed);
+        figures.cpu_us_per_io = if ios > 0.0 { fio_process_cpu_s / ios * 1e6 } else { 0.0 };
+    }
+    Ok(figures)
+}
+
+/// CPU seconds (user + system) of this process's waited-for children so far.
+fn children_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+fn fio_total_ios(parsed: &Value) -> f64 {
+    let jobs = parsed["jobs"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let directions = jobs.iter().flat_map(|job| [&job["read"], &job["write"]]);
+    directions.map(|direction| direction["total_ios"].as_f64().unwrap_or(0.0)).sum()
 }
 
 /// Figures from fio's JSON: summed over jobs; latency from the first job's busier direction.
@@ -234,10 +303,22 @@ impl Summary {
         (fio, tandem, ratio)
     }
 
+    /// How fio ran, for the table's head.
+    fn fio_engine(&self) -> &'static str {
+        match self.fio_args.iter().any(|arg| arg == "--ioengine=rbd") {
+            true => "--ioengine=rbd (CPU: the whole fio process, librbd's threads included)",
+            false => "--ioengine=io_uring --direct=1",
+        }
+    }
+
     fn table(&self) -> String {
         let mut out = format!(
-            "compare-fio: {} ({} rounds, alternating)\n  fio:    {} --ioengine=io_uring --direct=1\n  tandem: {}\n\n",
-            self.job, self.rounds, self.fio_version, self.engine
+            "compare-fio: {} ({} rounds, alternating)\n  fio:    {} {}\n  tandem: {}\n\n",
+            self.job,
+            self.rounds,
+            self.fio_version,
+            self.fio_engine(),
+            self.engine
         );
         out += &format!(
             "{:<18} {:>26} {:>26} {:>12}\n",

@@ -1,5 +1,7 @@
 //! Opening what a job names: a file (created and laid out like fio does when it is missing or
-//! short) or the null device. Jobs that name the same file share one driver.
+//! short), a Ceph RBD image (`rbd:POOL/IMAGE[:conf=...]`, QEMU's spelling; created and laid
+//! out when missing and a size is given) or the null device. Jobs that name the same file
+//! share one driver.
 
 use crate::fio::JobSpec;
 use std::collections::HashMap;
@@ -8,6 +10,7 @@ use tandem::block::{Disk, WriteFlags};
 use tandem::buf::AlignedBuf;
 use tandem::reactor::RuntimeHandle;
 use tandem::IoPriority;
+use tandem_drivers::rbd::{RbdDriver, RbdError, RbdOptions, RbdSpec};
 use tandem_drivers::{FileDriver, FileOptions, NullDriver};
 
 /// Chunk written when laying out a file.
@@ -22,6 +25,8 @@ pub enum TargetError {
     NoSize { job: String, path: String },
     #[error("job '{job}': {source}")]
     Engine { job: String, source: tandem::Error },
+    #[error("job '{job}': {source}")]
+    Rbd { job: String, source: RbdError },
     #[error("job '{job}': offset {offset_bytes} + size {size_bytes} is beyond the end of {path} ({file_bytes} bytes)")]
     Region { job: String, path: String, offset_bytes: u64, size_bytes: u64, file_bytes: u64 },
     #[error("job '{job}': offset {offset_bytes} + size {size_bytes} overflows 64 bits")]
@@ -62,6 +67,15 @@ impl Targets {
         let path = spec.filename.clone().ok_or_else(|| TargetError::NoFilename { job: spec.name.clone() })?;
         let disk = match self.open.get(&path) {
             Some(disk) => disk.clone(),
+            None if path.starts_with("rbd:") => {
+                let rbd_error = |source| TargetError::Rbd { job: spec.name.clone(), source };
+                let disk = open_rbd(spec, &path).map_err(rbd_error)?;
+                if let Some(end_bytes) = disk.1 {
+                    lay_out(&disk.0, 0, end_bytes).map_err(engine_error)?;
+                }
+                self.open.insert(path.clone(), disk.0.clone());
+                disk.0
+            }
             None => {
                 let disk = open_file(&self.runtime, spec, &path).map_err(engine_error)?;
                 self.open.insert(path.clone(), disk.clone());
@@ -105,6 +119,23 @@ fn open_file(runtime: &RuntimeHandle, spec: &JobSpec, path: &str) -> tandem::Res
         lay_out(&disk, start_bytes, end_bytes)?;
     }
     Ok(disk)
+}
+
+/// Open an rbd image, creating it when it is missing and the job gives a size; the size to
+/// lay out when it was created (reads of never written objects never reach an OSD).
+fn open_rbd(spec: &JobSpec, text: &str) -> Result<(Disk, Option<u64>), RbdError> {
+    let rbd = RbdSpec::parse(text)?;
+    let options = RbdOptions { read_only: false, ..RbdOptions::default() };
+    let wanted_bytes = spec.size_bytes.map(|size| size + spec.offset_bytes);
+    let (driver, created_bytes) = match (RbdDriver::open(&rbd, &options), wanted_bytes) {
+        (Err(RbdError::Image { errno: libc::ENOENT, .. }), Some(size_bytes)) => {
+            eprintln!("{text}: creating the image ({} MiB)", size_bytes >> 20);
+            tandem_drivers::rbd::create_image(&rbd, size_bytes)?;
+            (RbdDriver::open(&rbd, &options)?, Some(size_bytes))
+        }
+        (opened, _) => (opened?, None),
+    };
+    Ok((Disk::new(Arc::new(driver)), created_bytes))
 }
 
 /// Write real data over `[start, end)`, as fio does before reading a new file: reads of never
