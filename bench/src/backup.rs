@@ -177,6 +177,13 @@ pub fn backup_command(args: &BackupArgs) -> Result<(), String> {
         "normal" => false,
         other => return Err(format!("--output-format {other}: expected normal or json")),
     };
+    if args.target.to_str().is_some_and(|t| t.starts_with("rbd:")) {
+        return Err(format!(
+            "--target {}: the backup bench takes file targets (mirror takes rbd: targets; the backup job itself \
+             writes to any driver, rbd included)",
+            args.target.display()
+        ));
+    }
     let report = run_backup(args, !json);
     let _ = std::fs::remove_file(snapshot_path(&args.target));
     if !args.keep {

@@ -157,6 +157,8 @@ fn fio_job_args(job: &JobSpec) -> Result<Vec<String>, String> {
         args.push(format!("--pool={}", spec.pool));
         args.push(format!("--rbdname={}", spec.image));
         args.push(format!("--clientname={}", spec.user.as_deref().unwrap_or("admin")));
+        // fio's rbd engine turns librbd's cache off for direct=1, as the bench does.
+        args.push(format!("--direct={}", u8::from(job.direct)));
     } else if !null {
         args.push("--direct=1".into());
     }

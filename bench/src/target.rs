@@ -123,8 +123,15 @@ fn open_file(runtime: &RuntimeHandle, spec: &JobSpec, path: &str) -> tandem::Res
 
 /// Open an rbd image, creating it when it is missing and the job gives a size; the size to
 /// lay out when it was created (reads of never written objects never reach an OSD).
+///
+/// librbd's cache follows fio's rbd engine: `direct=1` turns it off, otherwise one flush after
+/// opening takes it out of its writethrough-until-the-first-flush mode (fio issues the same
+/// flush), so both run the same cache.
 fn open_rbd(spec: &JobSpec, text: &str) -> Result<(Disk, Option<u64>), RbdError> {
-    let rbd = RbdSpec::parse(text)?;
+    let mut rbd = RbdSpec::parse(text)?;
+    if spec.direct {
+        rbd.options.push(("rbd_cache".into(), "false".into()));
+    }
     let options = RbdOptions { read_only: false, ..RbdOptions::default() };
     let wanted_bytes = spec.size_bytes.map(|size| size + spec.offset_bytes);
     let (driver, created_bytes) = match (RbdDriver::open(&rbd, &options), wanted_bytes) {
@@ -135,7 +142,12 @@ fn open_rbd(spec: &JobSpec, text: &str) -> Result<(Disk, Option<u64>), RbdError>
         }
         (opened, _) => (opened?, None),
     };
-    Ok((Disk::new(Arc::new(driver)), created_bytes))
+    let disk = Disk::new(Arc::new(driver));
+    if !spec.direct {
+        disk.flush_blocking(IoPriority::GUEST)
+            .map_err(|e| RbdError::Image { image: rbd.image_path(), errno: e.errno().unwrap_or(libc::EIO) })?;
+    }
+    Ok((disk, created_bytes))
 }
 
 /// Write real data over `[start, end)`, as fio does before reading a new file: reads of never

@@ -275,7 +275,7 @@ pub fn run_qemu(args: &MirrorArgs, guest: Option<GuestSpec>, note: &dyn Fn(Strin
     let (cpu_before, started, started_ms) = (daemon.cpu_s(), Instant::now(), unix_ms());
     let mirror = json!({
         "job-id": "j", "device": "src", "target": "dst", "sync": args.sync, "copy-mode": copy_mode,
-        "granularity": args.granularity, "buf-size": args.buf_size, "speed": args.speed,
+        "granularity": args.granularity, "buf-size": args.copy_sizes().0, "speed": args.speed,
     });
     daemon.execute("blockdev-mirror", mirror)?;
     let (event, ready_at) = daemon.wait_event(&["BLOCK_JOB_READY"])?;

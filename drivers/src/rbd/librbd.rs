@@ -71,9 +71,6 @@ symbols! {
     }
 }
 
-/// `LIBRADOS_OP_FLAG_FADVISE_FUA`: the write is durable when it completes.
-pub(crate) const OP_FLAG_FUA: c_int = 0x80;
-
 /// The libraries, loaded on first use; the same error for every caller if they are missing.
 pub(crate) fn lib() -> Result<&'static Lib, RbdError> {
     static LIB: OnceLock<Result<Lib, RbdError>> = OnceLock::new();

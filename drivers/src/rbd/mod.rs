@@ -531,7 +531,8 @@ impl BlockDriver for RbdDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { read_only: self.read_only, fua: true, write_zeroes: true, discard: true, block_status: true }
+        // FUA is a write and a flush here (see `write`), not the device's own.
+        Capabilities { read_only: self.read_only, fua: false, write_zeroes: true, discard: true, block_status: true }
     }
 
     fn read(&self, offset: u64, buf: AlignedBuf, _priority: IoPriority) -> IoFuture<BufResult<()>> {
@@ -561,14 +562,21 @@ impl BlockDriver for RbdDriver {
             return IoFuture::ready((Err(Error::ReadOnly { op: "write", name: self.name.clone() }), buf));
         }
         let length_bytes = buf.len();
-        let op_flags = if flags.fua { librbd::OP_FLAG_FUA } else { 0 };
         let request = self.request(Some(buf), move |lib, image, completion, ptr| {
             // SAFETY: as for read; librbd copies nothing back into the buffer.
-            unsafe { (lib.rbd_aio_write2)(image, offset, length_bytes, ptr.cast_const().cast(), completion, op_flags) }
+            unsafe { (lib.rbd_aio_write2)(image, offset, length_bytes, ptr.cast_const().cast(), completion, 0) }
         });
+        // librbd's cache (write-around by default) may complete a write before an OSD has it,
+        // and whether it honours a FUA hint depends on the cache policy: a FUA write is a
+        // write and then a flush, as QEMU emulates FUA for drivers without it.
+        let flush = flags.fua.then(|| self.flush(IoPriority::GUEST));
         IoFuture::boxed(async move {
             let (result, buf) = request.await;
-            (outcome("write", offset, result).map(drop), buf.expect("a write's buffer comes back"))
+            let mut result = outcome("write", offset, result).map(drop);
+            if let (Ok(()), Some(flush)) = (&result, flush) {
+                result = flush.await;
+            }
+            (result, buf.expect("a write's buffer comes back"))
         })
     }
 
