@@ -113,10 +113,8 @@ impl RbdPeers {
     }
 
     pub fn to_text(&self, mirror_mib_per_s: f64) -> String {
-        let mut text = format!(
-            "rbd import:        {:.2} s, {:.0} MiB/s\n",
-            self.rbd_import.seconds, self.rbd_import.mib_per_s
-        );
+        let mut text =
+            format!("rbd import:        {:.2} s, {:.0} MiB/s\n", self.rbd_import.seconds, self.rbd_import.mib_per_s);
         text += &match &self.qemu_img_convert {
             Ok(f) => format!("qemu-img convert:  {:.2} s, {:.0} MiB/s\n", f.seconds, f.mib_per_s),
             Err(reason) => format!("qemu-img convert:  skipped ({reason})\n"),
@@ -130,7 +128,12 @@ impl RbdPeers {
 }
 
 /// Copy `source` into the image with each peer, unloaded, timing each.
-pub(crate) fn run_peers(source: &Path, spec: &RbdSpec, size_bytes: u64, note: &dyn Fn(String)) -> Result<RbdPeers, String> {
+pub(crate) fn run_peers(
+    source: &Path,
+    spec: &RbdSpec,
+    size_bytes: u64,
+    note: &dyn Fn(String),
+) -> Result<RbdPeers, String> {
     let mib = size_bytes as f64 / (1 << 20) as f64;
     let timed = |seconds: f64| PeerFigures { seconds, mib_per_s: mib / seconds.max(1e-9) };
     // rbd import creates the image itself.
