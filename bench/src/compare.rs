@@ -129,7 +129,12 @@ fn fio_env(jobs: &[JobSpec]) -> Result<Vec<(String, String)>, String> {
             return Err("compare-fio: fio's rbd engine takes no namespace or snapshot".into());
         }
         if let Some(conf) = spec.conf_path {
-            env.push(("CEPH_CONF".to_string(), conf.to_string_lossy().into_owned()));
+            let conf = conf.to_string_lossy().into_owned();
+            // One fio process, one CEPH_CONF.
+            if env.iter().any(|(_, known): &(String, String)| *known != conf) {
+                return Err("compare-fio: fio's rbd jobs must all use the same conf".into());
+            }
+            env.push(("CEPH_CONF".to_string(), conf));
         }
     }
     Ok(env)

@@ -197,10 +197,10 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-test-cluster")
 }
 
-/// The OSD dies mid-mirror: the target's requests time out, the report policy ends the job
-/// with the error, nothing hangs, and the guest's writes to the local source all landed.
-#[test]
-fn an_osd_that_dies_mid_job_ends_it_by_its_error_policy_and_the_source_keeps_every_write() {
+/// What a job into an image on a cluster whose OSD dies mid-job must show: the report policy
+/// ends it with the target's timeout, nothing hangs, and the guest's writes to the local
+/// source all landed.
+fn osd_dies_mid_job(start: impl FnOnce(&Runtime, &Disk, Arc<dyn BlockDriver>) -> Job) {
     let dir = scratch_dir();
     let cluster = OwnCluster::start(dir.path().join("ceph"));
     let conf = cluster.dir.join("ceph.conf");
@@ -213,12 +213,7 @@ fn an_osd_that_dies_mid_job_ends_it_by_its_error_policy_and_the_source_keeps_eve
     let model = write_image(&source_path, Layout::Dense, 5);
     let runtime = runtime(BackendChoice::Auto, 2);
     let disk = Disk::new(open(&runtime, &source_path));
-    let config = MirrorConfig {
-        speed_bytes_per_s: 2 << 20, // mid-copy for seconds
-        on_target_error: ErrorPolicy::Report,
-        ..MirrorConfig::default()
-    };
-    let job = mirror::start(&runtime.handle(), &disk, Arc::new(target), config).unwrap();
+    let job = start(&runtime, &disk, Arc::new(target));
     let guest = Guest::start(&runtime, &disk, &model, 300);
     guest.wait_writes(50);
     cluster.kill_osd();
@@ -236,4 +231,30 @@ fn an_osd_that_dies_mid_job_ends_it_by_its_error_policy_and_the_source_keeps_eve
     assert!(!disk.has_filter(), "the job's filter is off the source");
     drop((disk, runtime));
     assert!(qemu_img_identical(&save(dir.path().join("model.img"), &model), &source_path), "no guest write lost");
+}
+
+#[test]
+fn an_osd_that_dies_mid_mirror_ends_it_by_its_error_policy_and_the_source_keeps_every_write() {
+    osd_dies_mid_job(|runtime, disk, target| {
+        let config = MirrorConfig {
+            speed_bytes_per_s: 2 << 20, // mid-copy for seconds
+            on_target_error: ErrorPolicy::Report,
+            ..MirrorConfig::default()
+        };
+        mirror::start(&runtime.handle(), disk, target, config).unwrap()
+    });
+}
+
+#[test]
+fn an_osd_that_dies_mid_backup_ends_it_by_its_error_policy_and_the_source_keeps_every_write() {
+    osd_dies_mid_job(|runtime, disk, target| {
+        // break-snapshot: a failed save must not fail the guest's writes to the local source.
+        let config = backup::BackupConfig {
+            speed_bytes_per_s: 2 << 20,
+            on_target_error: ErrorPolicy::Report,
+            on_cbw_error: tandem::job::copy_before_write::OnCbwError::BreakSnapshot,
+            ..backup::BackupConfig::default()
+        };
+        backup::start(&runtime.handle(), disk, target, config).unwrap()
+    });
 }

@@ -20,21 +20,21 @@
 //! so it runs on one metadata thread per image, never on a core.
 
 mod librbd;
+mod request;
 mod spec;
+mod status;
 
 pub use spec::RbdSpec;
 
 use librbd::{lib, CompletionT, ImageT, IoctxT, Lib, RadosT};
-use parking_lot::Mutex;
-use std::collections::VecDeque;
-use std::ffi::{c_void, CString};
+use request::{Expiring, Request, Slots, Watchdog, EXPIRED};
+use status::StatusThread;
+use std::ffi::CString;
 use std::future::Future;
 use std::ptr::null_mut;
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
-use std::time::Duration;
-use tandem::block::{Alignment, BlockDriver, BlockStatus, BufResult, Capabilities, Extent, IoFuture, WriteFlags};
+use std::time::{Duration, Instant};
+use tandem::block::{Alignment, BlockDriver, BufResult, Capabilities, Extent, IoFuture, WriteFlags};
 use tandem::buf::AlignedBuf;
 use tandem::error::errno_text;
 use tandem::{Error, IoPriority, Result};
@@ -62,6 +62,8 @@ pub enum RbdError {
     Create { image: String, size_bytes: u64, errno: i32 },
     #[error("a name in {value} holds a NUL byte")]
     Nul { value: String },
+    #[error("cannot start the rbd driver's {what} thread: {detail}")]
+    Thread { what: &'static str, detail: String },
 }
 
 /// How an rbd disk is opened.
@@ -74,6 +76,26 @@ pub struct RbdOptions {
     pub op_timeout_s: u32,
     /// Requests inside librbd at once, per image.
     pub inflight_max: usize,
+}
+
+/// The most requests per image `inflight_max` may allow: far above any queue depth that pays
+/// (librbd's own throttles start lower), and small enough that the objecter throttles sized
+/// from it stay in range.
+pub const INFLIGHT_MAX: usize = 4096;
+
+impl RbdOptions {
+    fn validate(&self) -> std::result::Result<(), RbdError> {
+        let bad = |key: &str, value: String, reason: &str| {
+            Err(RbdError::Option { key: key.into(), value, reason: reason.into() })
+        };
+        if !(1..=INFLIGHT_MAX).contains(&self.inflight_max) {
+            return bad("inflight_max", self.inflight_max.to_string(), "must be 1 to 4096");
+        }
+        if self.op_timeout_s == 0 {
+            return bad("op_timeout_s", "0".into(), "must be at least 1 second");
+        }
+        Ok(())
+    }
 }
 
 impl Default for RbdOptions {
@@ -116,6 +138,8 @@ impl Drop for Cluster {
 struct Image {
     handle: ImageT,
     cluster: Cluster,
+    /// How long dropping the image waits for rbd_close.
+    close_wait: Duration,
 }
 
 // SAFETY: librbd image handles are thread-safe for I/O; close happens once, on drop, when no
@@ -124,20 +148,40 @@ unsafe impl Send for Image {}
 unsafe impl Sync for Image {}
 
 impl Drop for Image {
+    /// rbd_close flushes librbd's cache (writes it acknowledged early) and waits for its
+    /// requests, which a cluster that stopped answering never lets finish. So it runs on a
+    /// thread of its own, and the drop waits for it up to the request deadline: with a live
+    /// cluster nothing acknowledged is lost on the way out, and with a dead one the last
+    /// holder of the disk (maybe a reactor core) does not hang.
     fn drop(&mut self) {
-        // rbd_close waits for librbd's requests and releases the image's lock, which a cluster
-        // that stopped answering never lets finish: it runs on a thread of its own, so the
-        // last holder of a disk (maybe a reactor core) never blocks on it.
         let closed = Cluster { lib: self.cluster.lib, rados: null_mut(), ioctx: null_mut() };
         let (handle, cluster) = (SendHandle(self.handle), std::mem::replace(&mut self.cluster, closed));
-        let close = move || {
-            let handle = handle;
+        let (done, finished) = std::sync::mpsc::sync_channel::<()>(1);
+        let close = move |(handle, cluster): (SendHandle, Cluster)| {
             // SAFETY: the handle came from rbd_open and no request of ours uses it any more.
             unsafe { (cluster.lib.rbd_close)(handle.0) };
             drop(cluster);
+            let _ = done.send(());
         };
-        if let Err(error) = std::thread::Builder::new().name("tandem-rbd-close".into()).spawn(close) {
-            eprintln!("tandem: cannot start a thread to close an rbd image ({error}); left open");
+        let parts = std::sync::Arc::new(parking_lot::Mutex::new(Some((handle, cluster))));
+        let for_thread = parts.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tandem-rbd-close".into())
+            .spawn(move || for_thread.lock().take().into_iter().for_each(close));
+        match spawned {
+            Ok(_) => {
+                if finished.recv_timeout(self.close_wait).is_err() {
+                    eprintln!(
+                        "tandem: an rbd image did not close in {:?}; left to close in the background",
+                        self.close_wait
+                    );
+                }
+            }
+            Err(error) => {
+                // Never shut the cluster handle down under an open image: leak both instead.
+                eprintln!("tandem: cannot start a thread to close an rbd image ({error}); it stays open");
+                std::mem::forget(parts.lock().take());
+            }
         }
     }
 }
@@ -217,8 +261,8 @@ fn configure(
     let timeouts = ["rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout"];
     // The objecter blocks the submitting thread (a core) when its own budget is spent: make
     // it larger than anything the driver's slots let in.
-    let inflight_bytes = (options.inflight_max as u64 * tandem::block::MAX_REQUEST_BYTES).to_string();
-    let inflight_ops = (options.inflight_max as u64 * OBJECTS_PER_REQUEST_MAX).to_string();
+    let inflight_bytes = (options.inflight_max as u64).saturating_mul(tandem::block::MAX_REQUEST_BYTES).to_string();
+    let inflight_ops = (options.inflight_max as u64).saturating_mul(OBJECTS_PER_REQUEST_MAX).to_string();
     let throttles = [("objecter_inflight_op_bytes", inflight_bytes), ("objecter_inflight_ops", inflight_ops)];
     let settings = timeouts
         .iter()
@@ -234,7 +278,7 @@ fn configure(
                 libc::ENOENT => "librados knows no such option".to_string(),
                 errno => errno_text(errno),
             };
-            return Err(RbdError::Option { key, value, reason });
+            return Err(RbdError::Option { value: spec::redact(&key, &value), key, reason });
         }
     }
     Ok(())
@@ -279,6 +323,7 @@ pub struct RbdDriver {
     slots: Arc<Slots>,
     /// How long a request may take, slot wait included (see [`REPLY_GRACE`]).
     deadline: Duration,
+    watchdog: Watchdog,
     status: StatusThread,
 }
 
@@ -301,14 +346,7 @@ impl RbdDriver {
 
     /// Open the image a typed spec names.
     pub fn open(spec: &RbdSpec, options: &RbdOptions) -> std::result::Result<RbdDriver, RbdError> {
-        if options.inflight_max == 0 || options.op_timeout_s == 0 {
-            let value = format!("inflight_max {} op_timeout_s {}", options.inflight_max, options.op_timeout_s);
-            return Err(RbdError::Option {
-                key: "rbd options".into(),
-                value,
-                reason: "both must be at least 1".into(),
-            });
-        }
+        options.validate()?;
         let cluster = connect(spec, options)?;
         let lib = cluster.lib;
         let read_only = options.read_only || spec.snapshot.is_some();
@@ -322,191 +360,51 @@ impl RbdDriver {
         if opened < 0 {
             return Err(RbdError::Image { image: spec.image_path(), errno: -opened });
         }
-        let image = Arc::new(Image { handle, cluster });
+        let deadline = Duration::from_secs(options.op_timeout_s.into()) + REPLY_GRACE;
+        let image = Arc::new(Image { handle, cluster, close_wait: deadline });
         let mut size_bytes = 0u64;
         // SAFETY: an open image and a slot for its size.
         let sized = unsafe { (lib.rbd_get_size)(image.handle, &mut size_bytes) };
         if sized < 0 {
             return Err(RbdError::Image { image: spec.image_path(), errno: -sized });
         }
+        let watchdog =
+            Watchdog::start().map_err(|error| RbdError::Thread { what: "watchdog", detail: error.to_string() })?;
         Ok(RbdDriver {
             name: format!("rbd:{}", spec.image_path()),
-            status: StatusThread::start(image.clone(), size_bytes),
+            status: StatusThread::start(image.clone(), size_bytes, deadline),
             image,
             size_bytes,
             read_only,
             slots: Slots::new(options.inflight_max),
-            deadline: Duration::from_secs(options.op_timeout_s.into()) + REPLY_GRACE,
+            deadline,
+            watchdog,
         })
     }
 
     /// Run `submit` (a librbd aio call given the completion and the buffer's address) for a
     /// request holding `buf`, once a slot is free; the result and the buffer when librbd is
-    /// done, or ETIMEDOUT and a fresh buffer of the same length if it has not answered by the
-    /// deadline (librbd keeps the original, and its slot, until it calls back).
+    /// done. A request not answered by its deadline fails with ETIMEDOUT and hands back a
+    /// fresh buffer like the caller's: librbd keeps the original (and the slot) until it
+    /// answers, and a write that timed out may still land.
     fn request(
         &self,
         buf: Option<AlignedBuf>,
         submit: impl FnOnce(&'static Lib, ImageT, CompletionT, *mut u8) -> libc::c_int + Send + 'static,
     ) -> impl Future<Output = (std::result::Result<isize, i32>, Option<AlignedBuf>)> + Send + 'static {
-        let (image, slots, deadline) = (self.image.clone(), self.slots.clone(), self.deadline);
-        let shape = buf.as_ref().map(|buf| (buf.len(), buf.align()));
-        let work = async move {
-            let slot = slots.acquire().await;
-            let request =
-                Arc::new(Request { state: Mutex::new(State { result: None, waker: None, buf }), _slot: slot });
+        let (image, slots) = (self.image.clone(), self.slots.clone());
+        let request = Request::new(buf, Instant::now() + self.deadline);
+        let weak: std::sync::Weak<dyn Expiring> = Arc::downgrade(&request) as _;
+        self.watchdog.watch(weak);
+        async move {
+            if request.take_slot(&slots).await.is_none() {
+                return (Err(EXPIRED), request.take_buf());
+            }
             if let Err(errno) = request.submit(image.cluster.lib, image.handle, submit) {
-                return (Err(errno), request.state.lock().buf.take());
+                return (Err(errno), request.take_buf());
             }
             let result = request.wait().await;
-            let buf = request.state.lock().buf.take();
-            (result, buf)
-        };
-        async move {
-            match first(work, tandem::reactor::sleep(deadline)).await {
-                Some(done) => done,
-                None => {
-                    let replace = |(len, align)| AlignedBuf::zeroed(len, align).expect("a buffer like the caller's");
-                    (Err(libc::ETIMEDOUT), shape.map(replace))
-                }
-            }
-        }
-    }
-}
-
-/// `work`'s output, or `None` if `deadline` comes first (`work` is then dropped).
-async fn first<W: Future, D: Future<Output = ()>>(work: W, deadline: D) -> Option<W::Output> {
-    let (mut work, mut deadline) = (std::pin::pin!(work), std::pin::pin!(deadline));
-    std::future::poll_fn(move |cx| {
-        if let Poll::Ready(output) = work.as_mut().poll(cx) {
-            return Poll::Ready(Some(output));
-        }
-        deadline.as_mut().poll(cx).map(|()| None)
-    })
-    .await
-}
-
-/// One request in librbd's hands (see the module's first lines).
-struct Request {
-    state: Mutex<State>,
-    /// Given back when the last reference (the caller's or librbd's) goes.
-    _slot: Slot,
-}
-
-struct State {
-    /// librbd's return value: bytes or 0 on success, a negative errno on failure.
-    result: Option<isize>,
-    waker: Option<Waker>,
-    buf: Option<AlignedBuf>,
-}
-
-impl Request {
-    fn submit(
-        self: &Arc<Self>,
-        lib: &'static Lib,
-        image: ImageT,
-        submit: impl FnOnce(&'static Lib, ImageT, CompletionT, *mut u8) -> libc::c_int,
-    ) -> std::result::Result<(), i32> {
-        // The buffer's heap address is stable while it sits in the state; nobody takes it out
-        // before the result is in.
-        let buf_ptr = self.state.lock().buf.as_mut().map_or(null_mut(), |buf| buf.as_mut_ptr());
-        let arg = Arc::into_raw(self.clone()) as *mut c_void;
-        let mut completion: CompletionT = null_mut();
-        // SAFETY: `arg` is a counted reference that on_complete takes back exactly once.
-        let created = unsafe { (lib.rbd_aio_create_completion)(arg, on_complete, &mut completion) };
-        if created < 0 {
-            // SAFETY: librbd never saw `arg`: take the reference back.
-            drop(unsafe { Arc::from_raw(arg as *const Request) });
-            return Err(-created);
-        }
-        let submitted = submit(lib, image, completion, buf_ptr);
-        if submitted < 0 {
-            // SAFETY: the call was refused, so librbd will not call back: release both.
-            unsafe {
-                (lib.rbd_aio_release)(completion);
-                drop(Arc::from_raw(arg as *const Request));
-            }
-            return Err(-submitted);
-        }
-        Ok(())
-    }
-
-    async fn wait(&self) -> std::result::Result<isize, i32> {
-        std::future::poll_fn(|cx| {
-            let mut state = self.state.lock();
-            match state.result {
-                Some(result) if result < 0 => Poll::Ready(Err(-(result as i32))),
-                Some(result) => Poll::Ready(Ok(result)),
-                None => {
-                    state.waker = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            }
-        })
-        .await
-    }
-}
-
-/// librbd's completion callback, on one of librbd's threads: record, release, wake. Nothing
-/// in it can panic (a panic must not unwind into C).
-extern "C" fn on_complete(completion: CompletionT, arg: *mut c_void) {
-    // SAFETY: `arg` is the reference `Request::submit` leaked for this completion.
-    let request = unsafe { Arc::from_raw(arg as *const Request) };
-    let Ok(lib) = lib() else { return };
-    // SAFETY: the completion is done and released exactly once, here.
-    let result = unsafe {
-        let result = (lib.rbd_aio_get_return_value)(completion);
-        (lib.rbd_aio_release)(completion);
-        result
-    };
-    let waker = {
-        let mut state = request.state.lock();
-        state.result = Some(result);
-        state.waker.take()
-    };
-    if let Some(waker) = waker {
-        waker.wake();
-    }
-}
-
-/// A bounded count of requests inside librbd, with the tasks waiting for one.
-struct Slots {
-    max: usize,
-    state: Mutex<(usize, VecDeque<Waker>)>,
-}
-
-struct Slot(Arc<Slots>);
-
-impl Slots {
-    fn new(max: usize) -> Arc<Slots> {
-        assert!(max > 0);
-        Arc::new(Slots { max, state: Mutex::new((0, VecDeque::new())) })
-    }
-
-    async fn acquire(self: &Arc<Self>) -> Slot {
-        std::future::poll_fn(|cx| {
-            let mut state = self.state.lock();
-            if state.0 < self.max {
-                state.0 += 1;
-                return Poll::Ready(Slot(self.clone()));
-            }
-            state.1.push_back(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let waker = {
-            let mut state = self.0.state.lock();
-            assert!(state.0 > 0, "slot accounting underflow");
-            state.0 -= 1;
-            state.1.pop_front()
-        };
-        if let Some(waker) = waker {
-            waker.wake();
+            (result, request.take_buf())
         }
     }
 }
@@ -619,135 +517,9 @@ impl BlockDriver for RbdDriver {
     }
 
     fn block_status(&self, offset: u64, length_bytes: u64) -> IoFuture<Result<Extent>> {
-        IoFuture::boxed(self.status.query(offset, length_bytes))
+        IoFuture::boxed(self.status.query(&self.watchdog, offset, length_bytes))
     }
 }
 
 /// `RBD_WRITE_ZEROES_FLAG_THICK_PROVISION`.
 const THICK_PROVISION: libc::c_int = 1;
-
-/// The most one block_status query walks: an answer need not cover the whole request, and
-/// a shorter walk keeps the metadata thread's turns short.
-const STATUS_QUERY_MAX_BYTES: u64 = 1 << 30;
-
-/// The image's metadata thread (see the module's first lines). It ends when the driver goes.
-struct StatusThread {
-    queries: Mutex<mpsc::Sender<StatusQuery>>,
-}
-
-struct StatusQuery {
-    offset: u64,
-    length_bytes: u64,
-    answer: Answer,
-}
-
-/// A query's answer once the thread has it, and the task waiting for it.
-type Answer = Arc<Mutex<(Option<Result<Extent>>, Option<Waker>)>>;
-
-impl StatusThread {
-    fn start(image: Arc<Image>, size_bytes: u64) -> StatusThread {
-        let (sender, receiver) = mpsc::channel::<StatusQuery>();
-        let spawned = std::thread::Builder::new().name("tandem-rbd-status".into()).spawn(move || {
-            for query in receiver {
-                let extent = diff_extent(&image, query.offset, query.length_bytes.min(size_bytes - query.offset));
-                let waker = {
-                    let mut answer = query.answer.lock();
-                    answer.0 = Some(extent);
-                    answer.1.take()
-                };
-                waker.into_iter().for_each(Waker::wake);
-            }
-        });
-        // Without the thread every query answers "data": correct, only not sparse.
-        if let Err(error) = spawned {
-            eprintln!("tandem: no rbd metadata thread ({error}); block status reports data everywhere");
-        }
-        StatusThread { queries: Mutex::new(sender) }
-    }
-
-    fn query(&self, offset: u64, length_bytes: u64) -> impl Future<Output = Result<Extent>> + Send + 'static {
-        let length_bytes = length_bytes.min(STATUS_QUERY_MAX_BYTES);
-        let answer: Answer = Arc::new(Mutex::new((None, None)));
-        let sent = self.queries.lock().send(StatusQuery { offset, length_bytes, answer: answer.clone() });
-        async move {
-            if sent.is_err() {
-                return Ok(Extent { status: BlockStatus::Data, offset, length_bytes });
-            }
-            std::future::poll_fn(|cx| {
-                let mut answer = answer.lock();
-                match answer.0.take() {
-                    Some(extent) => Poll::Ready(extent),
-                    None => {
-                        answer.1 = Some(cx.waker().clone());
-                        Poll::Pending
-                    }
-                }
-            })
-            .await
-        }
-    }
-}
-
-/// What `rbd_diff_iterate2` found from the walk's start: the first allocated run.
-struct Walk {
-    start: u64,
-    run: Option<(u64, u64)>,
-}
-
-/// Stops the walk once the answer is known (diff_iterate returns it; it is not an error).
-const WALK_DONE: libc::c_int = -libc::ECANCELED;
-
-extern "C" fn diff_callback(offset: u64, length: libc::size_t, exists: libc::c_int, arg: *mut c_void) -> libc::c_int {
-    // SAFETY: `arg` is the `Walk` diff_extent lent for the duration of the call.
-    let walk = unsafe { &mut *(arg as *mut Walk) };
-    if exists == 0 {
-        return 0;
-    }
-    let end = offset + length as u64;
-    match walk.run {
-        None if offset > walk.start => {
-            walk.run = Some((offset, end));
-            WALK_DONE
-        }
-        None => {
-            walk.run = Some((offset, end));
-            0
-        }
-        Some((run_start, run_end)) if offset <= run_end => {
-            walk.run = Some((run_start, run_end.max(end)));
-            0
-        }
-        Some(_) => WALK_DONE,
-    }
-}
-
-/// The extent at `offset`: data up to the end of the first allocated run, or a hole up to its
-/// start.
-fn diff_extent(image: &Image, offset: u64, length_bytes: u64) -> Result<Extent> {
-    let lib = image.cluster.lib;
-    let mut walk = Walk { start: offset, run: None };
-    // SAFETY: an open image; the callback gets `walk` only during this call.
-    let walked = unsafe {
-        (lib.rbd_diff_iterate2)(
-            image.handle,
-            std::ptr::null(),
-            offset,
-            length_bytes,
-            1,
-            0,
-            diff_callback,
-            (&mut walk as *mut Walk).cast(),
-        )
-    };
-    if walked < 0 && walked != WALK_DONE {
-        return Err(Error::Io { op: "block_status", offset, errno: -walked });
-    }
-    let end = offset + length_bytes;
-    Ok(match walk.run {
-        None => Extent { status: BlockStatus::Hole, offset, length_bytes },
-        Some((run_start, _)) if run_start > offset => {
-            Extent { status: BlockStatus::Hole, offset, length_bytes: run_start.min(end) - offset }
-        }
-        Some((_, run_end)) => Extent { status: BlockStatus::Data, offset, length_bytes: run_end.min(end) - offset },
-    })
-}

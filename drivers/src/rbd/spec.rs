@@ -34,7 +34,9 @@ impl RbdSpec {
     /// assert_eq!(spec.user.as_deref(), Some("backup"));
     /// ```
     pub fn parse(text: &str) -> Result<RbdSpec, RbdError> {
-        let bad = |reason: &'static str| RbdError::Spec { spec: text.to_string(), reason };
+        // The name part only: the options may hold a secret (`key=`).
+        let shown = text.split(':').take(2).collect::<Vec<_>>().join(":");
+        let bad = |reason: &'static str| RbdError::Spec { spec: shown.clone(), reason };
         let rest = text.strip_prefix("rbd:").ok_or_else(|| bad("it does not start with rbd:"))?;
         let fields = split_unescaped(rest, ':').map_err(bad)?;
         let (name, options) = fields.split_first().expect("split yields at least one field");
@@ -44,12 +46,12 @@ impl RbdSpec {
             let (key, value) = (halves[0].as_str(), halves[1..].join("="));
             if halves.len() < 2 {
                 let reason = "an option is KEY=VALUE".to_string();
-                return Err(RbdError::Option { key: key.to_string(), value, reason });
+                return Err(RbdError::Option { key: key.to_string(), value: redact(key, &value), reason });
             }
             let value = value.as_str();
             if key.is_empty() || value.is_empty() {
                 let reason = "neither the key nor the value may be empty".to_string();
-                return Err(RbdError::Option { key: key.to_string(), value: value.to_string(), reason });
+                return Err(RbdError::Option { key: key.to_string(), value: redact(key, value), reason });
             }
             match key {
                 "conf" => spec.conf_path = Some(PathBuf::from(value)),
@@ -151,6 +153,14 @@ fn unescape(text: &str) -> String {
         }
     }
     out
+}
+
+/// An option's value as errors show it: a secret's is hidden.
+pub(crate) fn redact(key: &str, value: &str) -> String {
+    match key == "key" || key.contains("secret") || key.contains("password") {
+        true => "(hidden)".to_string(),
+        false => value.to_string(),
+    }
 }
 
 fn escape(text: &str) -> String {
