@@ -2,8 +2,8 @@
 //!
 //! How a completion reaches the core that asked for it. Each request is an `Arc<Request>`
 //! holding the caller's buffer, the result slot and the waker of the task awaiting it; one
-//! reference goes to librbd as the completion's argument. librbd calls [`on_complete`] on one
-//! of its own finisher threads; that stores the return value and wakes the task. A Tandem
+//! reference goes to librbd as the completion's argument. librbd calls `on_complete`
+//! (request.rs) on one of its own threads; that stores the return value and wakes the task. A Tandem
 //! waker woken off its core posts the task to the core's inbox (and writes the core's eventfd
 //! only if it sleeps), so the core is never blocked and no thread is started per request.
 //! librbd's other scheme, an eventfd per image polled through the ring plus
@@ -14,10 +14,11 @@
 //! request beyond waits for a slot, and the slot goes back only when librbd is done with the
 //! buffer, even if the caller stopped waiting). A cluster that stops answering fails
 //! requests with ETIMEDOUT after [`RbdOptions::op_timeout_s`] (librados' `rados_osd_op_timeout`
-//! and `rados_mon_op_timeout`, and `client_mount_timeout` for the connection), never hangs.
+//! and `rados_mon_op_timeout`, and `client_mount_timeout` for the connection), and the
+//! driver's watchdog fails what librbd holds back beyond that: never a hang.
 //!
 //! `block_status` asks `rbd_diff_iterate2`, which is synchronous and may talk to the cluster,
-//! so it runs on one metadata thread per image, never on a core.
+//! so it runs on one metadata thread per image, never on a core (status.rs).
 
 mod librbd;
 mod request;
