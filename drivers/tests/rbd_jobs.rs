@@ -258,3 +258,59 @@ fn an_osd_that_dies_mid_backup_ends_it_by_its_error_policy_and_the_source_keeps_
         backup::start(&runtime.handle(), disk, target, config).unwrap()
     });
 }
+
+fn allocated_ranges(path: &Path) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let mut ranges = Vec::new();
+    let mut at: i64 = 0;
+    loop {
+        // SAFETY: lseek on an fd we own.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        ranges.push((data as u64, hole as u64));
+        at = hole;
+    }
+    ranges
+}
+
+/// block_status from rbd_diff_iterate2 keeps a sync=top copy out of a sparse image sparse:
+/// objects never written stay holes in the target.
+#[test]
+fn a_sparse_image_mirrored_out_with_sync_top_stays_sparse() {
+    let dir = scratch_dir();
+    let image = ScratchImage::new(DISK_BYTES);
+    let runtime = runtime(BackendChoice::Auto, 2);
+    let disk = Disk::new(Arc::new(image.open()));
+    let mut model = vec![0u8; DISK_BYTES as usize];
+    for start in [0u64, 8 << 20] {
+        let data = common::jobs::random_bytes(1 << 20, start + 1);
+        model[start as usize..(start + (1 << 20)) as usize].copy_from_slice(&data);
+        let (result, _) =
+            disk.write_blocking(start, AlignedBuf::from_slice(&data, 4096).unwrap(), WriteFlags::default(), G);
+        result.unwrap();
+    }
+    let target_path = dir.path().join("target.img");
+    std::fs::File::create(&target_path).unwrap().set_len(DISK_BYTES).unwrap();
+    let config = MirrorConfig { sync: SyncMode::Top, ..MirrorConfig::default() };
+    let job = mirror::start(&runtime.handle(), &disk, open(&runtime, &target_path), config).unwrap();
+    wait_status(&job, JobStatus::Ready);
+    // Only the two written objects were marked to copy (a status of "data everywhere" would
+    // mark all 16 MiB; zeros then reach the target as holes, so the map alone cannot tell).
+    let total_bytes = job.progress().total_bytes;
+    assert!((2 << 20..=8 << 20).contains(&total_bytes), "sync=top marked {total_bytes} bytes");
+    job.cancel(false).unwrap();
+    assert_eq!(job.wait_for(|s| s == JobStatus::Null, WAIT), JobStatus::Null);
+    drop((disk, runtime));
+    assert!(qemu_img_identical(&save(dir.path().join("model.img"), &model), &target_path));
+    // rbd knows objects (4 MiB), not bytes: the written objects may be copied whole, the
+    // others never.
+    for (start, end) in allocated_ranges(&target_path) {
+        let inside = |object: u64| start >= object && end <= object + (4 << 20);
+        assert!(inside(0) || inside(8 << 20), "target allocated [{start}, {end}) in an object never written");
+    }
+}
