@@ -393,11 +393,14 @@ impl RbdDriver {
         buf: Option<AlignedBuf>,
         submit: impl FnOnce(&'static Lib, ImageT, CompletionT, *mut u8) -> libc::c_int + Send + 'static,
     ) -> impl Future<Output = (std::result::Result<isize, i32>, Option<AlignedBuf>)> + Send + 'static {
-        let (image, slots) = (self.image.clone(), self.slots.clone());
-        let request = Request::new(buf, Instant::now() + self.deadline);
-        let weak: std::sync::Weak<dyn Expiring> = Arc::downgrade(&request) as _;
-        self.watchdog.watch(weak);
+        let (image, slots, watch, deadline) =
+            (self.image.clone(), self.slots.clone(), self.watchdog.handle(), self.deadline);
+        // The deadline runs from the first poll: a FUA write's flush is made with the write
+        // but starts after it.
         async move {
+            let request = Request::new(buf, Instant::now() + deadline);
+            let weak: std::sync::Weak<dyn Expiring> = Arc::downgrade(&request) as _;
+            watch.watch(weak);
             if request.take_slot(&slots).await.is_none() {
                 return (Err(EXPIRED), request.take_buf());
             }
@@ -518,7 +521,7 @@ impl BlockDriver for RbdDriver {
     }
 
     fn block_status(&self, offset: u64, length_bytes: u64) -> IoFuture<Result<Extent>> {
-        IoFuture::boxed(self.status.query(&self.watchdog, offset, length_bytes))
+        IoFuture::boxed(self.status.query(&self.watchdog.handle(), offset, length_bytes))
     }
 }
 

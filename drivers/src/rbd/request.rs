@@ -11,7 +11,6 @@ use super::librbd::{lib, CompletionT, ImageT, Lib};
 use parking_lot::Mutex;
 use std::ffi::c_void;
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -37,15 +36,15 @@ pub(crate) struct Watchdog {
 
 struct WatchShared {
     pending: Mutex<Vec<Weak<dyn Expiring>>>,
-    stop: AtomicBool,
 }
 
 impl Watchdog {
     pub(crate) fn start() -> std::io::Result<Watchdog> {
-        let shared = Arc::new(WatchShared { pending: Mutex::new(Vec::new()), stop: AtomicBool::new(false) });
+        let shared = Arc::new(WatchShared { pending: Mutex::new(Vec::new()) });
         let watched = shared.clone();
         let handle = std::thread::Builder::new().name("tandem-rbd-watch".into()).spawn(move || {
-            while !watched.stop.load(Ordering::Acquire) {
+            // Until the driver and every request future that could still register are gone.
+            while Arc::strong_count(&watched) > 1 || !watched.pending.lock().is_empty() {
                 std::thread::park_timeout(WATCH_PERIOD);
                 let now = Instant::now();
                 // Taken out and put back so no waker runs under the lock.
@@ -58,14 +57,25 @@ impl Watchdog {
         Ok(Watchdog { shared, thread: Some(handle.thread().clone()) })
     }
 
+    /// What a request's future keeps to register itself once it starts.
+    pub(crate) fn handle(&self) -> WatchHandle {
+        WatchHandle(self.shared.clone())
+    }
+}
+
+/// Registers entries with a watchdog (from any thread).
+#[derive(Clone)]
+pub(crate) struct WatchHandle(Arc<WatchShared>);
+
+impl WatchHandle {
     pub(crate) fn watch(&self, entry: Weak<dyn Expiring>) {
-        self.shared.pending.lock().push(entry);
+        self.0.pending.lock().push(entry);
     }
 }
 
 impl Drop for Watchdog {
+    /// The thread ends once nothing can register with it any more and nothing is pending.
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
         if let Some(thread) = self.thread.take() {
             thread.unpark();
         }
@@ -276,7 +286,7 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::Wake;
 
     struct Count(AtomicUsize);

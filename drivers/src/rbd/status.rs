@@ -4,7 +4,7 @@
 //! which is always true (only not sparse). A query the thread has not answered by its
 //! deadline fails with ETIMEDOUT, as an I/O request does.
 
-use super::request::{Expiring, Watchdog, EXPIRED};
+use super::request::{Expiring, WatchHandle, EXPIRED};
 use super::Image;
 use parking_lot::Mutex;
 use std::ffi::c_void;
@@ -94,7 +94,7 @@ impl StatusThread {
 
     pub(crate) fn query(
         &self,
-        watchdog: &Watchdog,
+        watch: &WatchHandle,
         offset: u64,
         length_bytes: u64,
     ) -> impl Future<Output = Result<Extent>> + Send + 'static {
@@ -104,7 +104,7 @@ impl StatusThread {
         let sent = self.queries.lock().try_send(query.clone());
         if sent.is_ok() {
             let weak: std::sync::Weak<dyn Expiring> = Arc::downgrade(&query) as _;
-            watchdog.watch(weak);
+            watch.watch(weak);
         }
         async move {
             if sent.is_err() {
