@@ -7,10 +7,12 @@
 
 mod common;
 
-use common::jobs::{open, qemu_img_identical, random_bytes, write_image, Guest, Layout, DISK_BYTES, WAIT};
+use common::jobs::{
+    allocated_ranges, open, qemu_img_identical, random_bytes, write_image, Guest, Layout, DISK_BYTES, WAIT,
+};
 use common::{runtime, scratch_dir};
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem::block::{Disk, WriteFlags};
@@ -168,25 +170,6 @@ fn none_1m_every_mode() {
 }
 
 /// Bytes the file has allocated, by SEEK_DATA / SEEK_HOLE.
-fn allocated_ranges(path: &Path) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(path).unwrap();
-    let fd = file.as_raw_fd();
-    let mut ranges = Vec::new();
-    let mut at: i64 = 0;
-    loop {
-        // SAFETY: lseek on an fd we own.
-        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-        if data < 0 {
-            break;
-        }
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        ranges.push((data as u64, hole as u64));
-        at = hole;
-    }
-    ranges
-}
-
 #[test]
 fn sync_top_leaves_the_target_sparse_where_the_source_was() {
     let dir = scratch_dir();

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::jobs::{open, qemu_img_identical, write_image, Guest, Layout, DISK_BYTES, WAIT};
+use common::jobs::{allocated_ranges, open, qemu_img_identical, write_image, Guest, Layout, DISK_BYTES, WAIT};
 use common::{ceph_cluster, runtime, scratch_dir, ScratchImage};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -257,25 +257,6 @@ fn an_osd_that_dies_mid_backup_ends_it_by_its_error_policy_and_the_source_keeps_
         };
         backup::start(&runtime.handle(), disk, target, config).unwrap()
     });
-}
-
-fn allocated_ranges(path: &Path) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(path).unwrap();
-    let mut ranges = Vec::new();
-    let mut at: i64 = 0;
-    loop {
-        // SAFETY: lseek on an fd we own.
-        let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
-        if data < 0 {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
-        ranges.push((data as u64, hole as u64));
-        at = hole;
-    }
-    ranges
 }
 
 /// block_status from rbd_diff_iterate2 keeps a sync=top copy out of a sparse image sparse:

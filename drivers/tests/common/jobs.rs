@@ -156,3 +156,23 @@ pub async fn writer(
     }
     stripe
 }
+
+/// The allocated (data) ranges of a file, from SEEK_DATA / SEEK_HOLE.
+pub fn allocated_ranges(path: &Path) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let mut ranges = Vec::new();
+    let mut at: i64 = 0;
+    loop {
+        // SAFETY: lseek on an fd we own.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        ranges.push((data as u64, hole as u64));
+        at = hole;
+    }
+    ranges
+}
