@@ -322,6 +322,37 @@ fn manual_finalize_switches_over_only_when_asked() {
     assert_eq!(s.disk.driver().name(), format!("file:{}", s.target_path.display()));
 }
 
+/// A cancel while the mirror is pending for its switch-over is obeyed, never accepted and
+/// ignored: forced, the job is cancelled; soft, it completes with a consistent copy. Either
+/// way the disk keeps its source, and a cancel after the job ended is refused.
+#[test]
+fn a_cancel_while_pending_stops_the_switch_over() {
+    for force in [true, false] {
+        let s = setup();
+        let config = MirrorConfig { auto_finalize: false, ..MirrorConfig::default() };
+        let job = start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), config).unwrap();
+        wait_status(&job, JobStatus::Ready);
+        job.complete().unwrap();
+        wait_status(&job, JobStatus::Pending);
+        job.cancel(force).expect("cancel is allowed while pending");
+        assert_eq!(job.wait_for(|s| s == JobStatus::Null, WAIT), JobStatus::Null);
+        let seen = events(&job);
+        let names = names(&seen);
+        match force {
+            true => assert!(names.contains(&"BLOCK_JOB_CANCELLED"), "{names:?}"),
+            false => assert!(
+                seen.iter().any(|e| matches!(e, JobEvent::Completed { error: None, .. }))
+                    && !names.contains(&"BLOCK_JOB_CANCELLED"),
+                "{names:?}"
+            ),
+        }
+        assert!(!s.disk.has_filter());
+        assert_eq!(s.disk.driver().name(), format!("file:{}", s.source_path.display()), "no switch-over");
+        let error = job.cancel(true).expect_err("nothing left to cancel");
+        assert!(matches!(error, JobError::VerbNotAllowed { .. }), "{error}");
+    }
+}
+
 fn faulty_target(s: &Setup) -> Arc<FaultyDriver> {
     Arc::new(FaultyDriver::new(open(&s.runtime, &s.target_path), 1, false))
 }

@@ -34,6 +34,9 @@ struct Control {
     pause_count: u32,
     stop: Option<StopRequest>,
     finalize_requested: bool,
+    /// The job has passed its point of no return (a mirror's switch-over, a backup's
+    /// finalization): a cancel can no longer stop it and is refused.
+    committed: bool,
     auto_finalize: bool,
     auto_dismiss: bool,
     error: Option<String>,
@@ -75,6 +78,7 @@ impl JobCore {
             pause_count: 0,
             stop: None,
             finalize_requested: false,
+            committed: false,
             auto_finalize,
             auto_dismiss,
             error: None,
@@ -118,14 +122,34 @@ impl JobCore {
     /// Move to `to` (which the transition table must allow) and tell the watchers.
     pub(crate) fn set_status(&self, to: JobStatus) {
         let mut control = self.control.lock();
+        self.set_status_locked(&mut control, to);
+        drop(control);
+        self.status_changed.notify_all();
+    }
+
+    /// The transition itself, under the caller's hold of `control` (so a verb's check and its
+    /// transition are one step); the caller notifies `status_changed` after unlocking.
+    fn set_status_locked(&self, control: &mut Control, to: JobStatus) {
         let from = control.status;
         assert!(transition_allowed(from, to), "job {}: illegal transition {from} -> {to}", self.id);
         control.status = to;
         // Sent under the lock (the channel's own lock is a leaf): whoever sees the new status
         // finds its event already queued, and events keep the order of the changes.
         self.emit(JobEvent::StatusChange { id: self.id.clone(), status: to });
-        drop(control);
-        self.status_changed.notify_all();
+    }
+
+    /// Pass the point of no return (a mirror's switch-over, a backup's finalization) unless
+    /// a cancel came first: then that request is returned and the job must act on it. After
+    /// this, a cancel is refused with [`JobError::TooLateToCancel`] instead of being accepted
+    /// and ignored.
+    pub(crate) fn commit(&self) -> Result<(), StopRequest> {
+        let mut control = self.control.lock();
+        assert!(!control.committed, "job {}: committed twice", self.id);
+        if let Some(stop @ StopRequest::Cancel { .. }) = control.stop {
+            return Err(stop);
+        }
+        control.committed = true;
+        Ok(())
     }
 
     pub(crate) fn status(&self) -> JobStatus {
@@ -231,6 +255,17 @@ impl JobCore {
         self.signal.notify();
         Ok(())
     }
+
+    /// A verb that is itself a transition (dismiss): the check and the move happen under one
+    /// hold of the lock, so of two racing callers exactly one succeeds.
+    fn verb_transition(&self, verb: JobVerb, to: JobStatus) -> Result<(), JobError> {
+        self.verb(verb, |control| {
+            self.set_status_locked(control, to);
+            Ok(())
+        })?;
+        self.status_changed.notify_all();
+        Ok(())
+    }
 }
 
 /// A handle on a running job; cheap to clone, usable from any thread.
@@ -304,8 +339,17 @@ impl Job {
     /// Cancel. Before ready, or with `force`, the job ends as cancelled and the target is
     /// undefined; a mirror that is ready ends instead with a consistent target and no
     /// switch-over, reported as completed.
+    ///
+    /// A cancel that arrives while a mirror converges for its switch-over (pending) stops
+    /// it: the disk keeps its source. Once the job has passed its point of no return (the
+    /// switch-over or the backup's finalization is under way), cancel is refused with
+    /// [`JobError::TooLateToCancel`].
     pub fn cancel(&self, force: bool) -> Result<(), JobError> {
+        let id = &self.core.id;
         self.core.verb(JobVerb::Cancel, |control| {
+            if control.committed {
+                return Err(JobError::TooLateToCancel { id: id.clone(), status: control.status });
+            }
             control.stop = Some(StopRequest::Cancel { force });
             control.pause_count = 0; // a paused job must wake up to end
             Ok(())
@@ -330,9 +374,7 @@ impl Job {
 
     /// Remove a concluded job (auto-dismiss off).
     pub fn dismiss(&self) -> Result<(), JobError> {
-        self.core.verb(JobVerb::Dismiss, |_| Ok(()))?;
-        self.core.set_status(JobStatus::Null);
-        Ok(())
+        self.core.verb_transition(JobVerb::Dismiss, JobStatus::Null)
     }
 
     /// Limit copying to `bytes_per_s` (0: no limit).
@@ -362,5 +404,137 @@ impl Job {
             }
         }
         control.status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobChange;
+
+    const STATUSES: [JobStatus; 11] = [
+        JobStatus::Undefined,
+        JobStatus::Created,
+        JobStatus::Running,
+        JobStatus::Paused,
+        JobStatus::Ready,
+        JobStatus::Standby,
+        JobStatus::Waiting,
+        JobStatus::Pending,
+        JobStatus::Aborting,
+        JobStatus::Concluded,
+        JobStatus::Null,
+    ];
+    const VERBS: [JobVerb; 8] = [
+        JobVerb::Cancel,
+        JobVerb::Pause,
+        JobVerb::Resume,
+        JobVerb::SetSpeed,
+        JobVerb::Complete,
+        JobVerb::Finalize,
+        JobVerb::Dismiss,
+        JobVerb::Change,
+    ];
+
+    /// A job handle whose state is set by hand (no task runs it), with one pause so that an
+    /// allowed resume has something to take back.
+    fn job_in(status: JobStatus) -> Job {
+        let core = JobCore::new("j".into(), JobKind::Mirror, false, false, 0, Box::new(|_| Ok(())));
+        let mut control = core.control.lock();
+        control.status = status;
+        control.pause_count = 1;
+        drop(control);
+        Job { core }
+    }
+
+    fn apply(job: &Job, verb: JobVerb) -> Result<(), JobError> {
+        match verb {
+            JobVerb::Cancel => job.cancel(true),
+            JobVerb::Pause => job.pause(),
+            JobVerb::Resume => job.resume(),
+            JobVerb::SetSpeed => job.set_speed(1 << 20),
+            JobVerb::Complete => job.complete(),
+            JobVerb::Finalize => job.finalize(),
+            JobVerb::Dismiss => job.dismiss(),
+            JobVerb::Change => job.change(JobChange::CopyMode(crate::job::mirror::CopyMode::WriteBlocking)),
+        }
+    }
+
+    /// What the control state says a verb did: (status, stop, pause count, finalize, speed).
+    fn snapshot(job: &Job) -> (JobStatus, Option<StopRequest>, u32, bool, u64) {
+        let control = job.core.control.lock();
+        let speed = job.core.speed_bytes_per_s();
+        (control.status, control.stop, control.pause_count, control.finalize_requested, speed)
+    }
+
+    #[test]
+    fn every_verb_in_every_state_answers_as_the_table_says() {
+        for status in STATUSES {
+            for verb in VERBS {
+                let job = job_in(status);
+                let before = snapshot(&job);
+                let result = apply(&job, verb);
+                let after = snapshot(&job);
+                if !verb_allowed(verb, status) {
+                    let error = result.expect_err("a verb the table refuses");
+                    let expected = format!("job j: {} is not allowed while the job is {}", verb.name(), status.name());
+                    assert_eq!(error.to_string(), expected);
+                    assert_eq!(after, before, "{verb:?} in {status} was refused but changed the job");
+                    continue;
+                }
+                result.unwrap_or_else(|e| panic!("{verb:?} in {status}: {e}"));
+                let expected = match verb {
+                    JobVerb::Cancel => (status, Some(StopRequest::Cancel { force: true }), 0, false, 0),
+                    JobVerb::Pause => (status, None, 2, false, 0),
+                    JobVerb::Resume => (status, None, 0, false, 0),
+                    JobVerb::SetSpeed => (status, None, 1, false, 1 << 20),
+                    JobVerb::Complete => (status, Some(StopRequest::Complete), 1, false, 0),
+                    JobVerb::Finalize => (status, None, 1, true, 0),
+                    JobVerb::Dismiss => (JobStatus::Null, None, 1, false, 0),
+                    JobVerb::Change => (status, None, 1, false, 0),
+                };
+                assert_eq!(after, expected, "{verb:?} in {status}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_cancel_before_the_commit_is_obeyed_and_one_after_it_is_refused() {
+        let job = job_in(JobStatus::Pending);
+        job.cancel(false).unwrap();
+        assert_eq!(job.core.commit(), Err(StopRequest::Cancel { force: false }), "the cancel stops the switch-over");
+
+        let job = job_in(JobStatus::Pending);
+        job.core.commit().expect("no cancel yet");
+        let error = job.cancel(true).expect_err("too late");
+        assert!(matches!(error, JobError::TooLateToCancel { status: JobStatus::Pending, .. }), "{error}");
+        assert_eq!(
+            error.to_string(),
+            "job j: cancel is too late: the job is pending and already finishing (switch-over or finalization under way)"
+        );
+        assert_eq!(snapshot(&job).1, None, "the refused cancel left no request behind");
+    }
+
+    #[test]
+    fn of_two_racing_dismisses_exactly_one_succeeds() {
+        for round in 0..3000 {
+            let job = job_in(JobStatus::Concluded);
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let racers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (job, barrier) = (job.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        job.dismiss()
+                    })
+                })
+                .collect();
+            let results: Vec<_> = racers.into_iter().map(|r| r.join().expect("no panic")).collect();
+            let ok_count = results.iter().filter(|r| r.is_ok()).count();
+            assert_eq!(ok_count, 1, "round {round}: {results:?}");
+            let error = results.into_iter().find_map(Result::err).expect("one refused");
+            assert!(matches!(error, JobError::VerbNotAllowed { status: JobStatus::Null, .. }), "{error}");
+            assert_eq!(job.status(), JobStatus::Null);
+        }
     }
 }

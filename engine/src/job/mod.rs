@@ -307,6 +307,8 @@ pub enum JobError {
     VerbNotAllowed { id: String, verb: &'static str, status: JobStatus },
     #[error("job {id}: cannot resume: the job was not paused")]
     NotPaused { id: String },
+    #[error("job {id}: cancel is too late: the job is {status} and already finishing (switch-over or finalization under way)")]
+    TooLateToCancel { id: String, status: JobStatus },
     #[error("invalid job setting: {name} = {value}: {reason}")]
     Config { name: &'static str, value: String, reason: &'static str },
     #[error("source and target are the same: {name}")]

@@ -357,7 +357,11 @@ impl Runner {
             }
             core.signal.wait_until(generation, Instant::now() + Duration::from_millis(100)).await;
         }
-        Outcome::Done
+        // The point of no return: a cancel that came first is obeyed, a later one refused.
+        match core.commit() {
+            Ok(()) => Outcome::Done,
+            Err(_) => Outcome::Cancelled,
+        }
     }
 
     /// Take the filter off once the snapshot views' reads and the guest writes in progress

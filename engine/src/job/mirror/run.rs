@@ -526,33 +526,63 @@ impl Runner {
             if let Some(message) = self.failure.take() {
                 return Outcome::Failed(message);
             }
-            if let Some(StopRequest::Cancel { .. }) = core.stop_request() {
-                return Outcome::Cancelled;
+            match core.stop_request() {
+                Some(StopRequest::Cancel { force: true }) => return Outcome::Cancelled,
+                // A ready mirror's soft cancel: a consistent copy, no switch-over.
+                Some(StopRequest::Cancel { force: false }) => return self.converge(false).await,
+                _ => {}
             }
             self.pace_tick();
             self.start_copies(true).await;
             self.update_progress();
             core.signal.wait_until(generation, Instant::now() + IDLE_WAIT).await;
         }
-        match self.converge(switch_over).await {
-            Ok(()) => Outcome::Complete { switch_over },
-            Err(message) => Outcome::Failed(message),
-        }
+        self.converge(switch_over).await
     }
 
     /// With guest writes held back: every operation done, every dirty chunk copied, the target
     /// flushed; then the switch (or only the filter's removal). Any error here fails the job
-    /// and leaves the disk on its source.
-    async fn converge(&mut self, switch_over: bool) -> Result<(), String> {
+    /// and leaves the disk on its source; so does a cancel that arrives before the switch
+    /// (a soft one still ends with a consistent copy, reported as completed).
+    async fn converge(&mut self, switch_over: bool) -> Outcome {
         let source = self.shared.source.clone();
-        let drain = source.drain().ok_or_else(|| format!("disk {} is being drained by another job", source.name()))?;
+        let Some(drain) = source.drain() else {
+            return Outcome::Failed(format!("disk {} is being drained by another job", source.name()));
+        };
         let guard = drain.await;
+        if let Err(message) = self.copy_the_rest(&guard).await {
+            source.remove_filter(&guard);
+            return Outcome::Failed(message);
+        }
+        // The point of no return: a cancel from here on is refused, one before it is obeyed.
+        let switch_over = match self.shared.core.commit() {
+            Ok(()) => switch_over,
+            Err(StopRequest::Cancel { force: true }) => {
+                source.remove_filter(&guard);
+                return Outcome::Cancelled;
+            }
+            Err(_) => false,
+        };
+        if !switch_over {
+            source.remove_filter(&guard);
+            return Outcome::Complete { switch_over: false };
+        }
+        match source.switch_to(&guard, self.shared.target.clone()) {
+            Ok(()) => Outcome::Complete { switch_over: true },
+            Err(error) => {
+                source.remove_filter(&guard);
+                Outcome::Failed(error.to_string())
+            }
+        }
+    }
+
+    /// Under the drain: every copy and active write done, nothing dirty, the target flushed.
+    async fn copy_the_rest(&mut self, _drained: &crate::block::DrainGuard) -> Result<(), String> {
         self.converging = true;
         loop {
             let generation = self.shared.core.signal.generation();
             self.reap();
             if let Some(message) = self.failure.take() {
-                source.remove_filter(&guard);
                 return Err(message);
             }
             let idle = self.copies_in_flight == 0 && self.shared.inflight.counts() == (0, 0);
@@ -563,17 +593,10 @@ impl Runner {
             self.shared.core.signal.wait_until(generation, Instant::now() + Duration::from_millis(1)).await;
         }
         if let Err(error) = self.shared.target.flush(self.config.copy_priority.io_priority()).await {
-            source.remove_filter(&guard);
             return Err(format!("flush of the target: {error}"));
         }
         self.update_progress();
-        match switch_over {
-            true => source.switch_to(&guard, self.shared.target.clone()).map_err(|e| e.to_string()),
-            false => {
-                source.remove_filter(&guard);
-                Ok(())
-            }
-        }
+        Ok(())
     }
 
     /// Take the filter off (cancel, failure) once the last active write is done.
