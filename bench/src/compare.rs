@@ -208,8 +208,9 @@ fn run_fio(args: &[String], env: &[(String, String)]) -> Result<Figures, String>
 
 /// CPU seconds (user + system) of this process's waited-for children so far.
 fn children_cpu_s() -> f64 {
-    // SAFETY: getrusage fills the struct we own.
+    // SAFETY: an all-zero rusage is a valid value (integers and timevals).
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we own through a valid pointer.
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     seconds(usage.ru_utime) + seconds(usage.ru_stime)

@@ -385,8 +385,9 @@ impl Usage {
 }
 
 pub fn rusage() -> Usage {
-    // SAFETY: getrusage fills a zeroed struct on the stack.
+    // SAFETY: an all-zero rusage is a valid value (integers and timevals).
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct on the stack through a valid pointer.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Usage {

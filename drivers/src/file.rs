@@ -238,8 +238,9 @@ fn grow(fd: &OwnedFd, path: &Path, size_bytes: u64) -> Result<()> {
 }
 
 fn is_memory_fs(fd: &OwnedFd) -> bool {
-    // SAFETY: fstatfs fills a zeroed struct on the stack.
+    // SAFETY: an all-zero statfs is a valid value (plain integers).
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs fills the struct on the stack; the fd is ours and open.
     if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } != 0 {
         return false;
     }
@@ -251,8 +252,9 @@ fn last_errno() -> i32 {
 }
 
 fn device_size(fd: &OwnedFd, path: &Path) -> Result<u64> {
-    // SAFETY: fstat fills a zeroed struct on the stack.
+    // SAFETY: an all-zero stat is a valid value (plain integers).
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat fills the struct on the stack; the fd is ours and open.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
         return Err(open_error(path, last_errno()));
     }
@@ -270,8 +272,9 @@ fn device_size(fd: &OwnedFd, path: &Path) -> Result<u64> {
 /// O_DIRECT alignment from statx's DIOALIGN (Linux 6.1+), the device's logical block size for
 /// block devices, or a page.
 fn dio_alignment(fd: &OwnedFd) -> Alignment {
-    // SAFETY: statx fills a zeroed struct; AT_EMPTY_PATH with "" means the fd itself.
+    // SAFETY: an all-zero statx is a valid value (plain integers).
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx fills the struct on the stack; AT_EMPTY_PATH with "" names the fd itself.
     let ok = unsafe { libc::statx(fd.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, STATX_DIOALIGN, &mut stx) } == 0;
     if ok && stx.stx_mask & STATX_DIOALIGN != 0 && stx.stx_dio_offset_align > 0 && stx.stx_dio_mem_align > 0 {
         return Alignment {
@@ -294,8 +297,9 @@ impl BlockDriver for FileDriver {
     }
 
     fn device_id(&self) -> Option<(u64, u64)> {
-        // SAFETY: fstat fills a zeroed struct on the stack.
+        // SAFETY: an all-zero stat is a valid value (plain integers).
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat fills the struct on the stack; the fd is ours and open.
         (unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
     }
 

@@ -177,7 +177,8 @@ fn bad_requests_are_refused_and_change_nothing(s: &Subject) {
     let expected = before.as_slice().to_vec();
     write(s, 0, before);
     let align = s.disk.alignment().request_bytes;
-    let attempts: Vec<(u64, usize, Box<dyn Fn(&Error) -> bool>)> = vec![
+    type Expected = Box<dyn Fn(&Error) -> bool>;
+    let attempts: Vec<(u64, usize, Expected)> = vec![
         (DISK_BYTES, 4096, Box::new(|e| matches!(e, Error::OutOfBounds { offset: DISK_BYTES, .. }))),
         (DISK_BYTES - 4096, 8192, Box::new(|e| matches!(e, Error::OutOfBounds { .. }))),
         (u64::MAX - 4095, 8192, Box::new(|e| matches!(e, Error::Overflow { .. }))),

@@ -104,6 +104,8 @@ impl AlignedBuf {
 
     /// Whether every byte is zero (zero detection for copies).
     pub fn is_all_zero(&self) -> bool {
+        // SAFETY: every bit pattern is a valid u64, and align_to only reinterprets the aligned
+        // middle of a slice we borrow for this call.
         let (head, words, tail) = unsafe { self.as_slice().align_to::<u64>() };
         head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
     }
@@ -136,9 +138,19 @@ fn layout_for(len: usize, align: usize) -> Result<Layout> {
     if align == 0 || !align.is_power_of_two() {
         return Err(Error::BadAlignment { align_bytes: align as u64 });
     }
-    let size = len.max(1).div_ceil(align) * align;
-    Layout::from_size_align(size, align)
-        .map_err(|_| Error::TooLarge { length_bytes: len as u64, max_bytes: isize::MAX as u64 })
+    let too_large = || Error::TooLarge { length_bytes: len as u64, max_bytes: isize::MAX as u64 };
+    // Checked: `div_ceil(align) * align` wraps for lengths near usize::MAX, and a wrapped size
+    // would allocate a few bytes for a huge buffer.
+    let size = rounded_up(len, align).ok_or_else(too_large)?;
+    let layout = Layout::from_size_align(size, align).map_err(|_| too_large())?;
+    debug_assert!(layout.size() >= len && layout.size().is_multiple_of(align));
+    Ok(layout)
+}
+
+/// `len` (at least 1) rounded up to a multiple of `align` (a power of two); `None` on overflow.
+fn rounded_up(len: usize, align: usize) -> Option<usize> {
+    debug_assert!(align.is_power_of_two());
+    len.max(1).div_ceil(align).checked_mul(align)
 }
 
 /// A bounded pool of aligned buffers. Cloning shares the pool.
@@ -211,8 +223,9 @@ impl BufPool {
     pub fn get(&self, len: usize) -> Result<AlignedBuf> {
         let shared = &self.shared;
         let mut state = shared.state.lock();
-        let capacity = len.max(1).div_ceil(shared.align) * shared.align;
-        if state.in_use_bytes + capacity > shared.limit_bytes {
+        let too_large = Error::TooLarge { length_bytes: len as u64, max_bytes: shared.limit_bytes as u64 };
+        let Some(capacity) = rounded_up(len, shared.align) else { return Err(too_large) };
+        if capacity > shared.limit_bytes.saturating_sub(state.in_use_bytes) {
             return Err(Error::BufferLimit {
                 requested_bytes: len as u64,
                 in_use_bytes: state.in_use_bytes as u64,
@@ -220,6 +233,7 @@ impl BufPool {
             });
         }
         state.in_use_bytes += capacity;
+        debug_assert!(state.in_use_bytes <= shared.limit_bytes, "the check above bounds the pool");
         let reuse = state.free.iter().position(|b| b.capacity == capacity);
         let mut buf = match reuse {
             Some(index) => state.free.swap_remove(index),
@@ -254,7 +268,8 @@ impl BufPool {
 fn carve(state: &mut PoolState, capacity: usize, align: usize) -> Option<AlignedBuf> {
     let used_bytes = state.arena_used_bytes;
     let arena = state.arena.as_mut()?;
-    if used_bytes + capacity > arena.capacity() {
+    assert!(used_bytes <= arena.capacity(), "the arena is never carved past its end");
+    if capacity > arena.capacity() - used_bytes {
         return None;
     }
     // SAFETY: used_bytes + capacity is within the arena's allocation.
@@ -337,5 +352,19 @@ mod tests {
         assert_eq!(pool.in_use_bytes(), 8192);
         let c = pool.get(4096).unwrap();
         assert_eq!(c.as_ptr(), ptr, "the freed buffer is reused");
+    }
+
+    #[test]
+    fn lengths_whose_rounding_overflows_are_refused_not_wrapped() {
+        for len in [usize::MAX, usize::MAX - 1, usize::MAX - 4094, isize::MAX as usize + 1] {
+            let err = AlignedBuf::zeroed(len, 4096).unwrap_err();
+            assert!(matches!(err, Error::TooLarge { length_bytes, .. } if length_bytes == len as u64), "{len}: {err}");
+        }
+        let pool = BufPool::new(1 << 20, 4096);
+        for len in [usize::MAX, usize::MAX - 4094] {
+            let err = pool.get(len).unwrap_err();
+            assert!(matches!(err, Error::TooLarge { length_bytes, .. } if length_bytes == len as u64), "{len}: {err}");
+        }
+        assert_eq!(pool.in_use_bytes(), 0, "a refused request takes nothing from the pool");
     }
 }

@@ -358,3 +358,34 @@ impl tandem::block::BlockDriver for RamDisk {
         }))
     }
 }
+
+/// `dirty_bytes` reads the count and the short last chunk's bit at different instants; while
+/// another thread sets and resets that chunk it must never wrap below zero (it used to, in
+/// 0 - shortfall) nor exceed the disk.
+#[test]
+fn dirty_bytes_never_wraps_while_the_short_last_chunk_flips() {
+    let (granularity_bytes, size_bytes) = (64 << 10, (1 << 20) + 4096); // last chunk: 4 KiB of 64
+    let bitmap = Arc::new(DirtyBitmap::new(granularity_bytes, size_bytes).unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (bitmap, stop) = (bitmap.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || flips < 1000 {
+                bitmap.set(1 << 20, 4096).unwrap();
+                bitmap.reset(1 << 20, 4096).unwrap();
+                flips += 1;
+            }
+            flips
+        })
+    };
+    let mut reads = 0u64;
+    while reads < 2_000_000 {
+        let dirty_bytes = bitmap.dirty_bytes();
+        assert!(dirty_bytes <= size_bytes, "dirty_bytes {dirty_bytes} beyond the disk's {size_bytes}");
+        assert!(dirty_bytes == 0 || dirty_bytes == 4096 || dirty_bytes == granularity_bytes, "{dirty_bytes}");
+        reads += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(flipper.join().unwrap() >= 1000);
+}

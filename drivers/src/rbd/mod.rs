@@ -117,6 +117,7 @@ struct Cluster {
 
 // SAFETY: librados handles may be used from any thread (the library locks internally).
 unsafe impl Send for Cluster {}
+// SAFETY: as for Send: shared use from several threads is what librados supports.
 unsafe impl Sync for Cluster {}
 
 impl Drop for Cluster {
@@ -146,6 +147,7 @@ struct Image {
 // SAFETY: librbd image handles are thread-safe for I/O; close happens once, on drop, when no
 // request holds the image any more (each request's future holds an `Arc<Image>`).
 unsafe impl Send for Image {}
+// SAFETY: as for Send: concurrent I/O on one image handle is what librbd's aio API is for.
 unsafe impl Sync for Image {}
 
 impl Drop for Image {

@@ -197,10 +197,15 @@ impl DirtyBitmap {
         let full_bytes = self.dirty_chunk_count() << self.granularity_shift;
         let last_chunk = self.chunk_count - 1;
         let tail_shortfall = (self.chunk_count << self.granularity_shift) - self.size_bytes;
-        match tail_shortfall > 0 && self.chunk_is_set(last_chunk) {
-            true => full_bytes - tail_shortfall,
+        // The count and the last chunk's bit are read at different instants: while another
+        // thread sets that chunk, the bit can already be seen with the count not yet raised
+        // (0 chunks counted, last chunk set). Saturate rather than wrap to ~2^64 bytes.
+        let dirty_bytes = match tail_shortfall > 0 && self.chunk_is_set(last_chunk) {
+            true => full_bytes.saturating_sub(tail_shortfall),
             false => full_bytes,
-        }
+        };
+        debug_assert!(dirty_bytes <= self.size_bytes.max(full_bytes));
+        dirty_bytes
     }
 
     pub fn is_enabled(&self) -> bool {

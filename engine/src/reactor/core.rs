@@ -107,6 +107,9 @@ impl CoreShared {
     }
 }
 
+// One per core for the core's whole life: the size does not matter, and boxing the ring would
+// add a pointer chase to every submission.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Backend {
     Uring(UringBackend),
     Threads(ThreadsBackend),

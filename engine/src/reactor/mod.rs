@@ -467,11 +467,13 @@ fn start_core(
 }
 
 fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this thread.
+    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity fills the set on the stack for this thread, within its size.
     let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } == 0;
-    let cpus: Vec<usize> =
-        (0..libc::CPU_SETSIZE as usize).filter(|cpu| ok && unsafe { libc::CPU_ISSET(*cpu, &set) }).collect();
+    // SAFETY: CPU_ISSET reads one bit of the set; every cpu index is below CPU_SETSIZE.
+    let is_set = |cpu: usize| unsafe { libc::CPU_ISSET(cpu, &set) };
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|cpu| ok && is_set(*cpu)).collect();
     if cpus.is_empty() {
         vec![0]
     } else {
