@@ -6,7 +6,7 @@
 
 use crate::mapped::Mapping;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use tandem::block::{
     WriteFlags,
 };
 use tandem::buf::AlignedBuf;
-use tandem::reactor::{Op, OpKind, RuntimeHandle};
+use tandem::reactor::{Op, OpKind, RuntimeHandle, SharedFd};
 use tandem::{Error, IoPriority, Result};
 
 /// Alignment assumed where the kernel cannot tell (no STATX_DIOALIGN): a page satisfies every
@@ -41,7 +41,9 @@ pub struct FileOptions {
 pub struct FileDriver {
     name: String,
     path: PathBuf,
-    fd: OwnedFd,
+    /// Shared with every operation in flight: dropping the driver closes the file only when
+    /// the kernel is done with the last of them.
+    fd: SharedFd,
     size_bytes: u64,
     alignment: Alignment,
     direct: bool,
@@ -83,7 +85,7 @@ impl FileDriver {
         let driver = FileDriver {
             name,
             path,
-            fd,
+            fd: SharedFd::new(fd),
             size_bytes,
             alignment,
             direct,
@@ -134,7 +136,7 @@ impl FileDriver {
 
     /// pread/pwrite, for an in-memory file that is not mapped.
     fn transfer_syscall(&self, direction: Direction, offset: u64, mut buf: AlignedBuf, fua: bool) -> BufResult<()> {
-        let (fd, length_bytes) = (self.fd.as_raw_fd(), buf.len());
+        let (fd, length_bytes) = (self.fd.as_fd().as_raw_fd(), buf.len());
         let op = match direction {
             Direction::Read => "read",
             Direction::Write => "write",
@@ -164,7 +166,7 @@ impl FileDriver {
     /// ever does.
     fn flush_inline(&self, fua: bool, offset: u64) -> Result<()> {
         // SAFETY: plain syscall on an fd we own.
-        if fua && unsafe { libc::fdatasync(self.fd.as_raw_fd()) } != 0 {
+        if fua && unsafe { libc::fdatasync(self.fd.as_fd().as_raw_fd()) } != 0 {
             return Err(Error::Io { op: "flush", offset, errno: last_errno() });
         }
         Ok(())
@@ -182,7 +184,7 @@ impl FileDriver {
         length_bytes: u64,
         priority: IoPriority,
     ) -> IoFuture<Result<()>> {
-        let fd = self.fd.as_raw_fd();
+        let fd = self.fd.clone();
         let future = self.submit(OpKind::Fallocate { fd, mode, offset, length_bytes }, None, priority);
         IoFuture::op(future, OpContext { op, offset }, map_done)
     }
@@ -300,7 +302,7 @@ impl BlockDriver for FileDriver {
         // SAFETY: an all-zero stat is a valid value (plain integers).
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: fstat fills the struct on the stack; the fd is ours and open.
-        (unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+        (unsafe { libc::fstat(self.fd.as_fd().as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
     }
 
     fn size_bytes(&self) -> u64 {
@@ -319,7 +321,7 @@ impl BlockDriver for FileDriver {
         if self.in_memory {
             return IoFuture::ready(self.transfer_inline(Direction::Read, offset, buf, false));
         }
-        let future = self.submit(OpKind::Read { fd: self.fd.as_raw_fd(), offset }, Some(buf), priority);
+        let future = self.submit(OpKind::Read { fd: self.fd.clone(), offset }, Some(buf), priority);
         IoFuture::op(future, OpContext { op: "read", offset }, map_transfer)
     }
 
@@ -327,13 +329,13 @@ impl BlockDriver for FileDriver {
         if self.in_memory {
             return IoFuture::ready(self.transfer_inline(Direction::Write, offset, buf, flags.fua));
         }
-        let kind = OpKind::Write { fd: self.fd.as_raw_fd(), offset, fua: flags.fua };
+        let kind = OpKind::Write { fd: self.fd.clone(), offset, fua: flags.fua };
         let future = self.submit(kind, Some(buf), priority);
         IoFuture::op(future, OpContext { op: "write", offset }, map_transfer)
     }
 
     fn flush(&self, priority: IoPriority) -> IoFuture<Result<()>> {
-        let future = self.submit(OpKind::Fsync { fd: self.fd.as_raw_fd(), datasync: true }, None, priority);
+        let future = self.submit(OpKind::Fsync { fd: self.fd.clone(), datasync: true }, None, priority);
         IoFuture::op(future, OpContext { op: "flush", offset: 0 }, map_done)
     }
 
@@ -370,7 +372,7 @@ impl BlockDriver for FileDriver {
     /// From SEEK_DATA/SEEK_HOLE: metadata only, answered by the filesystem without device I/O,
     /// so it runs inline. Unwritten (preallocated) extents read as zeros and report as holes.
     fn block_status(&self, offset: u64, length_bytes: u64) -> IoFuture<Result<Extent>> {
-        IoFuture::ready(seek_extent(self.fd.as_raw_fd(), offset, length_bytes, self.size_bytes))
+        IoFuture::ready(seek_extent(self.fd.as_fd().as_raw_fd(), offset, length_bytes, self.size_bytes))
     }
 }
 

@@ -12,6 +12,7 @@
 //! ```
 
 mod core;
+mod fd;
 mod join;
 mod local;
 pub mod op;
@@ -19,6 +20,7 @@ mod threads;
 mod time;
 mod uring;
 
+pub use fd::SharedFd;
 pub use join::{block_on, JoinHandle};
 pub use op::last_op_submitted_at;
 pub use op::{Op, OpFuture, OpKind, OpOutput, RESULT_STOPPED};

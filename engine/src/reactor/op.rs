@@ -4,8 +4,10 @@
 //! which the backend keeps alive (one `Arc` strong count) from submission until the
 //! completion is reaped. The [`OpFuture`] only holds another count. Dropping the future
 //! mid-flight therefore never frees memory the kernel may still write: the buffer is freed
-//! when the completion arrives and the backend drops its count.
+//! when the completion arrives and the backend drops its count. The same holds for the file
+//! descriptor: an [`OpKind`] names it by [`SharedFd`], which the cell keeps until completion.
 
+use super::fd::SharedFd;
 use crate::buf::AlignedBuf;
 use crate::priority::IoPriority;
 use parking_lot::Mutex;
@@ -17,19 +19,46 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-/// What an operation does. Offsets and lengths are in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What an operation does. Offsets and lengths are in bytes. The descriptor is a
+/// [`SharedFd`]: the operation keeps the file open until the kernel is done with it.
+#[derive(Debug, Clone)]
 pub enum OpKind {
     /// Does nothing: measures the reactor's own round trip.
     Nop,
     /// Read `buf.len()` bytes at `offset` into the buffer.
-    Read { fd: RawFd, offset: u64 },
+    Read { fd: SharedFd, offset: u64 },
     /// Write the buffer at `offset`; `fua` makes it durable before completion (RWF_DSYNC).
-    Write { fd: RawFd, offset: u64, fua: bool },
+    Write { fd: SharedFd, offset: u64, fua: bool },
     /// fsync (or fdatasync).
-    Fsync { fd: RawFd, datasync: bool },
+    Fsync { fd: SharedFd, datasync: bool },
     /// fallocate with `mode` (FALLOC_FL_* flags) over `[offset, offset + length_bytes)`.
+    Fallocate { fd: SharedFd, mode: i32, offset: u64, length_bytes: u64 },
+}
+
+/// An [`OpKind`] as a backend builds its submission from: the descriptor as a bare number.
+/// Only [`OpShared::describe`] makes one, from the `OpKind` the cell holds until the
+/// operation completes, so the number stays this file's for as long as the kernel uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RawKind {
+    Nop,
+    Read { fd: RawFd, offset: u64 },
+    Write { fd: RawFd, offset: u64, fua: bool },
+    Fsync { fd: RawFd, datasync: bool },
     Fallocate { fd: RawFd, mode: i32, offset: u64, length_bytes: u64 },
+}
+
+impl OpKind {
+    fn raw(&self) -> RawKind {
+        match self {
+            OpKind::Nop => RawKind::Nop,
+            OpKind::Read { fd, offset } => RawKind::Read { fd: fd.raw(), offset: *offset },
+            OpKind::Write { fd, offset, fua } => RawKind::Write { fd: fd.raw(), offset: *offset, fua: *fua },
+            OpKind::Fsync { fd, datasync } => RawKind::Fsync { fd: fd.raw(), datasync: *datasync },
+            OpKind::Fallocate { fd, mode, offset, length_bytes } => {
+                RawKind::Fallocate { fd: fd.raw(), mode: *mode, offset: *offset, length_bytes: *length_bytes }
+            }
+        }
+    }
 }
 
 /// An operation to submit: what, with which buffer, at which priority.
@@ -50,7 +79,7 @@ pub struct OpOutput {
 /// What a backend needs to submit an operation. The buffer (`ptr`, `len`) stays in place
 /// until the operation completes; `fixed_key` names the ring that registered it, if any.
 pub(crate) struct Described {
-    pub kind: OpKind,
+    pub kind: RawKind,
     pub priority: IoPriority,
     pub ptr: *mut u8,
     pub len: usize,
@@ -65,6 +94,7 @@ pub(crate) struct OpShared {
 }
 
 struct OpState {
+    /// What to do; holds the descriptor open until `complete` takes it out.
     kind: OpKind,
     priority: IoPriority,
     buf: Option<AlignedBuf>,
@@ -123,7 +153,7 @@ impl OpShared {
         let mut state = self.state.lock();
         assert!(state.result.is_none(), "an operation is submitted once");
         state.batch = batch;
-        let (kind, priority) = (state.kind, state.priority);
+        let (kind, priority) = (state.kind.raw(), state.priority);
         match state.buf.as_mut() {
             Some(buf) => {
                 Described { kind, priority, ptr: buf.as_mut_ptr(), len: buf.len(), fixed_key: buf.fixed_key() }
@@ -135,13 +165,17 @@ impl OpShared {
     /// Record the result and wake the waiter. Called once, by the backend that ran it;
     /// `submitted_at` maps the operation's batch to its submission time.
     pub(crate) fn complete(&self, result: i32, submitted_at: impl FnOnce(u64) -> Option<Instant>) {
-        let (waker, held) = {
+        let (waker, held, kind) = {
             let mut state = self.state.lock();
             assert!(state.result.is_none(), "an operation completes once");
             state.result = Some(result);
             state.submitted_at = submitted_at(state.batch);
-            (state.waker.take(), state.held_until_complete.take())
+            // The kernel is done with the descriptor: this operation's hold on it ends here,
+            // not when a recycled cell is next reused.
+            let kind = std::mem::replace(&mut state.kind, OpKind::Nop);
+            (state.waker.take(), state.held_until_complete.take(), kind)
         };
+        drop(kind);
         drop(held); // outside the lock: its drop may wake others
         if let Some(waker) = waker {
             waker.wake();

@@ -2,7 +2,7 @@
 //! threads, for kernels or sandboxes where io_uring is refused. Same operations, same owned
 //! buffers: a worker holds the operation (and so its buffer) until it has completed it.
 
-use super::op::{Described, OpKind, OpShared};
+use super::op::{Described, OpShared, RawKind};
 use crate::priority::IoPriority;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::sync::Arc;
@@ -88,20 +88,20 @@ fn set_thread_priority(priority: IoPriority) {
 }
 
 /// Run one operation with a blocking syscall; returns bytes moved or `-errno`.
-fn run(kind: OpKind, ptr: *mut u8, len: usize) -> i32 {
-    // SAFETY: ptr/len name the operation's own buffer, kept alive by the OpShared the caller
-    // holds until it calls complete.
+fn run(kind: RawKind, ptr: *mut u8, len: usize) -> i32 {
+    // SAFETY: ptr/len name the operation's own buffer, and fd the operation's own SharedFd,
+    // both kept alive by the OpShared the caller holds until it calls complete.
     let ret: i64 = unsafe {
         match kind {
-            OpKind::Nop => 0,
-            OpKind::Read { fd, offset } => libc::pread(fd, ptr.cast(), len, offset as i64) as i64,
-            OpKind::Write { fd, offset, fua } => {
+            RawKind::Nop => 0,
+            RawKind::Read { fd, offset } => libc::pread(fd, ptr.cast(), len, offset as i64) as i64,
+            RawKind::Write { fd, offset, fua } => {
                 let iov = libc::iovec { iov_base: ptr.cast(), iov_len: len };
                 libc::pwritev2(fd, &iov, 1, offset as i64, if fua { RWF_DSYNC } else { 0 }) as i64
             }
-            OpKind::Fsync { fd, datasync: true } => libc::fdatasync(fd) as i64,
-            OpKind::Fsync { fd, datasync: false } => libc::fsync(fd) as i64,
-            OpKind::Fallocate { fd, mode, offset, length_bytes } => {
+            RawKind::Fsync { fd, datasync: true } => libc::fdatasync(fd) as i64,
+            RawKind::Fsync { fd, datasync: false } => libc::fsync(fd) as i64,
+            RawKind::Fallocate { fd, mode, offset, length_bytes } => {
                 libc::fallocate(fd, mode, offset as i64, length_bytes as i64) as i64
             }
         }

@@ -6,11 +6,12 @@
 //!    completion is reaped.
 //! 2. Buffer memory named by a submission belongs to that `OpShared`, which clause 1 keeps
 //!    alive until the completion is reaped, whatever happened to the future waiting on it.
-//! 3. File descriptors stay open until the operations using them complete: drivers hold the
-//!    file open for as long as any of their futures exist, and the ring is only dropped after
-//!    `drain` saw every operation complete.
+//! 3. File descriptors stay open until the operations using them complete: an operation can
+//!    only name one through a [`SharedFd`](super::fd::SharedFd), which its `OpShared` owns
+//!    until `complete` (so a driver dropped mid-flight closes nothing the kernel still uses),
+//!    and the ring is only dropped after `drain` saw every operation complete.
 
-use super::op::{Described, OpKind, OpShared};
+use super::op::{Described, OpShared, RawKind};
 use crate::buf::BufPool;
 use crate::error::{Error, Result};
 use io_uring::{opcode, squeue, types, IoUring};
@@ -163,8 +164,8 @@ impl UringBackend {
             return Err(op);
         }
         let entry = build_entry(&op, self.submit_log.open_batch, self.key).user_data(Arc::into_raw(op) as u64);
-        // SAFETY: clauses 1-3: user_data carries the op's strong count; its buffer and fd
-        // outlive the completion. The SQ cannot be full: unsubmitted entries count in
+        // SAFETY: clauses 1-3: user_data carries the op's strong count, which keeps its buffer
+        // and its SharedFd alive until the completion is reaped. The SQ cannot be full: unsubmitted entries count in
         // in_flight, which stays below sq_entries - 1, leaving room for the wake poll.
         unsafe { self.ring.submission().push(&entry).expect("SQ sized above in_flight_max") };
         self.in_flight += 1;
@@ -283,31 +284,33 @@ fn build_entry(op: &OpShared, batch: u64, ring_key: u64) -> squeue::Entry {
     let ioprio = priority.to_ioprio();
     let fixed = fixed_key == Some(ring_key);
     match kind {
-        OpKind::Nop => opcode::Nop::new().build(),
-        OpKind::Read { fd, offset } if fixed => opcode::ReadFixed::new(types::Fd(fd), ptr, len as u32, ARENA_BUF_INDEX)
-            .offset(offset)
-            .ioprio(ioprio)
-            .build(),
-        OpKind::Write { fd, offset, fua } if fixed => {
+        RawKind::Nop => opcode::Nop::new().build(),
+        RawKind::Read { fd, offset } if fixed => {
+            opcode::ReadFixed::new(types::Fd(fd), ptr, len as u32, ARENA_BUF_INDEX)
+                .offset(offset)
+                .ioprio(ioprio)
+                .build()
+        }
+        RawKind::Write { fd, offset, fua } if fixed => {
             opcode::WriteFixed::new(types::Fd(fd), ptr, len as u32, ARENA_BUF_INDEX)
                 .offset(offset)
                 .ioprio(ioprio)
                 .rw_flags(if fua { RWF_DSYNC } else { 0 })
                 .build()
         }
-        OpKind::Read { fd, offset } => {
+        RawKind::Read { fd, offset } => {
             opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(offset).ioprio(ioprio).build()
         }
-        OpKind::Write { fd, offset, fua } => opcode::Write::new(types::Fd(fd), ptr, len as u32)
+        RawKind::Write { fd, offset, fua } => opcode::Write::new(types::Fd(fd), ptr, len as u32)
             .offset(offset)
             .ioprio(ioprio)
             .rw_flags(if fua { RWF_DSYNC } else { 0 })
             .build(),
-        OpKind::Fsync { fd, datasync } => {
+        RawKind::Fsync { fd, datasync } => {
             let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
             opcode::Fsync::new(types::Fd(fd)).flags(flags).build()
         }
-        OpKind::Fallocate { fd, mode, offset, length_bytes } => {
+        RawKind::Fallocate { fd, mode, offset, length_bytes } => {
             opcode::Fallocate::new(types::Fd(fd), length_bytes).offset(offset).mode(mode).build()
         }
     }
@@ -343,7 +346,8 @@ fn leak_reason(e: std::io::Error) -> &'static str {
 mod tests {
     use super::*;
     use crate::priority::IoPriority;
-    use crate::reactor::op::Op;
+    use crate::reactor::fd::SharedFd;
+    use crate::reactor::op::{Op, OpKind};
 
     /// The SQE's ioprio field (bytes 2..4 of the 64-byte `io_uring_sqe`).
     fn sqe_ioprio(entry: squeue::Entry) -> u16 {
@@ -359,9 +363,12 @@ mod tests {
             (IoPriority::BACKGROUND, (2 << 13) | 7),
             (IoPriority::from_fio(2, 5).unwrap(), (2 << 13) | 5),
         ] {
-            for kind in [OpKind::Read { fd: 0, offset: 0 }, OpKind::Write { fd: 0, offset: 0, fua: true }] {
+            let fd = SharedFd::new(std::fs::File::open("/dev/null").unwrap().into());
+            for kind in
+                [OpKind::Read { fd: fd.clone(), offset: 0 }, OpKind::Write { fd: fd.clone(), offset: 0, fua: true }]
+            {
                 let op = OpShared::new(Op {
-                    kind,
+                    kind: kind.clone(),
                     buf: Some(crate::buf::AlignedBuf::zeroed(4096, 4096).unwrap()),
                     priority,
                 });
