@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::jobs::{open, qemu_img_identical, random_bytes, write_image, Guest, Layout, DISK_BYTES, WAIT};
+use common::jobs::{open, qemu_img_identical, random_bytes, replay, write_image, Guest, Layout, DISK_BYTES, WAIT};
 use common::{runtime, scratch_dir};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -566,18 +566,6 @@ fn fleecing_reads_equal_the_snapshot_while_the_guest_writes() {
     wait_null(&job);
     let (result, _) = view.read_blocking(0, AlignedBuf::zeroed(4096, 4096).unwrap(), IoPriority::GUEST);
     assert!(matches!(result, Err(tandem::Error::Io { errno: libc::ESTALE, .. })), "{result:?}");
-}
-
-/// Replay an incremental image's data extents over `restored`.
-fn replay(incremental: &Path, restored: &Path) {
-    use std::os::unix::fs::FileExt;
-    let (from, to) =
-        (std::fs::File::open(incremental).unwrap(), std::fs::OpenOptions::new().write(true).open(restored).unwrap());
-    for (offset, length_bytes) in data_extents(incremental) {
-        let mut data = vec![0u8; length_bytes as usize];
-        from.read_exact_at(&mut data, offset).unwrap();
-        to.write_all_at(&data, offset).unwrap();
-    }
 }
 
 #[test]

@@ -45,21 +45,27 @@ impl<T> IoFuture<T> {
     pub fn boxed(future: impl Future<Output = T> + Send + 'static) -> IoFuture<T> {
         IoFuture(Inner::Boxed(Box::pin(future)), None)
     }
-
-    /// Keep a guest write counted in its disk's write gate until it is done. If this
-    /// future is dropped first, the ticket stays with the reactor operation until the
-    /// kernel completes it, so a drain never overlooks a write still in flight.
-    pub(crate) fn holding(mut self, ticket: WriteTicket) -> IoFuture<T> {
-        self.1 = Some(ticket);
-        self
-    }
 }
 
 impl<T: Send + 'static> IoFuture<T> {
+    /// Keep a guest write counted in its disk's write gate until it is done. If this
+    /// future is dropped first, a reactor operation keeps the ticket until the kernel
+    /// completes it (no allocation); a boxed future (rbd, an injected delay) is run to its
+    /// end as [`IoFuture::finishing`] does. Either way a drain never overlooks a write
+    /// still in flight.
+    pub(crate) fn holding(mut self, ticket: WriteTicket) -> IoFuture<T> {
+        if let Inner::Boxed(_) = self.0 {
+            return self.finishing(ticket);
+        }
+        self.1 = Some(ticket);
+        self
+    }
+
     /// Like [`IoFuture::holding`], for a filter's composite write: if the caller drops this
-    /// future unfinished, the rest runs to its end in a task on the calling core, with the
-    /// ticket, so the filter's bookkeeping (a dirty mark after the source write, a target
-    /// write) is never cut off halfway. Off a reactor core it is dropped as is.
+    /// future unfinished, the rest runs to its end with the ticket (a task on the calling
+    /// core, or the finisher thread off the reactor: `reactor::run_to_end`), so the filter's
+    /// bookkeeping (a dirty mark after the source write, a target write) is never cut off
+    /// halfway.
     pub(crate) fn finishing(self, ticket: WriteTicket) -> IoFuture<T> {
         IoFuture::boxed(Finishing { rest: Some((self, ticket)) })
     }
@@ -87,21 +93,23 @@ impl<T: Send + 'static> Future for Finishing<T> {
 impl<T: Send + 'static> Drop for Finishing<T> {
     fn drop(&mut self) {
         let Some((future, ticket)) = self.rest.take() else { return };
-        let finish = async move {
+        crate::reactor::run_to_end(async move {
             future.await;
             drop(ticket);
-        };
-        if let Some(task) = crate::reactor::spawn_local(finish) {
-            task.detach();
-        }
+        });
     }
 }
 
 impl<T> Drop for IoFuture<T> {
     fn drop(&mut self) {
         let Some(ticket) = self.1.take() else { return };
-        if let Inner::Op { future, .. } = &self.0 {
-            future.hold_until_complete(Box::new(ticket));
+        match &self.0 {
+            Inner::Op { future, .. } => future.hold_until_complete(Box::new(ticket)),
+            Inner::Ready(_) => drop(ticket), // nothing in flight
+            Inner::Boxed(_) => {
+                debug_assert!(false, "`holding` turns a boxed future into `finishing`");
+                drop(ticket);
+            }
         }
     }
 }

@@ -13,6 +13,7 @@
 
 mod core;
 mod fd;
+mod finish;
 mod join;
 mod local;
 pub mod op;
@@ -21,6 +22,7 @@ mod time;
 mod uring;
 
 pub use fd::SharedFd;
+pub(crate) use finish::run_to_end;
 pub use join::{block_on, JoinHandle};
 pub use op::last_op_submitted_at;
 pub use op::{Op, OpFuture, OpKind, OpOutput, RESULT_STOPPED};
