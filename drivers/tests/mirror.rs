@@ -308,14 +308,20 @@ fn pause_and_resume_follow_the_state_machine() {
     assert_eq!(statuses, expected);
 }
 
-#[test]
-fn manual_finalize_switches_over_only_when_asked() {
-    let s = setup();
+/// A mirror with auto-finalize off, completed and now pending for its switch-over.
+fn pending_mirror(s: &Setup) -> Job {
     let config = MirrorConfig { auto_finalize: false, ..MirrorConfig::default() };
     let job = start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), config).unwrap();
     wait_status(&job, JobStatus::Ready);
     job.complete().unwrap();
     wait_status(&job, JobStatus::Pending);
+    job
+}
+
+#[test]
+fn manual_finalize_switches_over_only_when_asked() {
+    let s = setup();
+    let job = pending_mirror(&s);
     assert!(s.disk.has_filter(), "no switch before finalize");
     job.finalize().unwrap();
     assert_eq!(job.wait_for(|s| s == JobStatus::Null, WAIT), JobStatus::Null);
@@ -329,11 +335,7 @@ fn manual_finalize_switches_over_only_when_asked() {
 fn a_cancel_while_pending_stops_the_switch_over() {
     for force in [true, false] {
         let s = setup();
-        let config = MirrorConfig { auto_finalize: false, ..MirrorConfig::default() };
-        let job = start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), config).unwrap();
-        wait_status(&job, JobStatus::Ready);
-        job.complete().unwrap();
-        wait_status(&job, JobStatus::Pending);
+        let job = pending_mirror(&s);
         job.cancel(force).expect("cancel is allowed while pending");
         assert_eq!(job.wait_for(|s| s == JobStatus::Null, WAIT), JobStatus::Null);
         let seen = events(&job);

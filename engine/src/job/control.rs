@@ -412,29 +412,8 @@ mod tests {
     use super::*;
     use crate::job::JobChange;
 
-    const STATUSES: [JobStatus; 11] = [
-        JobStatus::Undefined,
-        JobStatus::Created,
-        JobStatus::Running,
-        JobStatus::Paused,
-        JobStatus::Ready,
-        JobStatus::Standby,
-        JobStatus::Waiting,
-        JobStatus::Pending,
-        JobStatus::Aborting,
-        JobStatus::Concluded,
-        JobStatus::Null,
-    ];
-    const VERBS: [JobVerb; 8] = [
-        JobVerb::Cancel,
-        JobVerb::Pause,
-        JobVerb::Resume,
-        JobVerb::SetSpeed,
-        JobVerb::Complete,
-        JobVerb::Finalize,
-        JobVerb::Dismiss,
-        JobVerb::Change,
-    ];
+    const STATUSES: [JobStatus; 11] = JobStatus::ALL;
+    const VERBS: [JobVerb; 8] = JobVerb::ALL;
 
     /// A job handle whose state is set by hand (no task runs it), with one pause so that an
     /// allowed resume has something to take back.

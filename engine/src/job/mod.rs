@@ -55,6 +55,21 @@ pub enum JobStatus {
 const STATUS_COUNT: usize = 11;
 
 impl JobStatus {
+    /// Every state, in table order.
+    pub const ALL: [JobStatus; STATUS_COUNT] = [
+        JobStatus::Undefined,
+        JobStatus::Created,
+        JobStatus::Running,
+        JobStatus::Paused,
+        JobStatus::Ready,
+        JobStatus::Standby,
+        JobStatus::Waiting,
+        JobStatus::Pending,
+        JobStatus::Aborting,
+        JobStatus::Concluded,
+        JobStatus::Null,
+    ];
+
     /// The name QEMU uses in events and queries.
     pub fn name(self) -> &'static str {
         match self {
@@ -128,6 +143,18 @@ pub enum JobVerb {
 }
 
 impl JobVerb {
+    /// Every verb.
+    pub const ALL: [JobVerb; 8] = [
+        JobVerb::Cancel,
+        JobVerb::Pause,
+        JobVerb::Resume,
+        JobVerb::SetSpeed,
+        JobVerb::Complete,
+        JobVerb::Finalize,
+        JobVerb::Dismiss,
+        JobVerb::Change,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             JobVerb::Cancel => "cancel",
@@ -344,19 +371,7 @@ pub(crate) fn check_target(
 mod tests {
     use super::*;
 
-    const ALL: [JobStatus; STATUS_COUNT] = [
-        JobStatus::Undefined,
-        JobStatus::Created,
-        JobStatus::Running,
-        JobStatus::Paused,
-        JobStatus::Ready,
-        JobStatus::Standby,
-        JobStatus::Waiting,
-        JobStatus::Pending,
-        JobStatus::Aborting,
-        JobStatus::Concluded,
-        JobStatus::Null,
-    ];
+    const ALL: [JobStatus; STATUS_COUNT] = JobStatus::ALL;
 
     #[test]
     fn table_order_matches_the_enum() {
