@@ -26,7 +26,7 @@ pub(crate) struct Mapping {
 
 // SAFETY: the mapping is memory shared with the page cache and with other threads (and
 // processes) that read and write the file at once. Every access goes through atomic loads and
-// stores (`copy_out`, `copy_in`, `fill_zero`), never through a plain reference or a plain
+// stores (`words`), never through a plain reference or a plain
 // copy, so overlapping requests in flight together are not a data race in Rust's memory
 // model; they leave unspecified contents, as on any block device.
 unsafe impl Send for Mapping {}
@@ -80,13 +80,12 @@ impl Mapping {
     pub(crate) fn zero(&self, offset: u64, length_bytes: u64) -> Result<()> {
         let len = usize::try_from(length_bytes).map_err(|_| self.out_of_bounds(offset, length_bytes))?;
         let start = self.range(offset, len)?;
-        let mut at = start;
-        while at < start + len {
-            let word_start = at - at % WORD_BYTES;
-            let piece = (word_start + WORD_BYTES).min(start + len) - at;
-            self.store_bytes(word_start, at - word_start, &[0u8; WORD_BYTES][..piece]);
-            at += piece;
-        }
+        let head = Self::head_bytes(start, len);
+        self.store_partial(start, &[0u8; WORD_BYTES][..head]);
+        let word_count = (len - head) / WORD_BYTES;
+        self.words(start + head, word_count).iter().for_each(|word| word.store(0, Ordering::Relaxed));
+        let tail_start = start + head + word_count * WORD_BYTES;
+        self.store_partial(tail_start, &[0u8; WORD_BYTES][..start + len - tail_start]);
         Ok(())
     }
 
@@ -97,56 +96,75 @@ impl Mapping {
         self.range(offset, len).map(drop)
     }
 
-    /// The 8-byte word at `word_start` (a multiple of 8) of the mapping, as an atomic.
-    fn word(&self, word_start: usize) -> &AtomicU64 {
-        assert!(word_start.is_multiple_of(WORD_BYTES) && word_start < self.len_bytes);
-        // SAFETY: the word starts inside the mapping, which mmap made page-aligned, so it is
-        // 8-aligned; the mapping's length is a whole number of pages (mmap rounds it up), so
-        // all 8 bytes are mapped. It lives as long as `self`. Every access to the mapping goes
-        // through 8-byte atomics like this one, never plain or other-sized accesses.
-        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(word_start).cast()) }
+    /// The 8-byte words `[word_start, word_start + 8 * count)` of the mapping, as atomics.
+    fn words(&self, word_start: usize, count: usize) -> &[AtomicU64] {
+        assert!(word_start.is_multiple_of(WORD_BYTES));
+        assert!(count == 0 || word_start + (count - 1) * WORD_BYTES < self.len_bytes);
+        // SAFETY: the words start inside the mapping, which mmap made page-aligned, so they
+        // are 8-aligned; the mapping's length is a whole number of pages (mmap rounds it up),
+        // so a word that starts inside it is mapped whole. They live as long as `self`. Every
+        // access to the mapping goes through 8-byte atomics like these, never plain or
+        // other-sized accesses, so sharing them between threads is no data race.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(word_start).cast::<AtomicU64>(), count) }
     }
 
-    /// Copy `[start, start + into.len())` of the mapping into `into`, a word at a time.
+    /// Bytes from `start` to the next word boundary of the mapping, at most `len`.
+    fn head_bytes(start: usize, len: usize) -> usize {
+        ((WORD_BYTES - start % WORD_BYTES) % WORD_BYTES).min(len)
+    }
+
+    /// Copy `[start, start + into.len())` of the mapping into `into`: whole words in one tight
+    /// loop (the common case: requests are aligned), partial words at either end.
     fn copy_out(&self, start: usize, into: &mut [u8]) {
-        let mut done = 0;
-        while done < into.len() {
-            let at = start + done;
-            let (word_start, within) = (at - at % WORD_BYTES, at % WORD_BYTES);
-            let piece = (WORD_BYTES - within).min(into.len() - done);
-            let bytes = self.word(word_start).load(Ordering::Relaxed).to_ne_bytes();
-            into[done..done + piece].copy_from_slice(&bytes[within..within + piece]);
-            done += piece;
+        let head = Self::head_bytes(start, into.len());
+        let (head_part, rest) = into.split_at_mut(head);
+        self.copy_out_partial(start, head_part);
+        let word_count = rest.len() / WORD_BYTES;
+        let (body, tail) = rest.split_at_mut(word_count * WORD_BYTES);
+        for (bytes, word) in body.chunks_exact_mut(WORD_BYTES).zip(self.words(start + head, word_count)) {
+            bytes.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
         }
+        self.copy_out_partial(start + head + body.len(), tail);
     }
 
-    /// Copy `from` into the mapping at `start`, a word at a time.
-    fn copy_in(&self, start: usize, from: &[u8]) {
-        let mut done = 0;
-        while done < from.len() {
-            let at = start + done;
-            let (word_start, within) = (at - at % WORD_BYTES, at % WORD_BYTES);
-            let piece = (WORD_BYTES - within).min(from.len() - done);
-            self.store_bytes(word_start, within, &from[done..done + piece]);
-            done += piece;
-        }
-    }
-
-    /// Store `bytes` at `within` of the word at `word_start`: a whole word is one store; a
-    /// part changes only its own bytes, so a neighbouring request's bytes of the same word
-    /// survive.
-    fn store_bytes(&self, word_start: usize, within: usize, bytes: &[u8]) {
-        assert!(within + bytes.len() <= WORD_BYTES && !bytes.is_empty());
-        let word = self.word(word_start);
-        if bytes.len() == WORD_BYTES {
-            word.store(u64::from_ne_bytes(bytes.try_into().expect("8 bytes")), Ordering::Relaxed);
+    /// Copy out fewer than 8 bytes that lie within one word.
+    fn copy_out_partial(&self, start: usize, into: &mut [u8]) {
+        if into.is_empty() {
             return;
         }
+        let (word_start, within) = (start - start % WORD_BYTES, start % WORD_BYTES);
+        assert!(within + into.len() <= WORD_BYTES, "a partial copy stays within its word");
+        let bytes = self.words(word_start, 1)[0].load(Ordering::Relaxed).to_ne_bytes();
+        into.copy_from_slice(&bytes[within..within + into.len()]);
+    }
+
+    /// Copy `from` into the mapping at `start`: whole words in one tight loop, partial words
+    /// at either end.
+    fn copy_in(&self, start: usize, from: &[u8]) {
+        let head = Self::head_bytes(start, from.len());
+        let (head_part, rest) = from.split_at(head);
+        self.store_partial(start, head_part);
+        let word_count = rest.len() / WORD_BYTES;
+        let (body, tail) = rest.split_at(word_count * WORD_BYTES);
+        for (bytes, word) in body.chunks_exact(WORD_BYTES).zip(self.words(start + head, word_count)) {
+            word.store(u64::from_ne_bytes(bytes.try_into().expect("chunks of 8")), Ordering::Relaxed);
+        }
+        self.store_partial(start + head + body.len(), tail);
+    }
+
+    /// Store `bytes` (fewer than 8, within one word) at `start`, changing only those bytes of
+    /// the word, so a neighbouring request's bytes of the same word survive.
+    fn store_partial(&self, start: usize, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let (word_start, within) = (start - start % WORD_BYTES, start % WORD_BYTES);
+        assert!(within + bytes.len() <= WORD_BYTES, "a partial store stays within its word");
         let (mut mask, mut value) = ([0u8; WORD_BYTES], [0u8; WORD_BYTES]);
         mask[within..within + bytes.len()].fill(0xff);
         value[within..within + bytes.len()].copy_from_slice(bytes);
-        let mask = u64::from_ne_bytes(mask);
-        word.fetch_and(!mask, Ordering::Relaxed);
+        let word = &self.words(word_start, 1)[0];
+        word.fetch_and(!u64::from_ne_bytes(mask), Ordering::Relaxed);
         word.fetch_or(u64::from_ne_bytes(value), Ordering::Relaxed);
     }
 
