@@ -174,13 +174,20 @@ fn fio_job_args(job: &JobSpec) -> Result<Vec<String>, String> {
         job.runtime.map(|r| format!("--runtime={}ms", r.as_millis())),
         job.time_based.then(|| "--time_based".to_string()),
         (!job.ramp_time.is_zero()).then(|| format!("--ramp_time={}ms", job.ramp_time.as_millis())),
-        job.rate_iops.map(|r| format!("--rate_iops={r}")),
+        rate_arg("rate_iops", job.rate_iops),
+        rate_arg("rate", job.rate_bytes),
         job.prioclass.map(|c| format!("--prioclass={c}")),
         job.prio.map(|p| format!("--prio={p}")),
         job.randseed.map(|s| format!("--randseed={s}")),
     ];
     args.extend(optional.into_iter().flatten());
     Ok(args)
+}
+
+/// fio's `--NAME=READ,WRITE` for a per-direction limit; nothing when neither is set.
+fn rate_arg(name: &str, rate: fio::values::ReadWrite<Option<u64>>) -> Option<String> {
+    let text = |value: Option<u64>| value.map_or_else(String::new, |v| v.to_string());
+    (rate.read.is_some() || rate.write.is_some()).then(|| format!("--{name}={},{}", text(rate.read), text(rate.write)))
 }
 
 /// Run fio. With an rbd job (`env` set) its CPU figure is the whole process's, as Tandem's

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use super::error::OptionError;
+use super::groups::assign_groups;
 use super::ini::parse_job_file_into;
 use super::options::{apply_option, lookup_option, ValueKind};
 use super::spec::JobSpec;
@@ -108,8 +109,13 @@ impl CommandLine {
         self.jobs.extend(self.current.take());
         // fio keeps one set of globals across all job files: a [global] section in one
         // file also applies to the files after it.
-        for path in &self.job_files {
-            let file_jobs = parse_job_file_into(Path::new(path), &mut self.globals)?;
+        for (index, path) in self.job_files.iter().enumerate() {
+            let mut file_jobs = parse_job_file_into(Path::new(path), &mut self.globals)?;
+            // fio separates job files by a stonewall: the first job of every file after the
+            // first waits for all jobs before it.
+            if let Some(first) = file_jobs.first_mut().filter(|_| index > 0) {
+                first.stonewall = true;
+            }
             self.jobs.extend(file_jobs);
         }
         if self.jobs.is_empty() {
@@ -118,6 +124,7 @@ impl CommandLine {
         for job in &self.jobs {
             job.validate()?;
         }
+        assign_groups(&mut self.jobs);
         Ok(RunConfig { jobs: self.jobs, output_format: self.output_format, output_path: self.output_path })
     }
 }
