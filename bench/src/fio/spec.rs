@@ -262,6 +262,11 @@ impl JobSpec {
             return Err(self.missing("runtime", "time_based needs a non-zero runtime to know when to stop"));
         }
         self.check(self.loops >= 1, "loops", u64::from(self.loops), "must be at least 1")?;
+        let any = |rate: &ReadWrite<Option<u64>>| rate.read.or(rate.write);
+        if let (Some(_), Some(iops)) = (any(&self.rate_bytes), any(&self.rate_iops)) {
+            // fio refuses the pair even when they limit different directions.
+            self.check(false, "rate_iops", iops, "rate and rate_iops are mutually exclusive (as in fio)")?;
+        }
         self.check(self.nrfiles >= 1, "nrfiles", u64::from(self.nrfiles), "must be at least 1")?;
         if let Some(kind) = self.verify {
             let mixed = self.rw.reads() && self.rw.writes();
