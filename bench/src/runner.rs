@@ -11,7 +11,7 @@ use crate::fio::values::ReadWrite;
 use crate::fio::{DirStats, JobResult, JobSpec, RwMode};
 use crate::target::{fill_random, Target, TargetError, Targets};
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -98,13 +98,16 @@ fn open_files(targets: &mut Targets, spec: &JobSpec, job_index: u32) -> Result<V
 /// Run all instances to completion; results in the same order.
 pub fn run(runtime: &Runtime, instances: Vec<Instance>, live: &Arc<Live>) -> Vec<JobResult> {
     let ramp = instances.iter().map(|i| i.spec.ramp_time).max().unwrap_or_default();
+    // fio's exitall: a job that finishes stops the rest of its reporting group.
+    let mut group_stops: HashMap<u32, Arc<AtomicBool>> = HashMap::new();
     let handles: Vec<(JobSpec, u32, JoinHandle<Outcome>)> = instances
         .into_iter()
         .enumerate()
         .map(|(i, instance)| {
             let (spec, job_index) = (instance.spec.clone(), instance.job_index);
             let live = live.clone();
-            let handle = runtime.spawn_on(i, move || run_instance(instance, live));
+            let group_stop = group_stops.entry(spec.groupid).or_default().clone();
+            let handle = runtime.spawn_on(i, move || run_instance(instance, live, group_stop));
             (spec, job_index, handle)
         })
         .collect();
@@ -197,6 +200,8 @@ struct JobState {
     last_completion: Cell<Instant>,
     error: Cell<i32>,
     live: Arc<Live>,
+    /// Set when a job of this reporting group with `exitall` finishes.
+    group_stop: Arc<AtomicBool>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -205,11 +210,11 @@ enum Direction {
     Write,
 }
 
-async fn run_instance(instance: Instance, live: Arc<Live>) -> Outcome {
+async fn run_instance(instance: Instance, live: Arc<Live>, group_stop: Arc<AtomicBool>) -> Outcome {
     if !instance.spec.startdelay.is_zero() {
         sleep_until(now() + instance.spec.startdelay).await;
     }
-    let state = Rc::new(JobState::new(instance, live));
+    let state = Rc::new(JobState::new(instance, live, group_stop));
     // time_based repeats within one pass until the deadline; loops only count without it.
     let passes = if state.spec.time_based { 1 } else { state.spec.loops };
     for _ in 0..passes {
@@ -226,6 +231,9 @@ async fn run_instance(instance: Instance, live: Arc<Live>) -> Outcome {
     if state.spec.end_fsync && state.spec.rw.writes() {
         state.flush_all().await;
     }
+    if state.spec.exitall {
+        state.group_stop.store(true, Ordering::Relaxed);
+    }
     state.outcome()
 }
 
@@ -240,7 +248,7 @@ async fn run_lanes(state: &Rc<JobState>) {
 }
 
 impl JobState {
-    fn new(instance: Instance, live: Arc<Live>) -> JobState {
+    fn new(instance: Instance, live: Arc<Live>, group_stop: Arc<AtomicBool>) -> JobState {
         let Instance { spec, job_index, files } = instance;
         assert!(!files.is_empty(), "a job has at least one target");
         let start = now();
@@ -277,6 +285,7 @@ impl JobState {
             last_completion: Cell::new(start),
             error: Cell::new(0),
             live,
+            group_stop,
             spec,
             files,
         }
@@ -300,7 +309,8 @@ impl JobState {
     /// Whether later passes must not run: an error, the deadline, or a stop.
     fn finished(&self) -> bool {
         let past_deadline = self.deadline.is_some_and(|deadline| now() >= deadline);
-        past_deadline || self.error.get() != 0 || self.live.stop.load(Ordering::Relaxed) || interrupted()
+        let stopped = self.live.stop.load(Ordering::Relaxed) || self.group_stop.load(Ordering::Relaxed);
+        past_deadline || self.error.get() != 0 || stopped || interrupted()
     }
 
     /// The next I/O, or `None` when the phase is done (bytes, time, error or stop).

@@ -201,6 +201,30 @@ fn rate_and_rate_iops_together_are_refused_like_fio() {
     assert!(run.stderr.contains("'rate_iops'") && run.stderr.contains("rate"), "{}", run.stderr);
 }
 
+/// fio's filesize: each file that size; the job moves what its files hold (fio: 2 MiB here).
+#[test]
+fn filesize_sizes_each_file() {
+    let scratch = Scratch::new("filesize");
+    let text = "[fs]\ndirectory=DIR\nnrfiles=2\nfilesize=1m\nsize=4m\nrw=write\n";
+    let ours = tandem_json(&job_file(&scratch, "j.fio", text));
+    assert_eq!(job(&ours, 0)["write"]["io_bytes"], 2 << 20);
+    for file in ["fs.0.0", "fs.0.1"] {
+        assert_eq!(std::fs::metadata(scratch.path(file)).map(|m| m.len()).ok(), Some(1 << 20), "{file}");
+    }
+}
+
+/// exitall: the first job of a group to finish stops the rest of that group, not other groups.
+#[test]
+fn exitall_stops_the_rest_of_the_group() {
+    let scratch = Scratch::new("exitall");
+    let text = "[global]\nfilename=DIR/f\nsize=1m\nrw=read\n                [quick]\nioengine=null\nexitall\n[slow]\nrate_iops=10\n                [other]\nnew_group\nsize=64k\nrate_iops=200\n";
+    let ours = tandem_json(&job_file(&scratch, "j.fio", text));
+    // At 10 IOPS the slow reader would need 25 s for its 256 blocks; it is stopped long before.
+    assert_eq!(job(&ours, 0)["read"]["total_ios"], 256);
+    assert!(job(&ours, 1)["read"]["total_ios"].as_u64().unwrap() < 256);
+    assert_eq!(job(&ours, 2)["read"]["total_ios"], 16, "another group runs to its end");
+}
+
 // 3. Unsupported options and values are refused by name, before any file exists.
 
 /// Runs a job file with `line` added; it must fail naming `needle`, and create no file.
@@ -235,8 +259,7 @@ refuses! {
     refuses_ss: "ss=iops:10%" names "ss";
     refuses_numa_cpu_nodes: "numa_cpu_nodes=0" names "numa_cpu_nodes";
     refuses_dedupe_mode: "dedupe_mode=working_set" names "dedupe_mode";
-    refuses_filesize: "filesize=1m" names "filesize";
-    refuses_threads: "threads=1" names "threads";
+    refuses_filesize_range: "filesize=1m-2m" names "1m-2m";
     refuses_wait_for: "wait_for=writers" names "wait_for";
     refuses_exit_what: "exit_what=all" names "exit_what";
     refuses_number_ios: "number_ios=10" names "number_ios";

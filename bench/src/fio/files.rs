@@ -25,7 +25,7 @@ pub fn job_files(job: &JobSpec, clone_index: u32) -> Vec<JobFile> {
             .collect::<Vec<_>>(),
     };
     let count = paths.len().max(1) as u64;
-    let size_bytes = job.size_bytes.map(|size| size / count);
+    let size_bytes = job.filesize_bytes.or(job.size_bytes.map(|size| size / count));
     paths.into_iter().map(|path| JobFile { path, size_bytes }).collect()
 }
 
@@ -59,6 +59,8 @@ mod tests {
         let generated: Vec<String> = job_files(&job, 3).into_iter().map(|file| file.path).collect();
         assert_eq!(generated, ["/data/seq.3.0", "/data/seq.3.1"]);
         assert_eq!(job_files(&job, 0)[0].size_bytes, Some(4 << 20));
+        job.filesize_bytes = Some(1 << 20);
+        assert_eq!(job_files(&job, 0)[1].size_bytes, Some(1 << 20));
         job.filename = Some("a:/abs/b".into());
         let named: Vec<String> = job_files(&job, 3).into_iter().map(|file| file.path).collect();
         assert_eq!(named, ["/data/a", "/abs/b"]);

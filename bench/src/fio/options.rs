@@ -47,6 +47,8 @@ enum Field {
     NrFiles,
     Stonewall,
     NewGroup,
+    ExitAll,
+    FileSize,
     Loops,
     StartDelay,
     ThinkTime,
@@ -127,6 +129,8 @@ pub const OPTION_TABLE: &[OptionDef] = &[
     def("nrfiles", &["nr_files"], Required, Field::NrFiles, "files per job when no filename is given (default 1)"),
     def("stonewall", &["wait_for_previous"], Flag, Field::Stonewall, "wait for earlier jobs; start a new group"),
     def("new_group", &[], Flag, Field::NewGroup, "start a new reporting group"),
+    def("exitall", &[], Flag, Field::ExitAll, "when this job finishes, stop the rest of its group"),
+    def("filesize", &[], Required, Field::FileSize, "size of each file (default: size split over the files)"),
     def("loops", &[], Required, Field::Loops, "passes over the region (default 1)"),
     def("startdelay", &[], Required, Field::StartDelay, "wait before starting the job (plain number = seconds)"),
     def("thinktime", &[], Required, Field::ThinkTime, "pause after each I/O (plain number = microseconds)"),
@@ -166,8 +170,7 @@ pub const OPTION_TABLE: &[OptionDef] = &[
 /// run unchanged. Their values are still checked: flags must be 0/1/true/false.
 pub const IGNORED_OPTIONS: &[OptionDef] = &[
     def("description", &[], Required, Field::IgnoredText, "accepted for compatibility; no effect"),
-    def("thread", &[], Flag, Field::IgnoredBool, "accepted for compatibility; no effect"),
-    def("exitall", &[], Flag, Field::IgnoredBool, "accepted for compatibility; no effect"),
+    def("thread", &["threads"], Flag, Field::IgnoredBool, "accepted for compatibility; no effect"),
     def("refill_buffers", &[], Flag, Field::IgnoredBool, "accepted for compatibility; no effect"),
     def("gtod_reduce", &[], Required, Field::IgnoredBool, "accepted for compatibility; no effect"),
     def("invalidate", &[], Required, Field::IgnoredBool, "accepted for compatibility; no effect"),
@@ -217,6 +220,7 @@ fn set_flag(spec: &mut JobSpec, field: Field, on: bool) {
         Field::GroupReporting => spec.group_reporting = on,
         Field::Stonewall => spec.stonewall = on,
         Field::NewGroup => spec.new_group = on,
+        Field::ExitAll => spec.exitall = on,
         Field::NoRandomMap => spec.norandommap = on,
         _ => {}
     }
@@ -232,6 +236,7 @@ fn set_valued(spec: &mut JobSpec, field: Field, text: &str) -> Result<(), Option
             spec.ioengine = Some(text.to_string());
         }
         Field::Directory => spec.directory = Some(text.to_string()),
+        Field::FileSize => spec.filesize_bytes = Some(parse_size(text)?),
         Field::StartDelay => spec.startdelay = parse_duration(text)?,
         Field::ThinkTime => spec.thinktime = parse_micros(text)?,
         Field::Rate => spec.rate_bytes = parse_per_direction(text)?,

@@ -129,6 +129,10 @@ pub struct JobSpec {
     pub randseed: Option<u64>,
     /// Prefix of relative file names, and where generated names (`JOB.N.M`) go.
     pub directory: Option<String>,
+    /// Size of each file (fio `filesize`); `None`: `size` split evenly over the files.
+    pub filesize_bytes: Option<u64>,
+    /// When this job finishes, stop the other jobs of its reporting group (fio `exitall`).
+    pub exitall: bool,
     /// Files per job clone when no `filename` is given (fio `nrfiles`), >= 1.
     pub nrfiles: u32,
     /// Wait for every earlier job to finish before starting (fio `stonewall`); starts a group.
@@ -193,6 +197,8 @@ impl Default for JobSpec {
             randrepeat: true,
             randseed: None,
             directory: None,
+            filesize_bytes: None,
+            exitall: false,
             nrfiles: 1,
             stonewall: false,
             new_group: false,
@@ -289,7 +295,7 @@ impl JobSpec {
             (Engine::Null, _) | (_, Some(_)) => Ok(()),
             (Engine::Rbd, None) if self.rbd_pool.is_some() && self.rbd_image.is_some() => Ok(()),
             (Engine::Rbd, None) => Err(self.missing("rbdname", "ioengine=rbd needs pool= and rbdname= (or filename=rbd:POOL/IMAGE)")),
-            (_, None) if self.size_bytes.is_some() => Ok(()),
+            (_, None) if self.size_bytes.or(self.filesize_bytes).is_some() => Ok(()),
             (_, None) => Err(self.missing(
                 "filename",
                 "the target file or device; or size= to create files named JOB.N.M in directory= (default: the current one)",
