@@ -102,9 +102,36 @@ fn fio_version() -> Result<String, String> {
 fn fio_command(jobs: &[JobSpec]) -> Result<Vec<String>, String> {
     let mut args = vec!["--output-format=json".to_string()];
     for job in jobs {
+        if let Some(option) = unforwarded_option(job) {
+            return Err(format!(
+                "compare-fio: job '{}': {option} is not passed on to fio, so the two sides would run \
+                 different jobs; use `tandem-bench run` for it",
+                job.name
+            ));
+        }
         args.extend(fio_job_args(job)?);
     }
     Ok(args)
+}
+
+/// The first option of `job` that `fio_job_args` does not pass on to fio, if any.
+fn unforwarded_option(job: &JobSpec) -> Option<&'static str> {
+    let defaults = JobSpec::default();
+    let file_list = job.filename.as_deref().is_some_and(|name| !name.starts_with("rbd:") && name.contains(':'));
+    [
+        (job.stonewall || job.new_group, "stonewall/new_group"),
+        (
+            job.directory.is_some() || job.filesize_bytes.is_some() || job.nrfiles != 1 || file_list,
+            "directory/filesize/nrfiles/filename list",
+        ),
+        (job.loops != defaults.loops, "loops"),
+        (job.startdelay != defaults.startdelay || job.thinktime != defaults.thinktime, "startdelay/thinktime"),
+        (job.bssplit.is_some() || job.norandommap, "bssplit/norandommap"),
+        (job.flush_every() != 0 || job.end_fsync, "fsync/fdatasync/end_fsync"),
+        (job.verify.is_some() || job.exitall, "verify/exitall"),
+    ]
+    .into_iter()
+    .find_map(|(set, name)| set.then_some(name))
 }
 
 /// The job's rbd image, if its filename is one.
@@ -409,6 +436,17 @@ mod tests {
         assert!((f.mib_per_s - 3.90625).abs() < 1e-9);
         // 40% of 10 s = 4 CPU seconds over 10000 I/Os = 400 us each.
         assert!((f.cpu_us_per_io - 400.0).abs() < 1e-6, "{}", f.cpu_us_per_io);
+    }
+
+    #[test]
+    fn options_fio_would_not_get_are_refused_by_name() {
+        let plain = JobSpec { filename: Some("/var/tmp/f".into()), ..JobSpec::new("j") };
+        assert!(fio_command(std::slice::from_ref(&plain)).is_ok());
+        let looped = JobSpec { loops: 2, ..plain.clone() };
+        let err = fio_command(&[looped]).unwrap_err();
+        assert!(err.contains("loops") && err.contains("'j'"), "{err}");
+        let listed = JobSpec { filename: Some("a:b".into()), ..plain };
+        assert!(fio_command(&[listed]).unwrap_err().contains("filename list"));
     }
 
     #[test]
