@@ -467,8 +467,12 @@ mod tests {
             ("verify", Some("md5")),
             ("do_verify", Some("0")),
             ("ioengine", Some("libaio")),
+            ("exitall", None),
+            ("filesize", Some("2m")),
         ])
         .expect("valid");
+        assert!(spec.exitall);
+        assert_eq!(spec.filesize_bytes, Some(2 << 20));
         assert_eq!((spec.directory.as_deref(), spec.nrfiles, spec.loops), (Some("/data"), 3, 2));
         assert!(spec.stonewall && spec.new_group && spec.norandommap && spec.end_fsync && !spec.do_verify);
         assert_eq!((spec.startdelay, spec.thinktime), (Duration::from_secs(4), Duration::from_micros(2000)));

@@ -267,6 +267,11 @@ impl JobSpec {
         if self.time_based && self.runtime.is_none() {
             return Err(self.missing("runtime", "time_based needs a non-zero runtime to know when to stop"));
         }
+        self.validate_job_file_options()
+    }
+
+    /// The options fio's job files add: loops, files, rate limits, verify.
+    fn validate_job_file_options(&self) -> Result<(), OptionError> {
         self.check(self.loops >= 1, "loops", u64::from(self.loops), "must be at least 1")?;
         let any = |rate: &ReadWrite<Option<u64>>| rate.read.or(rate.write);
         if let (Some(_), Some(iops)) = (any(&self.rate_bytes), any(&self.rate_iops)) {
@@ -350,15 +355,7 @@ impl JobSpec {
 
     /// `InvalidJob` for `option` unless `ok`; keeps `validate` to one line per rule.
     fn check(&self, ok: bool, option: &str, value: u64, reason: &str) -> Result<(), OptionError> {
-        if ok {
-            return Ok(());
-        }
-        Err(OptionError::InvalidJob {
-            job: self.name.clone(),
-            option: option.to_string(),
-            value: value.to_string(),
-            reason: reason.to_string(),
-        })
+        self.check_text(ok, option, &value.to_string(), reason)
     }
 
     fn missing(&self, option: &str, reason: &str) -> OptionError {
