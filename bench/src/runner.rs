@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem::block::WriteFlags;
 use tandem::buf::{AlignedBuf, DEFAULT_ALIGN_BYTES};
-use tandem::reactor::{current_buf_pool, last_op_submitted_at, now, sleep_until, yield_now, JoinHandle, Runtime};
+use tandem::reactor::{
+    current_buf_pool, last_op_submitted_at, now, sleep, sleep_until, yield_now, JoinHandle, Runtime,
+};
 use tandem::rng;
 use tandem::IoPriority;
 
@@ -98,16 +100,15 @@ fn open_files(targets: &mut Targets, spec: &JobSpec, job_index: u32) -> Result<V
 /// Run all instances to completion; results in the same order.
 pub fn run(runtime: &Runtime, instances: Vec<Instance>, live: &Arc<Live>) -> Vec<JobResult> {
     let ramp = instances.iter().map(|i| i.spec.ramp_time).max().unwrap_or_default();
-    // fio's exitall: a job that finishes stops the rest of its reporting group.
-    let mut group_stops: HashMap<u32, Arc<AtomicBool>> = HashMap::new();
+    let mut links = Links::default();
     let handles: Vec<(JobSpec, u32, JoinHandle<Outcome>)> = instances
         .into_iter()
         .enumerate()
         .map(|(i, instance)| {
             let (spec, job_index) = (instance.spec.clone(), instance.job_index);
             let live = live.clone();
-            let group_stop = group_stops.entry(spec.groupid).or_default().clone();
-            let handle = runtime.spawn_on(i, move || run_instance(instance, live, group_stop));
+            let link = links.link(&spec);
+            let handle = runtime.spawn_on(i, move || run_instance(instance, live, link));
             (spec, job_index, handle)
         })
         .collect();
@@ -138,6 +139,59 @@ pub fn run(runtime: &Runtime, instances: Vec<Instance>, live: &Arc<Live>) -> Vec
             }
         })
         .collect()
+}
+
+/// What ties an instance to the others of its run: fio's `exitall` (a job that finishes
+/// stops the rest of its reporting group) and `wait_for` (start after the named job's clones).
+struct Link {
+    group_stop: Arc<AtomicBool>,
+    waitees: Vec<Arc<AtomicBool>>,
+    /// Held for its `Drop`: set when the instance's task ends.
+    _done: DoneOnDrop,
+}
+
+/// Marks an instance finished when its task ends, also by a panic, so no waiter waits forever.
+struct DoneOnDrop(Arc<AtomicBool>);
+
+impl Drop for DoneOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The flags of one run's instances, handed out in job order.
+#[derive(Default)]
+struct Links {
+    group_stops: HashMap<u32, Arc<AtomicBool>>,
+    done_by_name: Vec<(String, Arc<AtomicBool>)>,
+}
+
+impl Links {
+    /// The next instance's link; `wait_for` waits for the instances of that name before it.
+    fn link(&mut self, spec: &JobSpec) -> Link {
+        let group_stop = self.group_stops.entry(spec.groupid).or_default().clone();
+        let waitees = match &spec.wait_for {
+            Some(name) => self.done_by_name.iter().filter(|(n, _)| n == name).map(|(_, d)| d.clone()).collect(),
+            None => Vec::new(),
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        self.done_by_name.push((spec.name.clone(), done.clone()));
+        Link { group_stop, waitees, _done: DoneOnDrop(done) }
+    }
+}
+
+/// Polls (the waitees run on other cores) until every waitee is done or the run stops.
+async fn wait_for_waitees(link: &Link, live: &Live) {
+    const POLL: Duration = Duration::from_millis(1);
+    while !link.waitees.iter().all(|done| done.load(Ordering::Relaxed)) {
+        if live.stop.load(Ordering::Relaxed) || interrupted() {
+            return;
+        }
+        // sleep() reads the clock itself: `now()` is this turn's stamp and may be older than
+        // POLL, and a sleep that is already due never lets the waitee's core turn.
+        sleep(POLL).await;
+        yield_now().await;
+    }
 }
 
 struct Outcome {
@@ -210,11 +264,12 @@ enum Direction {
     Write,
 }
 
-async fn run_instance(instance: Instance, live: Arc<Live>, group_stop: Arc<AtomicBool>) -> Outcome {
+async fn run_instance(instance: Instance, live: Arc<Live>, link: Link) -> Outcome {
+    wait_for_waitees(&link, &live).await;
     if !instance.spec.startdelay.is_zero() {
-        sleep_until(now() + instance.spec.startdelay).await;
+        sleep(instance.spec.startdelay).await;
     }
-    let state = Rc::new(JobState::new(instance, live, group_stop));
+    let state = Rc::new(JobState::new(instance, live, link.group_stop.clone()));
     // time_based repeats within one pass until the deadline; loops only count without it.
     let passes = if state.spec.time_based { 1 } else { state.spec.loops };
     for _ in 0..passes {
@@ -589,7 +644,7 @@ async fn after_io(state: &JobState, io: &NextIo, buf: &AlignedBuf) -> bool {
         (None, Direction::Read) => {}
     }
     if !state.spec.thinktime.is_zero() {
-        sleep_until(now() + state.spec.thinktime).await;
+        sleep(state.spec.thinktime).await;
     }
     true
 }

@@ -98,6 +98,27 @@ fn verify_jobs_like_basic_verify() {
     same_shape_as_fio("basic-verify", text, 2, 2);
 }
 
+/// Like waitfor.fio: each group waits for the one before it by name; group_reporting merges.
+#[test]
+fn wait_for_and_new_group_like_waitfor() {
+    let text = "[global]\nthreads=1\ngroup_reporting\nfilename=DIR/data\nfilesize=1m\n\
+                [writers]\nrw=write\nbs=128k\nnumjobs=2\nruntime=10\n\
+                [readers]\nnew_group\nwait_for=writers\nrw=randread\nbs=4k\nnumjobs=2\nruntime=10\n\
+                [writers2]\nnew_group\nwait_for=readers\nrw=randwrite\nbs=4k\nnumjobs=2\nruntime=10\n";
+    same_shape_as_fio("waitfor", text, 3, 3);
+}
+
+/// wait_for: the reader verifies what the writer wrote, so it must start after it.
+#[test]
+fn wait_for_starts_a_job_after_the_named_one() {
+    let scratch = Scratch::new("wait-for");
+    let text = "[global]\nfilename=DIR/f\nsize=2m\nbs=4k\ndirect=1\nverify=md5\n\
+                [writer]\nrw=write\ndo_verify=0\n[reader]\nwait_for=writer\nrw=read\n";
+    let ours = tandem_json(&job_file(&scratch, "j.fio", text));
+    assert_eq!((job(&ours, 1)["error"].as_i64(), job(&ours, 1)["read"]["total_ios"].as_u64()), (Some(0), Some(512)));
+    assert_eq!(shape(&ours).2, [0, 0], "wait_for alone starts no group");
+}
+
 /// A second job file starts with a stonewall, as in fio.
 #[test]
 fn a_second_job_file_starts_a_new_group() {
@@ -260,7 +281,7 @@ refuses! {
     refuses_numa_cpu_nodes: "numa_cpu_nodes=0" names "numa_cpu_nodes";
     refuses_dedupe_mode: "dedupe_mode=working_set" names "dedupe_mode";
     refuses_filesize_range: "filesize=1m-2m" names "1m-2m";
-    refuses_wait_for: "wait_for=writers" names "wait_for";
+    refuses_wait_for_a_later_job: "wait_for=nobody" names "nobody";
     refuses_exit_what: "exit_what=all" names "exit_what";
     refuses_number_ios: "number_ios=10" names "number_ios";
     refuses_ratemin: "ratemin=1024" names "ratemin";

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::error::OptionError;
-use super::groups::assign_groups;
+use super::groups::{assign_groups, check_wait_for};
 use super::ini::parse_job_file_into;
 use super::options::{apply_option, lookup_option, ValueKind};
 use super::spec::JobSpec;
@@ -124,6 +124,7 @@ impl CommandLine {
         for job in &self.jobs {
             job.validate()?;
         }
+        check_wait_for(&self.jobs)?;
         assign_groups(&mut self.jobs);
         Ok(RunConfig { jobs: self.jobs, output_format: self.output_format, output_path: self.output_path })
     }

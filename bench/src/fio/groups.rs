@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use super::error::OptionError;
 use super::report::{merge_jobs, JobResult};
 use super::spec::JobSpec;
 
@@ -20,6 +21,22 @@ pub fn assign_groups(jobs: &mut [JobSpec]) {
         job.groupid = groupid;
         jobs_in_group += 1;
     }
+}
+
+/// fio's rule for `wait_for`: the job waited for must be defined before the waiting one.
+pub fn check_wait_for(jobs: &[JobSpec]) -> Result<(), OptionError> {
+    for (index, job) in jobs.iter().enumerate() {
+        let Some(name) = &job.wait_for else { continue };
+        if !jobs[..index].iter().any(|earlier| &earlier.name == name) {
+            return Err(OptionError::InvalidJob {
+                job: job.name.clone(),
+                option: "wait_for".to_string(),
+                value: name.clone(),
+                reason: "no job of that name is defined before this one".to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Index ranges of jobs that run together: each `stonewall` job (after the first job) waits
@@ -87,6 +104,16 @@ mod tests {
         assert_eq!(ids, [0, 1, 1, 2, 2, 3]);
         assert_eq!(run_phases(&jobs), [0..3, 3..6]);
         assert!(run_phases(&[]).is_empty());
+    }
+
+    #[test]
+    fn wait_for_names_an_earlier_job() {
+        let waiter = JobSpec { wait_for: Some("writer".into()), ..JobSpec::new("reader") };
+        assert_eq!(check_wait_for(&[JobSpec::new("writer"), waiter.clone()]), Ok(()));
+        let err = check_wait_for(&[waiter, JobSpec::new("writer")]).unwrap_err();
+        assert!(
+            matches!(err, OptionError::InvalidJob { ref option, ref value, .. } if option == "wait_for" && value == "writer")
+        );
     }
 
     #[test]

@@ -48,6 +48,7 @@ enum Field {
     Stonewall,
     NewGroup,
     ExitAll,
+    WaitFor,
     FileSize,
     Loops,
     StartDelay,
@@ -130,6 +131,7 @@ pub const OPTION_TABLE: &[OptionDef] = &[
     def("stonewall", &["wait_for_previous"], Flag, Field::Stonewall, "wait for earlier jobs; start a new group"),
     def("new_group", &[], Flag, Field::NewGroup, "start a new reporting group"),
     def("exitall", &[], Flag, Field::ExitAll, "when this job finishes, stop the rest of its group"),
+    def("wait_for", &[], Required, Field::WaitFor, "start when every clone of the earlier job NAME has finished"),
     def("filesize", &[], Required, Field::FileSize, "size of each file (default: size split over the files)"),
     def("loops", &[], Required, Field::Loops, "passes over the region (default 1)"),
     def("startdelay", &[], Required, Field::StartDelay, "wait before starting the job (plain number = seconds)"),
@@ -236,6 +238,7 @@ fn set_valued(spec: &mut JobSpec, field: Field, text: &str) -> Result<(), Option
             spec.ioengine = Some(text.to_string());
         }
         Field::Directory => spec.directory = Some(text.to_string()),
+        Field::WaitFor => spec.wait_for = Some(text.to_string()),
         Field::FileSize => spec.filesize_bytes = Some(parse_size(text)?),
         Field::StartDelay => spec.startdelay = parse_duration(text)?,
         Field::ThinkTime => spec.thinktime = parse_micros(text)?,

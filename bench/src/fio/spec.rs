@@ -131,6 +131,8 @@ pub struct JobSpec {
     pub directory: Option<String>,
     /// Size of each file (fio `filesize`); `None`: `size` split evenly over the files.
     pub filesize_bytes: Option<u64>,
+    /// Start only when every clone of the earlier job of this name has finished (fio `wait_for`).
+    pub wait_for: Option<String>,
     /// When this job finishes, stop the other jobs of its reporting group (fio `exitall`).
     pub exitall: bool,
     /// Files per job clone when no `filename` is given (fio `nrfiles`), >= 1.
@@ -199,6 +201,7 @@ impl Default for JobSpec {
             directory: None,
             filesize_bytes: None,
             exitall: false,
+            wait_for: None,
             nrfiles: 1,
             stonewall: false,
             new_group: false,
