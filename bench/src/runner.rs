@@ -7,7 +7,7 @@ mod verify;
 
 use self::offsets::FileCursor;
 use crate::fio::files::job_files;
-use crate::fio::values::ReadWrite;
+use crate::fio::values::{ExitWhat, ReadWrite};
 use crate::fio::{DirStats, JobResult, JobSpec, RwMode};
 use crate::target::{fill_random, Target, TargetError, Targets};
 use std::cell::{Cell, RefCell};
@@ -145,6 +145,8 @@ pub fn run(runtime: &Runtime, instances: Vec<Instance>, live: &Arc<Live>) -> Vec
 /// stops the rest of its reporting group) and `wait_for` (start after the named job's clones).
 struct Link {
     group_stop: Arc<AtomicBool>,
+    /// One per run() call: the jobs of one stonewall phase.
+    phase_stop: Arc<AtomicBool>,
     waitees: Vec<Arc<AtomicBool>>,
     /// Held for its `Drop`: set when the instance's task ends.
     _done: DoneOnDrop,
@@ -163,6 +165,7 @@ impl Drop for DoneOnDrop {
 #[derive(Default)]
 struct Links {
     group_stops: HashMap<u32, Arc<AtomicBool>>,
+    phase_stop: Arc<AtomicBool>,
     done_by_name: Vec<(String, Arc<AtomicBool>)>,
 }
 
@@ -176,7 +179,7 @@ impl Links {
         };
         let done = Arc::new(AtomicBool::new(false));
         self.done_by_name.push((spec.name.clone(), done.clone()));
-        Link { group_stop, waitees, _done: DoneOnDrop(done) }
+        Link { group_stop, phase_stop: self.phase_stop.clone(), waitees, _done: DoneOnDrop(done) }
     }
 }
 
@@ -254,8 +257,9 @@ struct JobState {
     last_completion: Cell<Instant>,
     error: Cell<i32>,
     live: Arc<Live>,
-    /// Set when a job of this reporting group with `exitall` finishes.
+    /// Set when an `exitall` job of this reporting group (or phase, with exit_what) finishes.
     group_stop: Arc<AtomicBool>,
+    phase_stop: Arc<AtomicBool>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -269,7 +273,7 @@ async fn run_instance(instance: Instance, live: Arc<Live>, link: Link) -> Outcom
     if !instance.spec.startdelay.is_zero() {
         sleep(instance.spec.startdelay).await;
     }
-    let state = Rc::new(JobState::new(instance, live, link.group_stop.clone()));
+    let state = Rc::new(JobState::new(instance, live, &link));
     // time_based repeats within one pass until the deadline; loops only count without it.
     let passes = if state.spec.time_based { 1 } else { state.spec.loops };
     for _ in 0..passes {
@@ -287,7 +291,13 @@ async fn run_instance(instance: Instance, live: Arc<Live>, link: Link) -> Outcom
         state.flush_all().await;
     }
     if state.spec.exitall {
-        state.group_stop.store(true, Ordering::Relaxed);
+        // exit_what=all uses the run's stop: every running job ends and no later phase runs.
+        let flag = match state.spec.exit_what {
+            ExitWhat::Group => &state.group_stop,
+            ExitWhat::Stonewall => &state.phase_stop,
+            ExitWhat::All => &state.live.stop,
+        };
+        flag.store(true, Ordering::Relaxed);
     }
     state.outcome()
 }
@@ -303,7 +313,7 @@ async fn run_lanes(state: &Rc<JobState>) {
 }
 
 impl JobState {
-    fn new(instance: Instance, live: Arc<Live>, group_stop: Arc<AtomicBool>) -> JobState {
+    fn new(instance: Instance, live: Arc<Live>, link: &Link) -> JobState {
         let Instance { spec, job_index, files } = instance;
         assert!(!files.is_empty(), "a job has at least one target");
         let start = now();
@@ -340,7 +350,8 @@ impl JobState {
             last_completion: Cell::new(start),
             error: Cell::new(0),
             live,
-            group_stop,
+            group_stop: link.group_stop.clone(),
+            phase_stop: link.phase_stop.clone(),
             spec,
             files,
         }
@@ -364,7 +375,7 @@ impl JobState {
     /// Whether later passes must not run: an error, the deadline, or a stop.
     fn finished(&self) -> bool {
         let past_deadline = self.deadline.is_some_and(|deadline| now() >= deadline);
-        let stopped = self.live.stop.load(Ordering::Relaxed) || self.group_stop.load(Ordering::Relaxed);
+        let stopped = [&self.live.stop, &self.group_stop, &self.phase_stop].iter().any(|f| f.load(Ordering::Relaxed));
         past_deadline || self.error.get() != 0 || stopped || interrupted()
     }
 
@@ -376,7 +387,8 @@ impl JobState {
         if self.phase.get() == Phase::Verify {
             return self.next_verify_io();
         }
-        if self.issued_bytes.get() >= self.io_bytes_limit {
+        let counted_out = self.spec.number_ios.is_some_and(|ios| self.issued_count.get() >= ios);
+        if self.issued_bytes.get() >= self.io_bytes_limit || counted_out {
             return None;
         }
         let direction = self.direction();
@@ -595,7 +607,9 @@ async fn run_lane(state: Rc<JobState>, lane: u32) {
     let mut unpublished = Unpublished::default();
     while let Some(io) = state.next_io() {
         if let Some(slot) = io.not_before {
-            sleep_until(slot).await;
+            if !pace(&state, slot).await {
+                break;
+            }
         }
         buf.set_len(io.length_bytes as usize);
         if let (Some(kind), Direction::Write) = (state.spec.verify, io.direction) {
@@ -628,6 +642,22 @@ async fn run_lane(state: Rc<JobState>, lane: u32) {
         }
     }
     unpublished.publish(&state.live);
+}
+
+/// Waits for a rate-limit slot in steps, so a job told to stop (exitall, Ctrl-C) does not
+/// sleep out a long slot first. False when the job must stop instead.
+async fn pace(state: &JobState, slot: Instant) -> bool {
+    const STEP: Duration = Duration::from_millis(100);
+    loop {
+        if state.finished() {
+            return false;
+        }
+        let clock = Instant::now();
+        if clock >= slot {
+            return true;
+        }
+        sleep_until(slot.min(clock + STEP)).await;
+    }
 }
 
 /// What follows a completed I/O: the verify check of a block read, fsync=N after writes, and

@@ -119,6 +119,21 @@ fn wait_for_starts_a_job_after_the_named_one() {
     assert_eq!(shape(&ours).2, [0, 0], "wait_for alone starts no group");
 }
 
+/// Like exitwhat.fio: exitall with exit_what=stonewall and =all, number_ios, thinktime and
+/// byte rates per direction (jobs that would take minutes are stopped when the slow ones end).
+#[test]
+fn exit_what_and_number_ios_like_exitwhat() {
+    let text = "[global]\nfilename=DIR/test\nfilesize=4m\nblocksize=4096\ngroup_reporting\nexitall=1\n\
+                [slow1]\nrw=read\nioengine=sync\nnew_group=1\nthinktime=200\nnumber_ios=100\nexit_what=stonewall\n\
+                [fast1]\nnew_group=1\nrw=randrw\nnumjobs=3\nioengine=libaio\niodepth=32\nrate=300,300,300\n\
+                [slow2]\nstonewall\nrw=write\nioengine=sync\nnew_group=1\nthinktime=200\nnumber_ios=100\nexit_what=all\n\
+                [fast2]\nrw=randrw\nnumjobs=3\nioengine=libaio\niodepth=32\nrate=300,300,300\n";
+    same_shape_as_fio("exitwhat", text, 3, 3);
+    let scratch = Scratch::new("exitwhat-counts");
+    let ours = tandem_json(&job_file(&scratch, "j.fio", text));
+    assert_eq!(job(&ours, 0)["read"]["total_ios"], 100, "number_ios ends slow1");
+}
+
 /// A second job file starts with a stonewall, as in fio.
 #[test]
 fn a_second_job_file_starts_a_new_group() {
@@ -282,8 +297,7 @@ refuses! {
     refuses_dedupe_mode: "dedupe_mode=working_set" names "dedupe_mode";
     refuses_filesize_range: "filesize=1m-2m" names "1m-2m";
     refuses_wait_for_a_later_job: "wait_for=nobody" names "nobody";
-    refuses_exit_what: "exit_what=all" names "exit_what";
-    refuses_number_ios: "number_ios=10" names "number_ios";
+    refuses_exit_what_value: "exit_what=some" names "some";
     refuses_ratemin: "ratemin=1024" names "ratemin";
     refuses_allow_file_create: "allow_file_create=0" names "allow_file_create";
     refuses_random_generator: "random_generator=lfsr" names "random_generator";

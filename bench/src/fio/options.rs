@@ -5,7 +5,7 @@
 use super::error::OptionError;
 use super::size::{parse_bool, parse_duration, parse_size, parse_uint};
 use super::spec::{JobSpec, RwMode, SetOption};
-use super::values::{parse_bsrange, parse_bssplit, parse_engine, parse_per_direction, parse_verify};
+use super::values::{parse_bsrange, parse_bssplit, parse_engine, parse_exit_what, parse_per_direction, parse_verify};
 
 /// How an option takes its value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +49,8 @@ enum Field {
     NewGroup,
     ExitAll,
     WaitFor,
+    ExitWhat,
+    NumberIos,
     FileSize,
     Loops,
     StartDelay,
@@ -131,6 +133,8 @@ pub const OPTION_TABLE: &[OptionDef] = &[
     def("stonewall", &["wait_for_previous"], Flag, Field::Stonewall, "wait for earlier jobs; start a new group"),
     def("new_group", &[], Flag, Field::NewGroup, "start a new reporting group"),
     def("exitall", &[], Flag, Field::ExitAll, "when this job finishes, stop the rest of its group"),
+    def("exit_what", &[], Required, Field::ExitWhat, "what exitall stops: group (default), stonewall or all"),
+    def("number_ios", &[], Required, Field::NumberIos, "stop after N I/Os (0 = no limit)"),
     def("wait_for", &[], Required, Field::WaitFor, "start when every clone of the earlier job NAME has finished"),
     def("filesize", &[], Required, Field::FileSize, "size of each file (default: size split over the files)"),
     def("loops", &[], Required, Field::Loops, "passes over the region (default 1)"),
@@ -239,6 +243,7 @@ fn set_valued(spec: &mut JobSpec, field: Field, text: &str) -> Result<(), Option
         }
         Field::Directory => spec.directory = Some(text.to_string()),
         Field::WaitFor => spec.wait_for = Some(text.to_string()),
+        Field::ExitWhat => spec.exit_what = parse_exit_what(text)?,
         Field::FileSize => spec.filesize_bytes = Some(parse_size(text)?),
         Field::StartDelay => spec.startdelay = parse_duration(text)?,
         Field::ThinkTime => spec.thinktime = parse_micros(text)?,
@@ -282,6 +287,7 @@ fn set_number(spec: &mut JobSpec, field: Field, text: &str) -> Result<(), Option
         Field::NumJobs => spec.numjobs = narrow(number, text)?,
         Field::NrFiles => spec.nrfiles = narrow(number, text)?,
         Field::Loops => spec.loops = narrow(number, text)?,
+        Field::NumberIos => spec.number_ios = Some(number).filter(|&ios| ios > 0),
         Field::Fsync => spec.fsync_every = narrow(number, text)?,
         Field::Fdatasync => spec.fdatasync_every = narrow(number, text)?,
         Field::PrioClass => spec.prioclass = Some(narrow(number, text)?),

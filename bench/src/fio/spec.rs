@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::error::OptionError;
-use super::values::{parse_engine, BsSplit, Engine, ReadWrite, VerifyKind};
+use super::values::{parse_engine, BsSplit, Engine, ExitWhat, ReadWrite, VerifyKind};
 
 /// fio's `rw=` I/O pattern. Trim patterns are not supported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -131,6 +131,10 @@ pub struct JobSpec {
     pub directory: Option<String>,
     /// Size of each file (fio `filesize`); `None`: `size` split evenly over the files.
     pub filesize_bytes: Option<u64>,
+    /// Which jobs `exitall` stops (fio `exit_what`, default the group).
+    pub exit_what: ExitWhat,
+    /// Stop after this many I/Os even if the region is not done (fio `number_ios`).
+    pub number_ios: Option<u64>,
     /// Start only when every clone of the earlier job of this name has finished (fio `wait_for`).
     pub wait_for: Option<String>,
     /// When this job finishes, stop the other jobs of its reporting group (fio `exitall`).
@@ -202,6 +206,8 @@ impl Default for JobSpec {
             filesize_bytes: None,
             exitall: false,
             wait_for: None,
+            exit_what: ExitWhat::Group,
+            number_ios: None,
             nrfiles: 1,
             stonewall: false,
             new_group: false,

@@ -172,6 +172,27 @@ pub fn parse_engine(text: &str) -> Result<Engine, OptionError> {
     }
 }
 
+/// fio's `exit_what`: which jobs a finishing `exitall` job stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExitWhat {
+    /// The rest of its reporting group (fio's default).
+    #[default]
+    Group,
+    /// Every job of its stonewall phase.
+    Stonewall,
+    /// Every job, and no later phase starts.
+    All,
+}
+
+pub fn parse_exit_what(text: &str) -> Result<ExitWhat, OptionError> {
+    match text {
+        "group" => Ok(ExitWhat::Group),
+        "stonewall" => Ok(ExitWhat::Stonewall),
+        "all" => Ok(ExitWhat::All),
+        _ => Err(OptionError::bad_value(text, "expected group, stonewall or all")),
+    }
+}
+
 /// `verify=` checksums we write into each block's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VerifyKind {
@@ -251,6 +272,8 @@ mod tests {
         assert_eq!(parse_verify("crc32c-intel"), Ok(Some(VerifyKind::Crc32c)));
         assert_eq!(parse_verify("0"), Ok(None));
         assert!(parse_verify("crc64").is_err());
+        assert_eq!(parse_exit_what("stonewall"), Ok(ExitWhat::Stonewall));
+        assert!(parse_exit_what("some").is_err());
         assert_eq!(parse_bsrange("4k-4k"), Ok(4096));
         assert!(parse_bsrange("4k-64k").is_err());
     }
