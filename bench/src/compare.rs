@@ -129,6 +129,7 @@ fn unforwarded_option(job: &JobSpec) -> Option<&'static str> {
         (job.bssplit.is_some() || job.norandommap, "bssplit/norandommap"),
         (job.flush_every() != 0 || job.end_fsync, "fsync/fdatasync/end_fsync"),
         (job.verify.is_some() || job.exitall, "verify/exitall"),
+        (job.wait_for.is_some() || job.number_ios.is_some(), "wait_for/number_ios"),
     ]
     .into_iter()
     .find_map(|(set, name)| set.then_some(name))
