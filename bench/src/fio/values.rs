@@ -106,7 +106,10 @@ fn parse_split_list(list: &str, whole: &str) -> Result<Vec<SplitEntry>, OptionEr
     for item in list.split(':').map(str::trim) {
         let (size, percent) = match item.split_once('/') {
             Some((_, rest)) if rest.contains('/') => return Err(bad("per-entry priorities are cmdprio_bssplit's")),
-            Some((size, percent)) => (size, Some(percent.trim().parse::<u32>().map_err(|_| bad("bad percentage"))?)),
+            Some((size, percent)) => {
+                let percent = percent.trim().parse::<u32>().ok().filter(|&pct| pct <= 100);
+                (size, Some(percent.ok_or_else(|| bad("a percentage is 0 to 100"))?))
+            }
             None => (item, None),
         };
         let block_size_bytes = parse_size(size).map_err(|_| bad("bad block size"))?;
@@ -259,7 +262,7 @@ mod tests {
         assert_eq!(zero.per_direction.read.iter().map(|entry| entry.percent).collect::<Vec<_>>(), [0, 100]);
         let short = parse_bssplit("4k/10:8k/20").unwrap();
         assert_eq!(short.per_direction.read.iter().map(|entry| entry.percent).sum::<u32>(), 100);
-        for bad in ["4k/60:8k/50", "0/100", "4k/x", "4k/1/2/3", "a,b,c,d"] {
+        for bad in ["4k/60:8k/50", "0/100", "4k/x", "4k/1/2/3", "a,b,c,d", "4k/4294967295:8k/4294967295"] {
             assert!(parse_bssplit(bad).is_err(), "{bad}");
         }
     }
