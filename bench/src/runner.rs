@@ -1,6 +1,9 @@
 //! Runs fio-style jobs on the Tandem reactor: each job instance is a task on a core that keeps
-//! `iodepth` I/Os in flight (one lane task per slot), records completion latency in
-//! hdrhistogram and counts bytes. Jobs start together; CPU time is the whole process's.
+//! `iodepth` I/Os in flight (one lane task per slot) over its files, records completion latency
+//! in hdrhistogram and counts bytes. The jobs of one `run` call (one stonewall phase) start
+//! together, apart from `startdelay` and `wait_for`; each runs its passes (`loops`), each
+//! followed by a verify read-back when asked. CPU time is the whole process's. Offsets live
+//! in `offsets`, the verify header in `verify`.
 
 mod offsets;
 mod verify;
