@@ -246,6 +246,15 @@ mod tests {
         assert_eq!(config.jobs[0].block_size_bytes, 4096);
     }
 
+    /// Real fio 3.33 prints groupids 0, 1, 1 for this command line.
+    #[test]
+    fn stonewall_on_the_command_line_starts_a_group() {
+        let config = parse("--ioengine=null --size=1m --name=x --name=y --stonewall --name=z").expect("valid");
+        let groups: Vec<u32> = config.jobs.iter().map(|job| job.groupid).collect();
+        assert_eq!(groups, [0, 1, 1]);
+        assert!(config.jobs[1].stonewall && !config.jobs[2].stonewall);
+    }
+
     #[test]
     fn missing_job_file_is_reported_with_its_path() {
         let err = parse("/nonexistent/jobs.fio").unwrap_err();
