@@ -102,9 +102,37 @@ fn fio_version() -> Result<String, String> {
 fn fio_command(jobs: &[JobSpec]) -> Result<Vec<String>, String> {
     let mut args = vec!["--output-format=json".to_string()];
     for job in jobs {
+        if let Some(option) = unforwarded_option(job) {
+            return Err(format!(
+                "compare-fio: job '{}': {option} is not passed on to fio, so the two sides would run \
+                 different jobs; use `tandem-bench run` for it",
+                job.name
+            ));
+        }
         args.extend(fio_job_args(job)?);
     }
     Ok(args)
+}
+
+/// The first option of `job` that `fio_job_args` does not pass on to fio, if any.
+fn unforwarded_option(job: &JobSpec) -> Option<&'static str> {
+    let defaults = JobSpec::default();
+    let file_list = job.filename.as_deref().is_some_and(|name| !name.starts_with("rbd:") && name.contains(':'));
+    [
+        (job.stonewall || job.new_group, "stonewall/new_group"),
+        (
+            job.directory.is_some() || job.filesize_bytes.is_some() || job.nrfiles != 1 || file_list,
+            "directory/filesize/nrfiles/filename list",
+        ),
+        (job.loops != defaults.loops, "loops"),
+        (job.startdelay != defaults.startdelay || job.thinktime != defaults.thinktime, "startdelay/thinktime"),
+        (job.bssplit.is_some() || job.norandommap, "bssplit/norandommap"),
+        (job.flush_every() != 0 || job.end_fsync, "fsync/fdatasync/end_fsync"),
+        (job.verify.is_some() || job.exitall, "verify/exitall"),
+        (job.wait_for.is_some() || job.number_ios.is_some(), "wait_for/number_ios"),
+    ]
+    .into_iter()
+    .find_map(|(set, name)| set.then_some(name))
 }
 
 /// The job's rbd image, if its filename is one.
@@ -174,13 +202,20 @@ fn fio_job_args(job: &JobSpec) -> Result<Vec<String>, String> {
         job.runtime.map(|r| format!("--runtime={}ms", r.as_millis())),
         job.time_based.then(|| "--time_based".to_string()),
         (!job.ramp_time.is_zero()).then(|| format!("--ramp_time={}ms", job.ramp_time.as_millis())),
-        job.rate_iops.map(|r| format!("--rate_iops={r}")),
+        rate_arg("rate_iops", job.rate_iops),
+        rate_arg("rate", job.rate_bytes),
         job.prioclass.map(|c| format!("--prioclass={c}")),
         job.prio.map(|p| format!("--prio={p}")),
         job.randseed.map(|s| format!("--randseed={s}")),
     ];
     args.extend(optional.into_iter().flatten());
     Ok(args)
+}
+
+/// fio's `--NAME=READ,WRITE` for a per-direction limit; nothing when neither is set.
+fn rate_arg(name: &str, rate: fio::values::ReadWrite<Option<u64>>) -> Option<String> {
+    let text = |value: Option<u64>| value.map_or_else(String::new, |v| v.to_string());
+    (rate.read.is_some() || rate.write.is_some()).then(|| format!("--{name}={},{}", text(rate.read), text(rate.write)))
 }
 
 /// Run fio. With an rbd job (`env` set) its CPU figure is the whole process's, as Tandem's
@@ -403,6 +438,17 @@ mod tests {
         assert!((f.mib_per_s - 3.90625).abs() < 1e-9);
         // 40% of 10 s = 4 CPU seconds over 10000 I/Os = 400 us each.
         assert!((f.cpu_us_per_io - 400.0).abs() < 1e-6, "{}", f.cpu_us_per_io);
+    }
+
+    #[test]
+    fn options_fio_would_not_get_are_refused_by_name() {
+        let plain = JobSpec { filename: Some("/var/tmp/f".into()), ..JobSpec::new("j") };
+        assert!(fio_command(std::slice::from_ref(&plain)).is_ok());
+        let looped = JobSpec { loops: 2, ..plain.clone() };
+        let err = fio_command(&[looped]).unwrap_err();
+        assert!(err.contains("loops") && err.contains("'j'"), "{err}");
+        let listed = JobSpec { filename: Some("a:b".into()), ..plain };
+        assert!(fio_command(&[listed]).unwrap_err().contains("filename list"));
     }
 
     #[test]

@@ -72,10 +72,8 @@ fn run_command(args: &[String]) -> Result<(), String> {
     let config = tandem_bench::fio::parse_command_line(args).map_err(|e| e.to_string())?;
     tandem_bench::runner::stop_on_interrupt();
     let mut report = tandem_bench::run_jobs(&config.jobs, None)?;
-    if config.jobs.iter().any(|job| job.group_reporting) {
-        // fio reports one group; every job here is in group 0.
-        report.jobs = vec![tandem_bench::fio::merge_jobs(&report.jobs)];
-    }
+    // group_reporting merges the jobs of one reporting group, as fio does.
+    report.jobs = tandem_bench::fio::groups::report_entries(report.jobs);
     let text = match config.output_format {
         tandem_bench::fio::OutputFormat::Json => {
             serde_json::to_string_pretty(&tandem_bench::fio::render_json(&report)).map_err(|e| e.to_string())? + "\n"

@@ -56,7 +56,9 @@ fn malformed_values_name_option_and_value() {
 
 #[test]
 fn missing_filename_names_the_job() {
-    let run = tandem(&["run", "--name=lonely", "--size=8M"]).failed();
+    // Without a filename fio creates JOB.N.M files of the given size; without a size either
+    // there is nothing to run against.
+    let run = tandem(&["run", "--name=lonely"]).failed();
     assert!(run.stderr.contains("'lonely'") && run.stderr.contains("filename"), "{}", run.stderr);
     assert_eq!(run.stdout, "");
 }

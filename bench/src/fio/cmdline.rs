@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use super::error::OptionError;
+use super::groups::{assign_groups, check_wait_for};
 use super::ini::parse_job_file_into;
 use super::options::{apply_option, lookup_option, ValueKind};
 use super::spec::JobSpec;
@@ -108,8 +109,13 @@ impl CommandLine {
         self.jobs.extend(self.current.take());
         // fio keeps one set of globals across all job files: a [global] section in one
         // file also applies to the files after it.
-        for path in &self.job_files {
-            let file_jobs = parse_job_file_into(Path::new(path), &mut self.globals)?;
+        for (index, path) in self.job_files.iter().enumerate() {
+            let mut file_jobs = parse_job_file_into(Path::new(path), &mut self.globals)?;
+            // fio separates job files by a stonewall: the first job of every file after the
+            // first waits for all jobs before it.
+            if let Some(first) = file_jobs.first_mut().filter(|_| index > 0) {
+                first.stonewall = true;
+            }
             self.jobs.extend(file_jobs);
         }
         if self.jobs.is_empty() {
@@ -118,6 +124,8 @@ impl CommandLine {
         for job in &self.jobs {
             job.validate()?;
         }
+        check_wait_for(&self.jobs)?;
+        assign_groups(&mut self.jobs);
         Ok(RunConfig { jobs: self.jobs, output_format: self.output_format, output_path: self.output_path })
     }
 }
@@ -236,6 +244,15 @@ mod tests {
         assert_eq!((file_job.iodepth, file_job.block_size_bytes, file_job.rw), (4, 16384, RwMode::Write));
         // The file's [global] must not leak into the command-line job.
         assert_eq!(config.jobs[0].block_size_bytes, 4096);
+    }
+
+    /// Real fio 3.33 prints groupids 0, 1, 1 for this command line.
+    #[test]
+    fn stonewall_on_the_command_line_starts_a_group() {
+        let config = parse("--ioengine=null --size=1m --name=x --name=y --stonewall --name=z").expect("valid");
+        let groups: Vec<u32> = config.jobs.iter().map(|job| job.groupid).collect();
+        assert_eq!(groups, [0, 1, 1]);
+        assert!(config.jobs[1].stonewall && !config.jobs[2].stonewall);
     }
 
     #[test]

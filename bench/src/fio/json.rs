@@ -14,8 +14,8 @@ use super::spec::SetOption;
 /// Fidelity notes: without per-second samples, `bw_*` and `iops_*` sample statistics
 /// are 0 with `*_samples: 0` (exactly what fio prints for runs shorter than one sample
 /// interval); `short_ios`, `drop_ios`, `majf` and `minf` are not measured and are 0;
-/// `iodepth_*` maps are omitted; `trim` and `sync` are all-zero because we issue no
-/// trims or syncs. Latencies come from 3-significant-digit histograms.
+/// `iodepth_*` maps are omitted; `trim` is all-zero because we issue no trims; `sync` counts
+/// the flushes of `fsync=`, `fdatasync=` and `end_fsync`. Latencies come from 3-significant-digit histograms.
 /// Job keys fio prints that this report leaves out on purpose: queue-depth histograms, which
 /// the runner does not collect, and latency-target settings (fio's `latency_target`), which it
 /// does not support.
@@ -48,7 +48,7 @@ fn job_json(job: &JobResult) -> Value {
     let buckets = latency_buckets(&[&job.read.clat_ns, &job.write.clat_ns]);
     json!({
         "jobname": job.spec.name,
-        "groupid": 0,
+        "groupid": job.spec.groupid,
         "error": job.error,
         "eta": 0,
         // fio rounds elapsed seconds up.
@@ -57,7 +57,7 @@ fn job_json(job: &JobResult) -> Value {
         "read": dir_json(&job.read),
         "write": dir_json(&job.write),
         "trim": dir_json(&DirStats::new()),
-        "sync": { "total_ios": 0, "lat_ns": lat_json(&DirStats::new().lat_ns, false) },
+        "sync": { "total_ios": job.sync.total_ios, "lat_ns": lat_json(&job.sync.lat_ns, false) },
         "job_runtime": job.elapsed_ms,
         "usr_cpu": job.usr_cpu_percent,
         "sys_cpu": job.sys_cpu_percent,

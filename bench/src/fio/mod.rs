@@ -3,6 +3,8 @@
 
 pub mod cmdline;
 pub mod error;
+pub mod files;
+pub mod groups;
 pub mod humanize;
 pub mod ini;
 pub mod json;
@@ -13,6 +15,7 @@ pub mod report;
 pub mod size;
 pub mod spec;
 pub mod usage;
+pub mod values;
 
 // The everyday API at `fio::`; the modules hold the rest (option table, latency maths).
 pub use self::{

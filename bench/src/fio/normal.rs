@@ -1,6 +1,6 @@
 //! `--output-format=normal`: fio's human-readable report, line for line where we
 //! have the data (per-job IOPS/BW, slat/clat/lat, clat percentiles, latency buckets,
-//! cpu) and the "Run status group 0" summary. Ported from fio's stat.c.
+//! cpu) and a "Run status group N" summary per reporting group. Ported from fio's stat.c.
 
 use std::fmt::Write as _;
 
@@ -18,7 +18,13 @@ pub fn render_normal(report: &RunReport) -> String {
     for job in &report.jobs {
         write_job(&mut out, job, report.timestamp_s);
     }
-    write_group_status(&mut out, &report.jobs);
+    // One summary per reporting group, in group order, as fio prints them.
+    let mut groupids: Vec<u32> = report.jobs.iter().map(|job| job.spec.groupid).collect();
+    groupids.dedup();
+    for groupid in groupids {
+        let members: Vec<JobResult> = report.jobs.iter().filter(|job| job.spec.groupid == groupid).cloned().collect();
+        write_group_status(&mut out, groupid, &members);
+    }
     out
 }
 
@@ -30,7 +36,8 @@ fn write_job(out: &mut String, job: &JobResult, timestamp_s: u64) {
     }
     let pid = std::process::id();
     let when = ctime_utc(timestamp_s);
-    let _ = writeln!(out, "{}: (groupid=0, jobs=1): err={:2}: pid={pid}: {when}", job.spec.name, job.error);
+    let (name, groupid) = (&job.spec.name, job.spec.groupid);
+    let _ = writeln!(out, "{name}: (groupid={groupid}, jobs=1): err={:2}: pid={pid}: {when}", job.error);
     for (label, dir) in [("read", &job.read), ("write", &job.write)] {
         if dir.io_bytes > 0 && dir.reported_runtime_ms() > 0 {
             write_dir(out, label, dir);
@@ -141,9 +148,9 @@ fn write_latency_buckets(out: &mut String, job: &JobResult) {
     }
 }
 
-/// `Run status group 0 (all jobs):` with one line per direction that ran.
-fn write_group_status(out: &mut String, jobs: &[JobResult]) {
-    out.push_str("\nRun status group 0 (all jobs):\n");
+/// `Run status group N (all jobs):` with one line per direction that ran.
+fn write_group_status(out: &mut String, groupid: u32, jobs: &[JobResult]) {
+    let _ = writeln!(out, "\nRun status group {groupid} (all jobs):");
     for (label, pick) in [("   READ", read_of as fn(&JobResult) -> &DirStats), ("  WRITE", write_of)] {
         let dirs: Vec<&DirStats> = jobs.iter().map(pick).filter(|dir| dir.reported_runtime_ms() > 0).collect();
         let (Some(min_run_ms), Some(max_run_ms)) =
@@ -247,5 +254,17 @@ Run status group 0 (all jobs):
             "{text}"
         );
         assert!(!text.contains("  WRITE:"), "{text}");
+    }
+
+    #[test]
+    fn each_reporting_group_gets_its_summary() {
+        let mut report = report_with(|i| i);
+        let mut second = report.jobs[0].clone();
+        second.spec.groupid = 1;
+        report.jobs.push(second);
+        let text = render_normal(&report);
+        assert!(text.contains("known: (groupid=1, jobs=1)"), "{text}");
+        assert!(text.contains("Run status group 0 (all jobs):") && text.contains("Run status group 1 (all jobs):"));
+        assert_eq!(text.matches("   READ: ").count(), 2, "{text}");
     }
 }

@@ -5,6 +5,7 @@
 use super::error::OptionError;
 use super::size::{parse_bool, parse_duration, parse_size, parse_uint};
 use super::spec::{JobSpec, RwMode, SetOption};
+use super::values::{parse_bsrange, parse_bssplit, parse_engine, parse_exit_what, parse_per_direction, parse_verify};
 
 /// How an option takes its value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,30 @@ enum Field {
     Direct,
     Buffered,
     RandRepeat,
+    Directory,
+    NrFiles,
+    Stonewall,
+    NewGroup,
+    ExitAll,
+    WaitFor,
+    ExitWhat,
+    NumberIos,
+    FileSize,
+    Loops,
+    StartDelay,
+    ThinkTime,
+    Rate,
+    BsSplit,
+    BsRange,
+    NoRandomMap,
+    Fsync,
+    Fdatasync,
+    EndFsync,
+    Verify,
+    DoVerify,
+    RbdPool,
+    RbdName,
+    RbdClient,
     /// Accepted for compatibility, no effect (see [`IGNORED_OPTIONS`]); any text.
     IgnoredText,
     /// Accepted for compatibility, no effect; the value must still be a boolean.
@@ -101,7 +126,31 @@ pub const OPTION_TABLE: &[OptionDef] = &[
     ),
     def("iodepth", &[], Required, Field::IoDepth, "I/Os in flight per job, 1..=65536 (default 1)"),
     def("numjobs", &[], Required, Field::NumJobs, "run N clones of the job (default 1)"),
-    def("rate_iops", &[], Required, Field::RateIops, "cap IOPS per job (0 = no cap)"),
+    def("rate_iops", &[], Required, Field::RateIops, "cap IOPS per job: N (both directions) or READ,WRITE; 0 = no cap"),
+    def("rate", &[], Required, Field::Rate, "cap bytes/s per job: N (both directions) or READ,WRITE; 0 = no cap"),
+    def("directory", &[], Required, Field::Directory, "prefix of relative file names; where JOB.N.M files go"),
+    def("nrfiles", &["nr_files"], Required, Field::NrFiles, "files per job when no filename is given (default 1)"),
+    def("stonewall", &["wait_for_previous"], Flag, Field::Stonewall, "wait for earlier jobs; start a new group"),
+    def("new_group", &[], Flag, Field::NewGroup, "start a new reporting group"),
+    def("exitall", &[], Flag, Field::ExitAll, "when this job finishes, stop the rest of its group"),
+    def("exit_what", &[], Required, Field::ExitWhat, "what exitall stops: group (default), stonewall or all"),
+    def("number_ios", &[], Required, Field::NumberIos, "stop after N I/Os (0 = no limit)"),
+    def("wait_for", &[], Required, Field::WaitFor, "start when every clone of the earlier job NAME has finished"),
+    def("filesize", &[], Required, Field::FileSize, "size of each file (default: size split over the files)"),
+    def("loops", &[], Required, Field::Loops, "passes over the region (default 1)"),
+    def("startdelay", &[], Required, Field::StartDelay, "wait before starting the job (plain number = seconds)"),
+    def("thinktime", &[], Required, Field::ThinkTime, "pause after each I/O (plain number = microseconds)"),
+    def("bssplit", &[], Required, Field::BsSplit, "weighted block sizes: 4k/60:64k/40[,WRITE-LIST]"),
+    def("bsrange", &["blocksize_range"], Required, Field::BsRange, "MIN-MAX block sizes; only MIN = MAX"),
+    def("norandommap", &[], Flag, Field::NoRandomMap, "random offsets may repeat within a pass"),
+    def("fsync", &[], Required, Field::Fsync, "flush after every N writes (0 = never)"),
+    def("fdatasync", &[], Required, Field::Fdatasync, "flush after every N writes (0 = never)"),
+    def("end_fsync", &[], Required, Field::EndFsync, "flush when the job's writes are done"),
+    def("verify", &[], Required, Field::Verify, "crc32c or md5 header in each block, checked on read-back"),
+    def("do_verify", &[], Required, Field::DoVerify, "read back and check after writing (default 1)"),
+    def("pool", &[], Required, Field::RbdPool, "ioengine=rbd: the Ceph pool"),
+    def("rbdname", &[], Required, Field::RbdName, "ioengine=rbd: the image"),
+    def("clientname", &[], Required, Field::RbdClient, "ioengine=rbd: the Ceph user (without client.)"),
     def("prioclass", &[], Required, Field::PrioClass, "I/O priority class: 0 none, 1 rt, 2 be, 3 idle"),
     def("prio", &[], Required, Field::Prio, "I/O priority level within the class, 0..=7"),
     def("randseed", &[], Required, Field::RandSeed, "seed for random offsets"),
@@ -127,9 +176,7 @@ pub const OPTION_TABLE: &[OptionDef] = &[
 /// run unchanged. Their values are still checked: flags must be 0/1/true/false.
 pub const IGNORED_OPTIONS: &[OptionDef] = &[
     def("description", &[], Required, Field::IgnoredText, "accepted for compatibility; no effect"),
-    def("thread", &[], Flag, Field::IgnoredBool, "accepted for compatibility; no effect"),
-    def("exitall", &[], Flag, Field::IgnoredBool, "accepted for compatibility; no effect"),
-    def("norandommap", &[], Flag, Field::IgnoredBool, "accepted for compatibility; no effect"),
+    def("thread", &["threads"], Flag, Field::IgnoredBool, "accepted for compatibility; no effect"),
     def("refill_buffers", &[], Flag, Field::IgnoredBool, "accepted for compatibility; no effect"),
     def("gtod_reduce", &[], Required, Field::IgnoredBool, "accepted for compatibility; no effect"),
     def("invalidate", &[], Required, Field::IgnoredBool, "accepted for compatibility; no effect"),
@@ -177,6 +224,10 @@ fn set_flag(spec: &mut JobSpec, field: Field, on: bool) {
     match field {
         Field::TimeBased => spec.time_based = on,
         Field::GroupReporting => spec.group_reporting = on,
+        Field::Stonewall => spec.stonewall = on,
+        Field::NewGroup => spec.new_group = on,
+        Field::ExitAll => spec.exitall = on,
+        Field::NoRandomMap => spec.norandommap = on,
         _ => {}
     }
 }
@@ -186,7 +237,26 @@ fn set_valued(spec: &mut JobSpec, field: Field, text: &str) -> Result<(), Option
     match field {
         Field::Name => spec.name = text.to_string(),
         Field::Filename => spec.filename = Some(text.to_string()),
-        Field::IoEngine => spec.ioengine = Some(text.to_string()),
+        Field::IoEngine => {
+            parse_engine(text)?;
+            spec.ioengine = Some(text.to_string());
+        }
+        Field::Directory => spec.directory = Some(text.to_string()),
+        Field::WaitFor => spec.wait_for = Some(text.to_string()),
+        Field::ExitWhat => spec.exit_what = parse_exit_what(text)?,
+        Field::FileSize => spec.filesize_bytes = Some(parse_size(text)?),
+        Field::StartDelay => spec.startdelay = parse_duration(text)?,
+        Field::ThinkTime => spec.thinktime = parse_micros(text)?,
+        Field::Rate => spec.rate_bytes = parse_per_direction(text)?,
+        Field::RateIops => spec.rate_iops = parse_per_direction(text)?,
+        Field::BsSplit => spec.bssplit = Some(parse_bssplit(text)?),
+        Field::BsRange => spec.block_size_bytes = parse_bsrange(text)?,
+        Field::EndFsync => spec.end_fsync = parse_bool(text)?,
+        Field::Verify => spec.verify = parse_verify(text)?,
+        Field::DoVerify => spec.do_verify = parse_bool(text)?,
+        Field::RbdPool => spec.rbd_pool = Some(text.to_string()),
+        Field::RbdName => spec.rbd_image = Some(text.to_string()),
+        Field::RbdClient => spec.rbd_client = Some(text.to_string()),
         Field::Size => spec.size_bytes = Some(parse_size(text)?),
         Field::Offset => spec.offset_bytes = parse_size(text)?,
         Field::IoSize => spec.io_size_bytes = Some(parse_size(text)?),
@@ -215,14 +285,25 @@ fn set_number(spec: &mut JobSpec, field: Field, text: &str) -> Result<(), Option
         Field::RwMixWrite => spec.rwmixread_percent = 100 - percent(number, text)?,
         Field::IoDepth => spec.iodepth = narrow(number, text)?,
         Field::NumJobs => spec.numjobs = narrow(number, text)?,
-        // fio: rate_iops=0 means "no cap".
-        Field::RateIops => spec.rate_iops = Some(number).filter(|&iops| iops > 0),
+        Field::NrFiles => spec.nrfiles = narrow(number, text)?,
+        Field::Loops => spec.loops = narrow(number, text)?,
+        Field::NumberIos => spec.number_ios = Some(number).filter(|&ios| ios > 0),
+        Field::Fsync => spec.fsync_every = narrow(number, text)?,
+        Field::Fdatasync => spec.fdatasync_every = narrow(number, text)?,
         Field::PrioClass => spec.prioclass = Some(narrow(number, text)?),
         Field::Prio => spec.prio = Some(narrow(number, text)?),
         Field::RandSeed => spec.randseed = Some(number),
         _ => {}
     }
     Ok(())
+}
+
+/// A time whose plain number is microseconds (fio's `thinktime`); suffixes as `parse_duration`.
+fn parse_micros(text: &str) -> Result<std::time::Duration, OptionError> {
+    match parse_uint(text) {
+        Ok(micros) => Ok(std::time::Duration::from_micros(micros)),
+        Err(_) => parse_duration(text),
+    }
 }
 
 /// Converts to the field's integer type, naming the value if it does not fit.
@@ -294,7 +375,10 @@ mod tests {
         assert_eq!(spec.filename.as_deref(), Some("/dev/nvme0n1"));
         assert_eq!((spec.size_bytes, spec.offset_bytes, spec.io_size_bytes), (Some(1 << 30), 4096, Some(2 << 20)));
         assert_eq!((spec.rw, spec.rwmixread_percent, spec.block_size_bytes), (RwMode::RandRw, 70, 16384));
-        assert_eq!((spec.iodepth, spec.numjobs, spec.rate_iops), (32, 4, Some(1000)));
+        assert_eq!(
+            (spec.iodepth, spec.numjobs, spec.rate_iops.read, spec.rate_iops.write),
+            (32, 4, Some(1000), Some(1000))
+        );
         assert_eq!((spec.runtime, spec.ramp_time), (Some(Duration::from_secs(30)), Duration::from_millis(500)));
         assert!(spec.time_based && spec.direct && spec.group_reporting && !spec.randrepeat);
         assert_eq!((spec.prioclass, spec.prio, spec.randseed), (Some(2), Some(4), Some(42)));
@@ -324,7 +408,7 @@ mod tests {
     #[test]
     fn zero_runtime_and_rate_mean_unlimited_like_fio() {
         let spec = apply_all(&[("runtime", Some("0")), ("rate_iops", Some("0"))]).expect("valid");
-        assert_eq!((spec.runtime, spec.rate_iops), (None, None));
+        assert_eq!((spec.runtime, spec.rate_iops.read, spec.rate_iops.write), (None, None, None));
     }
 
     #[test]
@@ -373,18 +457,70 @@ mod tests {
     }
 
     #[test]
-    fn ignored_options_are_recorded_but_change_nothing() {
+    fn job_file_options_of_fios_examples() {
         let spec = apply_all(&[
-            ("thread", None),
+            ("directory", Some("/data")),
+            ("nr_files", Some("3")),
+            ("wait_for_previous", None),
+            ("new_group", None),
+            ("loops", Some("2")),
+            ("startdelay", Some("4")),
+            ("thinktime", Some("2000")),
+            ("rate", Some("1m,500k")),
+            ("rate_iops", Some(",300")),
+            ("bssplit", Some("4k/60:64k/40")),
             ("norandommap", None),
-            ("gtod_reduce", Some("1")),
-            ("description", Some("x y")),
+            ("fsync", Some("8")),
+            ("fdatasync", Some("4")),
+            ("end_fsync", Some("1")),
+            ("verify", Some("md5")),
+            ("do_verify", Some("0")),
+            ("ioengine", Some("libaio")),
+            ("exitall", None),
+            ("filesize", Some("2m")),
         ])
-        .expect("accepted");
+        .expect("valid");
+        assert!(spec.exitall);
+        assert_eq!(spec.filesize_bytes, Some(2 << 20));
+        assert_eq!((spec.directory.as_deref(), spec.nrfiles, spec.loops), (Some("/data"), 3, 2));
+        assert!(spec.stonewall && spec.new_group && spec.norandommap && spec.end_fsync && !spec.do_verify);
+        assert_eq!((spec.startdelay, spec.thinktime), (Duration::from_secs(4), Duration::from_micros(2000)));
+        assert_eq!((spec.rate_bytes.read, spec.rate_bytes.write), (Some(1 << 20), Some(500 << 10)));
+        assert_eq!((spec.rate_iops.read, spec.rate_iops.write), (None, Some(300)));
+        assert_eq!((spec.max_block_bytes(), spec.min_block_bytes()), (65536, 4096));
+        assert_eq!((spec.flush_every(), spec.verify), (4, Some(crate::fio::values::VerifyKind::Md5)));
+        assert_eq!(spec.effective_iodepth(), 1);
+        let sync = apply_all(&[("ioengine", Some("psync")), ("iodepth", Some("8"))]).expect("valid");
+        assert_eq!(sync.effective_iodepth(), 1);
+    }
+
+    #[test]
+    fn unsupported_values_of_supported_options_are_named() {
+        for (key, value) in [
+            ("ioengine", "cpuio"),
+            ("verify", "crc64"),
+            ("bsrange", "4k-64k"),
+            ("bssplit", "4k/70:8k/70"),
+            ("rate", "1,2,3,4"),
+            ("startdelay", "10-20"),
+            ("loops", "x"),
+        ] {
+            let err = apply_all(&[(key, Some(value))]).unwrap_err();
+            assert!(
+                matches!(err, OptionError::InvalidValue { ref option, value: ref v, .. } if option == key && v == value),
+                "{key}={value}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ignored_options_are_recorded_but_change_nothing() {
+        let spec =
+            apply_all(&[("thread", None), ("gtod_reduce", Some("1")), ("description", Some("x y"))]).expect("accepted");
         let mut expected = JobSpec::new("t");
         expected.job_options = spec.job_options.clone();
         assert_eq!(spec, expected);
-        assert_eq!(spec.job_options.len(), 5);
+        assert_eq!(spec.job_options.len(), 4);
         assert!(apply_all(&[("hipri", Some("yes"))]).is_err());
         assert!(IGNORED_OPTIONS.iter().all(|def| lookup_option(def.name).is_some()));
     }

@@ -120,6 +120,8 @@ pub struct JobResult {
     pub read: DirStats,
     /// Write direction.
     pub write: DirStats,
+    /// Flushes (`fsync=N`, `fdatasync=N`, `end_fsync`): count and latency, as fio's `sync`.
+    pub sync: DirStats,
     /// Wall time of the whole job.
     pub elapsed_ms: u64,
     /// User CPU time as a share of `elapsed_ms`.
@@ -140,6 +142,7 @@ impl JobResult {
             job_index,
             read: DirStats::new(),
             write: DirStats::new(),
+            sync: DirStats::new(),
             elapsed_ms: 0,
             usr_cpu_percent: 0.0,
             sys_cpu_percent: 0.0,
@@ -174,6 +177,7 @@ pub fn merge_jobs(jobs: &[JobResult]) -> JobResult {
     for job in jobs {
         merged.read.merge(&job.read);
         merged.write.merge(&job.write);
+        merged.sync.merge(&job.sync);
         merged.elapsed_ms = merged.elapsed_ms.saturating_add(job.elapsed_ms);
         merged.ctx_switches = merged.ctx_switches.saturating_add(job.ctx_switches);
         usr_cpu_ms += job.usr_cpu_percent * job.elapsed_ms as f64 / 100.0;

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::error::OptionError;
+use super::values::{parse_engine, BsSplit, Engine, ExitWhat, ReadWrite, VerifyKind};
 
 /// fio's `rw=` I/O pattern. Trim patterns are not supported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -110,8 +111,10 @@ pub struct JobSpec {
     pub ramp_time: Duration,
     /// O_DIRECT (fio's default is buffered).
     pub direct: bool,
-    /// IOPS cap; `None` (fio `rate_iops=0`) means uncapped.
-    pub rate_iops: Option<u64>,
+    /// IOPS cap per direction; `None` (fio `rate_iops=0`) means uncapped.
+    pub rate_iops: ReadWrite<Option<u64>>,
+    /// Bandwidth cap per direction in bytes per second (fio `rate`); `None` means uncapped.
+    pub rate_bytes: ReadWrite<Option<u64>>,
     /// I/O priority class: 0 none, 1 rt, 2 be, 3 idle.
     pub prioclass: Option<u8>,
     /// I/O priority level within the class, 0..=7.
@@ -124,6 +127,50 @@ pub struct JobSpec {
     pub randrepeat: bool,
     /// Explicit random seed.
     pub randseed: Option<u64>,
+    /// Prefix of relative file names, and where generated names (`JOB.N.M`) go.
+    pub directory: Option<String>,
+    /// Size of each file (fio `filesize`); `None`: `size` split evenly over the files.
+    pub filesize_bytes: Option<u64>,
+    /// Which jobs `exitall` stops (fio `exit_what`, default the group).
+    pub exit_what: ExitWhat,
+    /// Stop after this many I/Os even if the region is not done (fio `number_ios`).
+    pub number_ios: Option<u64>,
+    /// Start only when every clone of the earlier job of this name has finished (fio `wait_for`).
+    pub wait_for: Option<String>,
+    /// When this job finishes, stop the other jobs of its reporting group (fio `exitall`).
+    pub exitall: bool,
+    /// Files per job clone when no `filename` is given (fio `nrfiles`), >= 1.
+    pub nrfiles: u32,
+    /// Wait for every earlier job to finish before starting (fio `stonewall`); starts a group.
+    pub stonewall: bool,
+    /// Start a new reporting group without waiting (fio `new_group`).
+    pub new_group: bool,
+    /// Reporting group, assigned once all jobs are parsed (`groups::assign_groups`).
+    pub groupid: u32,
+    /// Passes over the region (fio `loops`), >= 1.
+    pub loops: u32,
+    /// Wait this long before the job starts (fio `startdelay`).
+    pub startdelay: Duration,
+    /// Pause after each I/O completes before the lane issues its next one (fio `thinktime`).
+    pub thinktime: Duration,
+    /// Weighted block sizes (fio `bssplit`); overrides `block_size_bytes` when set.
+    pub bssplit: Option<BsSplit>,
+    /// Random offsets with repeats (true) or each block once per pass (fio's default random map).
+    pub norandommap: bool,
+    /// Flush after every N writes (fio `fsync`); 0 = never.
+    pub fsync_every: u32,
+    /// Flush after every N writes (fio `fdatasync`; our drivers have one flush); 0 = never.
+    pub fdatasync_every: u32,
+    /// Flush once when the job's writes are done (fio `end_fsync`).
+    pub end_fsync: bool,
+    /// Checksum written into each block's header and checked on read-back (fio `verify`).
+    pub verify: Option<VerifyKind>,
+    /// Run the read-back phase after a write job (fio `do_verify`, default 1).
+    pub do_verify: bool,
+    /// fio rbd engine's `pool`, `rbdname` and `clientname`: the image when no filename is given.
+    pub rbd_pool: Option<String>,
+    pub rbd_image: Option<String>,
+    pub rbd_client: Option<String>,
     /// Options inherited from global scope (command line before `--name`, `[global]`).
     pub global_options: Vec<SetOption>,
     /// Options set on this job itself, starting with its `name`.
@@ -147,13 +194,37 @@ impl Default for JobSpec {
             time_based: false,
             ramp_time: Duration::ZERO,
             direct: false,
-            rate_iops: None,
+            rate_iops: ReadWrite::default(),
+            rate_bytes: ReadWrite::default(),
             prioclass: None,
             prio: None,
             ioengine: None,
             group_reporting: false,
             randrepeat: true,
             randseed: None,
+            directory: None,
+            filesize_bytes: None,
+            exitall: false,
+            wait_for: None,
+            exit_what: ExitWhat::Group,
+            number_ios: None,
+            nrfiles: 1,
+            stonewall: false,
+            new_group: false,
+            groupid: 0,
+            loops: 1,
+            startdelay: Duration::ZERO,
+            thinktime: Duration::ZERO,
+            bssplit: None,
+            norandommap: false,
+            fsync_every: 0,
+            fdatasync_every: 0,
+            end_fsync: false,
+            verify: None,
+            do_verify: true,
+            rbd_pool: None,
+            rbd_image: None,
+            rbd_client: None,
             global_options: Vec::new(),
             job_options: Vec::new(),
         }
@@ -185,10 +256,7 @@ impl JobSpec {
         if self.name.is_empty() {
             return Err(self.missing("name", "every job needs a name"));
         }
-        let needs_file = self.ioengine.as_deref() != Some("null");
-        if needs_file && self.filename.is_none() {
-            return Err(self.missing("filename", "the target file or device (only ioengine=null runs without one)"));
-        }
+        self.validate_target()?;
         self.check(self.block_size_bytes > 0, "bs", self.block_size_bytes, "must be greater than 0")?;
         let iodepth_ok = (1..=MAX_IODEPTH).contains(&self.iodepth);
         self.check(iodepth_ok, "iodepth", u64::from(self.iodepth), "must be between 1 and 65536")?;
@@ -208,11 +276,81 @@ impl JobSpec {
         if self.time_based && self.runtime.is_none() {
             return Err(self.missing("runtime", "time_based needs a non-zero runtime to know when to stop"));
         }
+        self.validate_job_file_options()
+    }
+
+    /// The options fio's job files add: loops, files, rate limits, verify.
+    fn validate_job_file_options(&self) -> Result<(), OptionError> {
+        self.check(self.loops >= 1, "loops", u64::from(self.loops), "must be at least 1")?;
+        let any = |rate: &ReadWrite<Option<u64>>| rate.read.or(rate.write);
+        if let (Some(_), Some(iops)) = (any(&self.rate_bytes), any(&self.rate_iops)) {
+            // fio refuses the pair even when they limit different directions.
+            self.check(false, "rate_iops", iops, "rate and rate_iops are mutually exclusive (as in fio)")?;
+        }
+        self.check(self.nrfiles >= 1, "nrfiles", u64::from(self.nrfiles), "must be at least 1")?;
+        if let Some(kind) = self.verify {
+            let mixed = self.rw.reads() && self.rw.writes();
+            let value = format!("{kind:?}").to_lowercase();
+            let reason = "verify runs with write jobs (written, then read back) or read jobs, not mixed rw";
+            self.check_text(!mixed, "verify", &value, reason)?;
+            let small = self.min_block_bytes();
+            self.check(small >= 64, "bs", small, "verify needs blocks of at least 64 bytes for its header")?;
+        }
         Ok(())
     }
 
-    /// `InvalidJob` for `option` unless `ok`; keeps `validate` to one line per rule.
-    fn check(&self, ok: bool, option: &str, value: u64, reason: &str) -> Result<(), OptionError> {
+    /// What the job does I/O against: a file or device, generated files (they need a size),
+    /// an rbd image, or nothing (null).
+    fn validate_target(&self) -> Result<(), OptionError> {
+        if let Some(text) = &self.ioengine {
+            parse_engine(text).map_err(|err| err.for_option("ioengine"))?;
+        }
+        match (self.engine(), &self.filename) {
+            (Engine::Null, _) | (_, Some(_)) => Ok(()),
+            (Engine::Rbd, None) if self.rbd_pool.is_some() && self.rbd_image.is_some() => Ok(()),
+            (Engine::Rbd, None) => Err(self.missing("rbdname", "ioengine=rbd needs pool= and rbdname= (or filename=rbd:POOL/IMAGE)")),
+            (_, None) if self.size_bytes.or(self.filesize_bytes).is_some() => Ok(()),
+            (_, None) => Err(self.missing(
+                "filename",
+                "the target file or device; or size= to create files named JOB.N.M in directory= (default: the current one)",
+            )),
+        }
+    }
+
+    /// The engine `ioengine` names; our default (no `ioengine`) is asynchronous io_uring, where
+    /// fio's is psync. An unknown name has been refused when the option was set.
+    pub fn engine(&self) -> Engine {
+        self.ioengine.as_deref().and_then(|text| parse_engine(text).ok()).unwrap_or(Engine::Async)
+    }
+
+    /// I/Os in flight: `iodepth`, or 1 for fio's synchronous engines (psync and friends
+    /// complete each I/O before issuing the next, whatever `iodepth` says).
+    pub fn effective_iodepth(&self) -> u32 {
+        match self.engine() {
+            Engine::Sync => 1,
+            _ => self.iodepth,
+        }
+    }
+
+    /// The largest I/O the job issues (a lane's buffer size).
+    pub fn max_block_bytes(&self) -> u64 {
+        self.bssplit.as_ref().map_or(self.block_size_bytes, BsSplit::max_bytes)
+    }
+
+    /// The smallest I/O the job issues (the grain of its offsets).
+    pub fn min_block_bytes(&self) -> u64 {
+        self.bssplit.as_ref().map_or(self.block_size_bytes, BsSplit::min_bytes)
+    }
+
+    /// Flush after every this many writes (`fsync` or `fdatasync`, the smaller); 0 = never.
+    pub fn flush_every(&self) -> u32 {
+        match (self.fsync_every, self.fdatasync_every) {
+            (0, every) | (every, 0) => every,
+            (a, b) => a.min(b),
+        }
+    }
+
+    fn check_text(&self, ok: bool, option: &str, value: &str, reason: &str) -> Result<(), OptionError> {
         if ok {
             return Ok(());
         }
@@ -222,6 +360,11 @@ impl JobSpec {
             value: value.to_string(),
             reason: reason.to_string(),
         })
+    }
+
+    /// `InvalidJob` for `option` unless `ok`; keeps `validate` to one line per rule.
+    fn check(&self, ok: bool, option: &str, value: u64, reason: &str) -> Result<(), OptionError> {
+        self.check_text(ok, option, &value.to_string(), reason)
     }
 
     fn missing(&self, option: &str, reason: &str) -> OptionError {
@@ -266,6 +409,9 @@ mod tests {
         let mut null = JobSpec::new("n");
         null.ioengine = Some("null".into());
         assert_eq!(null.validate(), Ok(()));
+        let mut generated = JobSpec::new("g");
+        generated.size_bytes = Some(1 << 20);
+        assert_eq!(generated.validate(), Ok(()));
     }
 
     #[test]
