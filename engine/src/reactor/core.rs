@@ -242,6 +242,7 @@ impl Core {
     /// Shutdown: refuse what was never submitted, wait for everything the kernel holds, then
     /// drop the tasks here, on their own thread.
     fn stop(&mut self) {
+        local::STOPPING.with(|s| s.set(true));
         PENDING_OPS.with(|q| q.borrow_mut().drain(..).for_each(|op| op.complete(RESULT_STOPPED, |_| None)));
         if let Backend::Uring(ring) = &mut self.backend {
             ring.drain();
@@ -253,8 +254,17 @@ impl Core {
                 other => drop(other),
             }
         }
-        RUN_QUEUE.with(|q| q.borrow_mut().clear());
-        TIMERS.with(|t| t.borrow_mut().clear());
+        // Taken out before dropping: a task's drop may schedule another (a dropped write that
+        // must run to its end), which must not find the queue borrowed. Until it stays empty.
+        loop {
+            let tasks = RUN_QUEUE.with(|q| std::mem::take(&mut *q.borrow_mut()));
+            if tasks.is_empty() {
+                break;
+            }
+            drop(tasks);
+        }
+        let timers = TIMERS.with(|t| std::mem::take(&mut *t.borrow_mut()));
+        drop(timers);
     }
 }
 

@@ -16,15 +16,21 @@ use std::sync::OnceLock;
 /// Drive `future` to completion whoever polled it before: a task on the calling core, or the
 /// finisher thread off the reactor. Never blocks the caller.
 pub(crate) fn run_to_end(future: impl Future<Output = ()> + Send + 'static) {
-    if super::on_any_core() {
+    if super::on_any_core() && !super::local::stopping() {
         super::spawn_local(future).expect("on a core, a task can be spawned").detach();
         return;
     }
-    let (runnable, task) = async_task::spawn(future, |runnable| {
-        // The finisher lives for the process: a send only fails if its thread died, and then
-        // nothing could run the work anyway.
-        let _ = finisher().send(runnable);
-    });
+    // A panic in the work is caught by the task (and dropped with it, as it is detached):
+    // the finisher thread lives on for every later piece of work.
+    let builder = async_task::Builder::new().propagate_panic(true);
+    let (runnable, task) = builder.spawn(
+        move |_| future,
+        |runnable| {
+            // The finisher lives for the process: a send only fails if its thread died, and then
+            // nothing could run the work anyway.
+            let _ = finisher().send(runnable);
+        },
+    );
     task.detach();
     runnable.schedule();
 }
@@ -61,10 +67,54 @@ mod tests {
             crate::reactor::sleep(Duration::from_millis(20)).await; // wakes from another thread
             flag.store(true, Ordering::SeqCst);
         });
+        wait_for(&done);
+    }
+
+    fn wait_for(done: &AtomicBool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !done.load(Ordering::SeqCst) {
             assert!(std::time::Instant::now() < deadline, "the finisher never ran the work");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    #[test]
+    fn a_panic_in_one_piece_of_work_leaves_the_finisher_running() {
+        run_to_end(async { panic!("work that panics (expected in this test)") });
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        run_to_end(async move { flag.store(true, Ordering::SeqCst) });
+        wait_for(&done);
+    }
+
+    /// Runs its work to the end when dropped, as an abandoned guest write does.
+    struct FinishOnDrop(Arc<AtomicBool>);
+
+    impl Drop for FinishOnDrop {
+        fn drop(&mut self) {
+            let flag = self.0.clone();
+            run_to_end(async move { flag.store(true, Ordering::SeqCst) });
+        }
+    }
+
+    /// A runtime dropped while a task that finishes work on drop is queued: the drop must
+    /// neither abort (the run queue was borrowed while it was cleared) nor lose the work.
+    #[test]
+    fn a_runtime_dropped_with_work_to_finish_in_its_queue_hands_it_to_the_finisher() {
+        let runtime = crate::reactor::Runtime::new(crate::reactor::Config { cores: 1, ..Default::default() }).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let (started_tx, started_rx) = crossbeam_channel::bounded(1);
+        let holder = FinishOnDrop(done.clone());
+        let task = runtime.spawn(move || async move {
+            let _holder = holder;
+            started_tx.send(()).unwrap();
+            loop {
+                crate::reactor::yield_now().await; // always in the run queue
+            }
+        });
+        started_rx.recv().unwrap();
+        drop(task);
+        drop(runtime);
+        wait_for(&done);
     }
 }

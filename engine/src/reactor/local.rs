@@ -48,6 +48,14 @@ thread_local! {
     pub(crate) static TIMERS: RefCell<BinaryHeap<Reverse<Timer>>> = const { RefCell::new(BinaryHeap::new()) };
     static TIMER_SEQUENCE: Cell<u64> = const { Cell::new(0) };
     pub(crate) static CLOCK: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// This core is shutting down: work that must run to its end goes to the finisher thread
+    /// instead of a run queue that is being dropped.
+    pub(crate) static STOPPING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread is a core in its shutdown.
+pub(crate) fn stopping() -> bool {
+    STOPPING.with(|s| s.get())
 }
 
 pub(crate) fn current_core() -> Option<CoreId> {
