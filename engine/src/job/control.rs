@@ -357,8 +357,14 @@ impl Job {
     }
 
     /// Finish a ready job (a mirror switches the disk over to the target).
+    /// Refused with [`JobError::CancelUnderWay`] once a cancel was accepted: the job will not
+    /// switch over, and saying Ok would be a lie (QEMU refuses it too).
     pub fn complete(&self) -> Result<(), JobError> {
+        let id = &self.core.id;
         self.core.verb(JobVerb::Complete, |control| {
+            if let Some(StopRequest::Cancel { .. }) = control.stop {
+                return Err(JobError::CancelUnderWay { id: id.clone() });
+            }
             control.stop = Some(StopRequest::Complete);
             Ok(())
         })
@@ -449,32 +455,47 @@ mod tests {
     #[test]
     fn every_verb_in_every_state_answers_as_the_table_says() {
         for status in STATUSES {
-            for verb in VERBS {
-                let job = job_in(status);
-                let before = snapshot(&job);
-                let result = apply(&job, verb);
-                let after = snapshot(&job);
-                if !verb_allowed(verb, status) {
-                    let error = result.expect_err("a verb the table refuses");
-                    let expected = format!("job j: {} is not allowed while the job is {}", verb.name(), status.name());
-                    assert_eq!(error.to_string(), expected);
-                    assert_eq!(after, before, "{verb:?} in {status} was refused but changed the job");
-                    continue;
+            for committed in [false, true] {
+                for verb in VERBS {
+                    check_verb(status, committed, verb);
                 }
-                result.unwrap_or_else(|e| panic!("{verb:?} in {status}: {e}"));
-                let expected = match verb {
-                    JobVerb::Cancel => (status, Some(StopRequest::Cancel { force: true }), 0, false, 0),
-                    JobVerb::Pause => (status, None, 2, false, 0),
-                    JobVerb::Resume => (status, None, 0, false, 0),
-                    JobVerb::SetSpeed => (status, None, 1, false, 1 << 20),
-                    JobVerb::Complete => (status, Some(StopRequest::Complete), 1, false, 0),
-                    JobVerb::Finalize => (status, None, 1, true, 0),
-                    JobVerb::Dismiss => (JobStatus::Null, None, 1, false, 0),
-                    JobVerb::Change => (status, None, 1, false, 0),
-                };
-                assert_eq!(after, expected, "{verb:?} in {status}");
             }
         }
+    }
+
+    /// One (state, verb) pair, before or past the point of no return: the answer, the error
+    /// text, and what the verb changed (nothing when refused).
+    fn check_verb(status: JobStatus, committed: bool, verb: JobVerb) {
+        let job = job_in(status);
+        job.core.control.lock().committed = committed;
+        let before = snapshot(&job);
+        let result = apply(&job, verb);
+        let after = snapshot(&job);
+        if !verb_allowed(verb, status) {
+            let error = result.expect_err("a verb the table refuses");
+            let expected = format!("job j: {} is not allowed while the job is {}", verb.name(), status.name());
+            assert_eq!(error.to_string(), expected);
+            assert_eq!(after, before, "{verb:?} in {status} was refused but changed the job");
+            return;
+        }
+        if verb == JobVerb::Cancel && committed {
+            let error = result.expect_err("past the point of no return");
+            assert!(matches!(error, JobError::TooLateToCancel { .. }), "{status}: {error}");
+            assert_eq!(after, before, "a refused cancel changed the job in {status}");
+            return;
+        }
+        result.unwrap_or_else(|e| panic!("{verb:?} in {status}: {e}"));
+        let expected = match verb {
+            JobVerb::Cancel => (status, Some(StopRequest::Cancel { force: true }), 0, false, 0),
+            JobVerb::Pause => (status, None, 2, false, 0),
+            JobVerb::Resume => (status, None, 0, false, 0),
+            JobVerb::SetSpeed => (status, None, 1, false, 1 << 20),
+            JobVerb::Complete => (status, Some(StopRequest::Complete), 1, false, 0),
+            JobVerb::Finalize => (status, None, 1, true, 0),
+            JobVerb::Dismiss => (JobStatus::Null, None, 1, false, 0),
+            JobVerb::Change => (status, None, 1, false, 0),
+        };
+        assert_eq!(after, expected, "{verb:?} in {status}");
     }
 
     #[test]
@@ -492,6 +513,24 @@ mod tests {
             "job j: cancel is too late: the job is pending and already finishing (switch-over or finalization under way)"
         );
         assert_eq!(snapshot(&job).1, None, "the refused cancel left no request behind");
+    }
+
+    /// Verbs in sequence: what an accepted verb promised, a later one cannot take back
+    /// silently.
+    #[test]
+    fn a_complete_after_an_accepted_cancel_is_refused_and_the_cancel_stands() {
+        for force in [true, false] {
+            let job = job_in(JobStatus::Ready);
+            job.cancel(force).unwrap();
+            let error = job.complete().expect_err("the cancel was accepted first");
+            assert_eq!(error.to_string(), "job j: cannot complete: a cancel is under way");
+            assert_eq!(snapshot(&job).1, Some(StopRequest::Cancel { force }), "the cancel stands");
+        }
+        // The other order: a cancel after complete (before the point of no return) wins.
+        let job = job_in(JobStatus::Ready);
+        job.complete().unwrap();
+        job.cancel(true).unwrap();
+        assert_eq!(job.core.commit(), Err(StopRequest::Cancel { force: true }));
     }
 
     #[test]

@@ -334,6 +334,8 @@ pub enum JobError {
     VerbNotAllowed { id: String, verb: &'static str, status: JobStatus },
     #[error("job {id}: cannot resume: the job was not paused")]
     NotPaused { id: String },
+    #[error("job {id}: cannot complete: a cancel is under way")]
+    CancelUnderWay { id: String },
     #[error("job {id}: cancel is too late: the job is {status} and already finishing (switch-over or finalization under way)")]
     TooLateToCancel { id: String, status: JobStatus },
     #[error("invalid job setting: {name} = {value}: {reason}")]
