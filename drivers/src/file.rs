@@ -46,6 +46,8 @@ pub struct FileDriver {
     alignment: Alignment,
     direct: bool,
     read_only: bool,
+    /// A block device: no extents to ask about (block_status says data everywhere).
+    block_device: bool,
     /// On tmpfs or ramfs: reads and writes are memory copies, done inline (see
     /// [`FileDriver::is_in_memory`]).
     in_memory: bool,
@@ -76,6 +78,7 @@ impl FileDriver {
         let alignment = if direct { dio_alignment(&fd) } else { Alignment { request_bytes: 1, memory_bytes: 1 } };
         let name = format!("file:{}", path.display());
         let in_memory = is_memory_fs(&fd);
+        let block_device = is_block_device(&fd);
         let mapping = match in_memory && !options.read_only {
             true => Mapping::of_allocated_file(&fd, size_bytes).map(Arc::new),
             false => None,
@@ -88,6 +91,7 @@ impl FileDriver {
             alignment,
             direct,
             read_only: options.read_only,
+            block_device,
             in_memory,
             mapping,
             runtime: runtime.clone(),
@@ -237,13 +241,27 @@ fn grow(fd: &OwnedFd, path: &Path, size_bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// Whether `fd` is a regular file in RAM. Only regular files: a block device's node lives on
+/// devtmpfs, which reports tmpfs's magic, yet its I/O goes to the device and must go through
+/// the ring (inline, a device read would block the core).
 fn is_memory_fs(fd: &OwnedFd) -> bool {
+    // SAFETY: fstat fills a zeroed struct on the stack.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return false;
+    }
     // SAFETY: fstatfs fills a zeroed struct on the stack.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } != 0 {
         return false;
     }
     matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
+}
+
+fn is_block_device(fd: &OwnedFd) -> bool {
+    // SAFETY: fstat fills a zeroed struct on the stack.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } == 0) && stat.st_mode & libc::S_IFMT == libc::S_IFBLK
 }
 
 fn last_errno() -> i32 {
@@ -366,6 +384,11 @@ impl BlockDriver for FileDriver {
     /// From SEEK_DATA/SEEK_HOLE: metadata only, answered by the filesystem without device I/O,
     /// so it runs inline. Unwritten (preallocated) extents read as zeros and report as holes.
     fn block_status(&self, offset: u64, length_bytes: u64) -> IoFuture<Result<Extent>> {
+        if self.block_device {
+            // lseek(SEEK_DATA) is EINVAL on a block device, and a device has no holes to tell.
+            let length_bytes = length_bytes.min(self.size_bytes.saturating_sub(offset));
+            return IoFuture::ready(Ok(Extent { status: BlockStatus::Data, offset, length_bytes }));
+        }
         IoFuture::ready(seek_extent(self.fd.as_raw_fd(), offset, length_bytes, self.size_bytes))
     }
 }
