@@ -1,10 +1,12 @@
 //! The bench never destroys what it did not create: files and block devices the user points it
-//! at keep their bytes through read jobs. Loop devices (root, as the suite runs) stand
+//! at keep their bytes through rejected options, refusals for a missing `--overwrite-*` flag,
+//! read jobs and runs that use them as they are. Loop devices (root, as the suite runs) stand
 //! in for a user's disk. Behaviour only, never speed.
 
 mod common;
 
 use common::{pattern_bytes, tandem, LoopDevice, Scratch};
+use serde_json::Value;
 use std::path::Path;
 
 const MIB: usize = 1 << 20;
@@ -23,6 +25,99 @@ fn assert_unchanged(path: &Path, expected: &[u8], what: &str) {
 
 fn arg(name: &str, path: &Path) -> String {
     format!("--{name}={}", path.display())
+}
+
+// 1. mirror and backup: options are checked before any file is touched.
+
+const MIRROR_BAD: [(&str, &str); 5] = [
+    ("--sync=sideways", "sideways"),
+    ("--copy-mode=eager", "eager"),
+    ("--granularity=3000", "3000"),
+    ("--guest-rw=randtrim", "randtrim"),
+    ("--output-format=xml", "xml"),
+];
+
+const BACKUP_BAD: [(&str, &str); 6] = [
+    ("--sync=sideways", "sideways"),
+    ("--sync=none", "none"),
+    ("--cluster-size=3000", "3000"),
+    ("--copy-priority=me", "me"),
+    ("--max-workers=0", "max-workers"),
+    ("--output-format=xml", "xml"),
+];
+
+#[test]
+fn rejected_options_leave_an_existing_source_as_it_was() {
+    let scratch = Scratch::new("rejected");
+    let (source, target) = (scratch.path("source.img"), scratch.path("target.img"));
+    let expected = patterned(&source, 8 * MIB, 1);
+    let cases = MIRROR_BAD.iter().map(|case| ("mirror", case)).chain(BACKUP_BAD.iter().map(|case| ("backup", case)));
+    for (command, (option, named)) in cases {
+        let run =
+            tandem(&[command, &arg("source", &source), &arg("target", &target), "--guest-runtime=2", option]).failed();
+        assert!(run.stderr.contains(named), "{command} {option}: {}", run.stderr);
+        assert_unchanged(&source, &expected, &format!("{command} {option}"));
+        assert!(!target.exists(), "{command} {option}: no target created");
+    }
+}
+
+#[test]
+fn a_guest_that_writes_an_existing_source_needs_overwrite_source() {
+    let scratch = Scratch::new("oversource");
+    let (source, target) = (scratch.path("source.img"), scratch.path("target.img"));
+    let expected = patterned(&source, 8 * MIB, 2);
+    for command in ["mirror", "backup"] {
+        for rw in ["randwrite", "randrw"] {
+            let guest = format!("--guest-rw={rw}");
+            let run = tandem(&[command, &arg("source", &source), &arg("target", &target), &guest, "--guest-runtime=2"])
+                .failed();
+            assert!(run.stderr.contains("--overwrite-source"), "{command} {rw}: {}", run.stderr);
+            assert_unchanged(&source, &expected, &format!("{command} --guest-rw={rw}"));
+            assert!(!target.exists(), "{command} {rw}: no target created");
+        }
+    }
+}
+
+#[test]
+fn an_existing_target_needs_overwrite_target_and_is_never_removed() {
+    let scratch = Scratch::new("overtarget");
+    let (source, target) = (scratch.path("source.img"), scratch.path("target.img"));
+    let expected = patterned(&target, 8 * MIB, 3);
+    for command in ["mirror", "backup"] {
+        let run = tandem(&[command, &arg("source", &source), &arg("target", &target), "--size=8M"]).failed();
+        assert!(run.stderr.contains("--overwrite-target"), "{command}: {}", run.stderr);
+        assert_unchanged(&target, &expected, command);
+        assert!(!source.exists(), "{command}: refused before the source was created");
+    }
+    // With the flag the job writes it, and it stays: the bench did not create it.
+    let run = tandem(&["mirror", &arg("source", &source), &arg("target", &target), "--size=8M", "--overwrite-target"]);
+    run.ok();
+    assert_eq!(std::fs::metadata(&target).map(|m| m.len()).ok(), Some(8 * MIB as u64), "the target stays");
+    assert!(!source.exists(), "the source the bench created is removed");
+}
+
+#[test]
+fn an_existing_source_is_used_as_it_is_and_kept() {
+    let scratch = Scratch::new("asis");
+    let (source, target) = (scratch.path("source.img"), scratch.path("target.img"));
+    let expected = patterned(&source, 8 * MIB, 4);
+    for command in ["mirror", "backup"] {
+        // --size differs from the source's: the source's own size wins, nothing is replaced.
+        let run = tandem(&[
+            command,
+            &arg("source", &source),
+            &arg("target", &target),
+            "--size=16M",
+            "--guest-rw=randread",
+            "--guest-runtime=2",
+            "--output-format=json",
+        ])
+        .ok();
+        let value: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}:\n{}", run.stdout));
+        assert!(value["copied_bytes"].as_u64() >= Some(8 * MIB as u64), "{command}: {value}");
+        assert_unchanged(&source, &expected, command);
+        assert!(!target.exists(), "{command}: the target it created is removed");
+    }
 }
 
 // 2. run and compare-fio: only missing or short regular files are laid out.
@@ -112,3 +207,25 @@ fn compare_fio_read_job_on_a_loop_device_keeps_its_pattern() {
     assert_unchanged(Path::new(device.path()), &expected, "compare-fio read job");
 }
 
+// 3. mirror and backup onto a block device and back.
+
+#[test]
+fn mirror_and_backup_onto_a_loop_device_and_back() {
+    let scratch = Scratch::new("loopjobs");
+    let (source, backing, back) = (scratch.path("source.img"), scratch.path("disk.img"), scratch.path("back.img"));
+    let expected = patterned(&source, 8 * MIB, 9);
+    patterned(&backing, 8 * MIB, 10);
+    let device = LoopDevice::over(&backing);
+    let target = Path::new(device.path());
+    for command in ["mirror", "backup"] {
+        tandem(&[command, &arg("source", &source), &arg("target", target), "--overwrite-target"]).ok();
+        assert_unchanged(target, &expected, &format!("{command} file -> loop device"));
+        // And back: the device is the source (its size from the device), a new file the target.
+        tandem(&[command, &arg("source", target), &arg("target", &back), "--keep"]).ok();
+        assert_unchanged(&back, &expected, &format!("{command} loop device -> file"));
+        std::fs::remove_file(&back).expect("the kept copy");
+        // Through the device, so its page cache holds no stale bytes for the next job.
+        patterned(target, 8 * MIB, 11);
+    }
+    assert_unchanged(&source, &expected, "the source of both jobs");
+}
