@@ -364,7 +364,7 @@ fn run_on(
     }
     drop(disk);
     drop(runtime);
-    let point_in_time_ok = qemu_img_identical(&snapshot.path, &args.target)?;
+    let point_in_time_ok = qemu_img_identical(&snapshot.path, &args.target, args.size)?;
     drop(snapshot);
     let complete_s = job_ended.duration_since(job_started).as_secs_f64();
     let gib = copied_bytes as f64 / (1u64 << 30) as f64;
@@ -433,7 +433,7 @@ fn run_qemu(
         complete_s,
         mib_per_s: args.size as f64 / (1 << 20) as f64 / complete_s.max(1e-9),
         cpu_s_per_gib: cpu_s / gib,
-        point_in_time_ok: qemu_img_identical(&snapshot.path, &args.target)?,
+        point_in_time_ok: qemu_img_identical(&snapshot.path, &args.target, args.size)?,
         copied_bytes: args.size,
         guest,
         qemu: None,

@@ -229,3 +229,20 @@ fn mirror_and_backup_onto_a_loop_device_and_back() {
     }
     assert_unchanged(&source, &expected, "the source of both jobs");
 }
+
+#[test]
+fn a_larger_block_device_target_keeps_what_lies_past_the_disk() {
+    let scratch = Scratch::new("loopbigger");
+    let (source, backing) = (scratch.path("source.img"), scratch.path("disk.img"));
+    let expected = patterned(&source, 8 * MIB, 12);
+    let mut device_bytes = patterned(&backing, 16 * MIB, 13);
+    device_bytes[..8 * MIB].copy_from_slice(&expected);
+    let device = LoopDevice::over(&backing);
+    let target = Path::new(device.path());
+    for command in ["mirror", "backup"] {
+        // qemu-img compare checks the disk's 8 MiB, not the device's other 8.
+        let run = tandem(&[command, &arg("source", &source), &arg("target", target), "--overwrite-target"]).ok();
+        assert!(!run.stderr.contains("DIFFER"), "{command}: {}", run.stderr);
+        assert_unchanged(target, &device_bytes, &format!("{command} onto a larger device"));
+    }
+}

@@ -414,8 +414,8 @@ fn run_on(
     drop(disk);
     drop(runtime);
     let identical = match &rbd_target {
-        Some(spec) => rbd::identical(&args.source, spec)?,
-        None => qemu_img_identical(&args.source, &args.target)?,
+        Some(spec) => rbd::identical(&args.source, spec, args.size)?,
+        None => qemu_img_identical(&args.source, &args.target, args.size)?,
     };
     let ready_s = ready_at.duration_since(job_started).as_secs_f64();
     let gib = copied_bytes as f64 / (1u64 << 30) as f64;
@@ -618,11 +618,14 @@ pub(crate) fn open_target(
     Ok(Arc::new(FileDriver::open(&runtime.handle(), path, &options).map_err(|e| e.to_string())?))
 }
 
-pub(crate) fn qemu_img_identical(a: &Path, b: &Path) -> Result<bool, String> {
+/// Whether the first `size_bytes` of `a` and `b` are identical, by `qemu-img compare`. Only
+/// the disk's bytes count: a target may be larger (a block device usually is), and what lies
+/// past the disk's end is the user's, neither written nor compared.
+pub(crate) fn qemu_img_identical(a: &Path, b: &Path, size_bytes: u64) -> Result<bool, String> {
     let output = std::process::Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
-        .arg(a)
-        .arg(b)
+        .args(["compare", "-q", "--image-opts"])
+        .arg(raw_prefix(a, size_bytes))
+        .arg(raw_prefix(b, size_bytes))
         .output()
         .map_err(|e| format!("cannot run qemu-img (install qemu-utils): {e}"))?;
     match output.status.code() {
@@ -630,4 +633,14 @@ pub(crate) fn qemu_img_identical(a: &Path, b: &Path) -> Result<bool, String> {
         Some(1) => Ok(false),
         _ => Err(format!("qemu-img compare failed: {}", String::from_utf8_lossy(&output.stderr).trim())),
     }
+}
+
+/// QEMU's options for the first `size_bytes` of a file or block device, read raw.
+fn raw_prefix(path: &Path, size_bytes: u64) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+    let protocol = if device { "host_device" } else { "file" };
+    // QEMU's option syntax doubles a comma inside a value.
+    let filename = path.display().to_string().replace(',', ",,");
+    format!("driver=raw,size={size_bytes},file.driver={protocol},file.filename={filename}")
 }

@@ -312,7 +312,7 @@ pub fn run_qemu(
         ready_s,
         mib_per_s: args.size as f64 / (1 << 20) as f64 / ready_s.max(1e-9),
         cpu_s_per_gib: cpu_s / gib,
-        identical: super::qemu_img_identical(&args.source, &args.target)?,
+        identical: super::qemu_img_identical(&args.source, &args.target, args.size)?,
         guest,
     })
 }

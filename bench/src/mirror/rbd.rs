@@ -61,14 +61,15 @@ fn run(mut command: Command, what: &str) -> Result<(), String> {
     }
 }
 
-/// Whether the image equals `source`: exported next to it, compared, the export removed.
-pub(crate) fn identical(source: &Path, spec: &RbdSpec) -> Result<bool, String> {
+/// Whether the image's first `size_bytes` equal the source: exported next to it, compared,
+/// the export removed.
+pub(crate) fn identical(source: &Path, spec: &RbdSpec, size_bytes: u64) -> Result<bool, String> {
     let exported = export_path(source);
     let _ = std::fs::remove_file(&exported);
     let mut command = rbd_command(spec);
     command.arg("export").arg("--no-progress").arg(spec.image_path()).arg(&exported);
     run(command, "rbd export")?;
-    let result = qemu_img_identical(source, &exported);
+    let result = qemu_img_identical(source, &exported, size_bytes);
     let _ = std::fs::remove_file(&exported);
     result
 }
