@@ -45,8 +45,9 @@ pub struct BackupArgs {
     /// Size of a source the bench creates, fio syntax (an existing source keeps its own).
     #[arg(long, default_value = "2G", value_parser = parse_size)]
     pub size: u64,
-    /// Keep the images the bench created (it never removes one it found; the point-in-time
-    /// copy, TARGET.point-in-time, is always removed).
+    /// Keep the images the bench created (it never removes one it found). The point-in-time
+    /// copy, made new as TARGET.point-in-time (SOURCE.point-in-time for a block-device target),
+    /// is always removed.
     #[arg(long)]
     pub keep: bool,
     /// Let the guest (--guest-rw randwrite or randrw) write an existing --source.
@@ -246,8 +247,10 @@ impl Snapshot {
         let from = std::fs::File::open(source).map_err(|e| format!("cannot read {}: {e}", source.display()))?;
         let copied_bytes = std::io::copy(&mut std::io::Read::take(from, size_bytes), &mut copy)
             .map_err(|e| format!("cannot copy the source to {}: {e}", snapshot.path.display()))?;
-        assert_eq!(copied_bytes, size_bytes, "the source shrank while it was copied");
-        Ok(snapshot)
+        match copied_bytes == size_bytes {
+            true => Ok(snapshot),
+            false => Err(format!("{}: shrank to {copied_bytes} bytes while it was copied", source.display())),
+        }
     }
 }
 
