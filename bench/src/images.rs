@@ -90,7 +90,8 @@ pub fn inspect(request: &Request, runtime: &Runtime) -> Result<Images, ImageErro
         Some(spec) => find_image(spec)?,
         None => find_file("--target", request.target, runtime)?,
     };
-    if rbd_target.is_none() && source.size_bytes.is_some() && same_file(request.source, request.target) {
+    let same = request.source == request.target || same_file(request.source, request.target);
+    if rbd_target.is_none() && same {
         return Err(ImageError::SameFile { path: shown(request.source) });
     }
     let size_bytes = source.size_bytes.unwrap_or(request.size_bytes);

@@ -97,6 +97,22 @@ fn an_existing_target_needs_overwrite_target_and_is_never_removed() {
 }
 
 #[test]
+fn source_and_target_that_are_one_file_are_refused() {
+    let scratch = Scratch::new("samefile");
+    let (source, link) = (scratch.path("source.img"), scratch.path("link.img"));
+    let expected = patterned(&source, 8 * MIB, 14);
+    std::fs::hard_link(&source, &link).expect("a hard link");
+    for command in ["mirror", "backup"] {
+        let run = tandem(&[command, &arg("source", &source), &arg("target", &link), "--overwrite-target"]).failed();
+        assert!(run.stderr.contains("same file"), "{command}: {}", run.stderr);
+        assert_unchanged(&source, &expected, command);
+        let missing = scratch.path("missing.img");
+        let run = tandem(&[command, &arg("source", &missing), &arg("target", &missing)]).failed();
+        assert!(run.stderr.contains("same file") && !missing.exists(), "{command}: {}", run.stderr);
+    }
+}
+
+#[test]
 fn an_existing_source_is_used_as_it_is_and_kept() {
     let scratch = Scratch::new("asis");
     let (source, target) = (scratch.path("source.img"), scratch.path("target.img"));
