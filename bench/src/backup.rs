@@ -10,15 +10,16 @@
 //! fresh target and checked against its own point-in-time copy. Only each side's ratio to its
 //! own no-job baseline compares: QEMU's guest goes through NBD.
 
-use crate::mirror::guest::{self, GuestArgs, GuestFigures, GuestSpec};
+use crate::images::Images;
+use crate::mirror::guest::{self, GuestArgs, GuestFigures, GuestRw, GuestSpec};
 use crate::mirror::qemu::{baseline, unix_ms, window, Daemon, FioGuest};
 use crate::mirror::{
-    guest_rows, open_file, open_target, parse_size, parse_size_or_zero, plot_run, prepare_images, qemu_img_identical,
-    ratio, watch, Sampler,
+    guest_rows, open_file, open_target, parse_size, parse_size_or_zero, plot_run, qemu_img_identical, ratio, watch,
+    Sampler,
 };
 use crate::runner::rusage;
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tandem::block::Disk;
 use tandem::job::backup::BackupConfig;
@@ -30,19 +31,32 @@ const JOB_WAIT_MAX: Duration = Duration::from_secs(3600);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BackupArgs {
-    /// Source image (created with --size and random data if missing or too small).
+    /// Source: a file or block device. When missing it is created with --size bytes of random
+    /// data (and removed afterwards unless --keep); an existing one is used as it is, its size
+    /// is the disk's, and a guest that writes needs --overwrite-source.
     #[arg(long, default_value = "target/tandem-backup/source.img")]
     pub source: PathBuf,
-    /// Target image (created and preallocated). On a filesystem that refuses O_DIRECT, such as
-    /// /dev/shm, it is opened through the page cache (with a note).
+    /// Target: a file or block device. When missing it is created (preallocated) and removed
+    /// afterwards unless --keep; an existing one needs --overwrite-target and is never removed.
+    /// On a filesystem that refuses O_DIRECT, such as /dev/shm, it is opened through the page
+    /// cache (with a note).
     #[arg(long, default_value = "target/tandem-backup/target.img")]
     pub target: PathBuf,
-    /// Disk size, fio syntax.
+    /// Size of a source the bench creates, fio syntax (an existing source keeps its own).
     #[arg(long, default_value = "2G", value_parser = parse_size)]
     pub size: u64,
-    /// Keep the images afterwards (the point-in-time copy is always removed).
+    /// Keep the images the bench created (it never removes one it found). The point-in-time
+    /// copy, made new as TARGET.point-in-time (SOURCE.point-in-time for a block-device target),
+    /// is always removed.
     #[arg(long)]
     pub keep: bool,
+    /// Let the guest (--guest-rw randwrite or randrw) write an existing --source.
+    #[arg(long = "overwrite-source")]
+    pub overwrite_source: bool,
+    /// Let the job overwrite an existing --target (file or block device) that is at least as
+    /// large as the source.
+    #[arg(long = "overwrite-target")]
+    pub overwrite_target: bool,
     /// full or top (none runs until cancelled and bitmap needs a named bitmap: not benched).
     #[arg(long, default_value = "full")]
     pub sync: String,
@@ -184,13 +198,8 @@ pub fn backup_command(args: &BackupArgs) -> Result<(), String> {
             args.target.display()
         ));
     }
-    let report = run_backup(args, !json);
-    let _ = std::fs::remove_file(snapshot_path(&args.target));
-    if !args.keep {
-        let _ = std::fs::remove_file(&args.source);
-        let _ = std::fs::remove_file(&args.target);
-    }
-    let report = report?;
+    // run_backup removes what it created (unless --keep), never what it found.
+    let report = run_backup(args, !json)?;
     match json {
         true => println!("{}", serde_json::to_string_pretty(&report.to_json()).map_err(|e| e.to_string())?),
         false => print!("{}", report.to_text()),
@@ -203,11 +212,52 @@ pub fn backup_command(args: &BackupArgs) -> Result<(), String> {
     }
 }
 
-/// Where the expected point in time is copied: next to the target.
-pub(crate) fn snapshot_path(target: &std::path::Path) -> PathBuf {
-    let mut name = target.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+/// Where the expected point in time is copied: next to the target, or for a block device
+/// target (its folder is /dev) next to a regular source, else in the temporary folder.
+pub(crate) fn snapshot_path(target: &Path, source: &Path) -> PathBuf {
+    let regular_or_missing = |path: &Path| std::fs::metadata(path).map_or(true, |m| m.is_file());
+    let beside = match (regular_or_missing(target), regular_or_missing(source)) {
+        (true, _) => target,
+        (false, true) => source,
+        (false, false) => {
+            return std::env::temp_dir().join(format!("tandem-backup-{}.point-in-time", std::process::id()))
+        }
+    };
+    let mut name = beside.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".point-in-time");
-    target.with_file_name(name)
+    beside.with_file_name(name)
+}
+
+/// The point-in-time copy: created new (a file of that name is refused, never replaced) and
+/// removed when dropped.
+struct Snapshot {
+    path: PathBuf,
+}
+
+impl Snapshot {
+    /// Copy the first `size_bytes` of `source` (a file or block device) to a new file.
+    fn copy_of(source: &Path, target: &Path, size_bytes: u64) -> Result<Snapshot, String> {
+        let path = snapshot_path(target, source);
+        let mut copy = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| format!("cannot create the point-in-time copy {}: {e}", path.display()))?;
+        let snapshot = Snapshot { path };
+        let from = std::fs::File::open(source).map_err(|e| format!("cannot read {}: {e}", source.display()))?;
+        let copied_bytes = std::io::copy(&mut std::io::Read::take(from, size_bytes), &mut copy)
+            .map_err(|e| format!("cannot copy the source to {}: {e}", snapshot.path.display()))?;
+        match copied_bytes == size_bytes {
+            true => Ok(snapshot),
+            false => Err(format!("{}: shrank to {copied_bytes} bytes while it was copied", source.display())),
+        }
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Options checked before any file is touched.
@@ -237,9 +287,31 @@ fn plan(args: &BackupArgs) -> Result<(BackupConfig, Option<GuestSpec>), String> 
     Ok((config, guest))
 }
 
-/// Run the scenario; the images stay (the caller removes them unless `--keep`).
-pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport, String> {
+/// Check the options, then look at source and target (touching nothing): the config, the
+/// guest for the disk's real size, the arguments with that size, and what this run creates.
+fn inspect_images(
+    args: &BackupArgs,
+    runtime: &Runtime,
+) -> Result<(BackupConfig, Option<GuestSpec>, BackupArgs, Images), String> {
     let (config, spec) = plan(args)?;
+    let request = crate::images::Request {
+        source: &args.source,
+        target: &args.target,
+        size_bytes: args.size,
+        guest_writes: spec.filter(|g| g.rw != GuestRw::RandRead).and(args.guest.guest_rw.as_deref()),
+        overwrite_source: args.overwrite_source,
+        overwrite_target: args.overwrite_target,
+        compare_qemu: args.compare_qemu,
+    };
+    let mut images = crate::images::inspect(&request, runtime).map_err(|e| e.to_string())?;
+    images.keep = args.keep;
+    let sized = BackupArgs { size: images.size_bytes, ..args.clone() };
+    let spec = sized.guest.spec(images.size_bytes)?;
+    Ok((config, spec, sized, images))
+}
+
+/// Run the scenario. Removes what it created unless `--keep`, never what it found.
+pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport, String> {
     let note = |text: String| {
         if show_progress {
             eprintln!("{text}")
@@ -247,7 +319,19 @@ pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport
     };
     let runtime = Runtime::new(Config { cores: args.cores as usize, pin: false, ..Config::default() })
         .map_err(|e| e.to_string())?;
-    prepare_images((&args.source, &args.target), args.size, &runtime, &note)?;
+    let (config, spec, args, mut images) = inspect_images(args, &runtime)?;
+    images.create_missing(&runtime, &note).map_err(|e| e.to_string())?;
+    // The runtime (and every driver on it) ends before `images` removes what it created.
+    run_on(&args, (config, spec), &images, runtime, (show_progress, &note))
+}
+
+fn run_on(
+    args: &BackupArgs,
+    (config, spec): (BackupConfig, Option<GuestSpec>),
+    images: &Images,
+    runtime: Runtime,
+    (show_progress, note): (bool, &dyn Fn(String)),
+) -> Result<BackupReport, String> {
     let baseline = match spec {
         Some(spec) => {
             note(format!("baseline: the guest alone for {} s", args.guest.guest_runtime));
@@ -261,9 +345,7 @@ pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport
         None => None,
     };
     note("copying the source aside as the expected point in time".to_string());
-    let snapshot = snapshot_path(&args.target);
-    std::fs::copy(&args.source, &snapshot)
-        .map_err(|e| format!("cannot copy the source to {}: {e}", snapshot.display()))?;
+    let snapshot = Snapshot::copy_of(&args.source, &args.target, args.size)?;
     let disk = Disk::new(open_file(&runtime, &args.source, false, &note)?);
     let target = open_target(&runtime, &args.target, &disk, &note)?;
     let usage_before = rusage();
@@ -285,9 +367,8 @@ pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport
     }
     drop(disk);
     drop(runtime);
-    let point_in_time_ok = qemu_img_identical(&snapshot, &args.target);
-    let _ = std::fs::remove_file(&snapshot);
-    let point_in_time_ok = point_in_time_ok?;
+    let point_in_time_ok = qemu_img_identical(&snapshot.path, &args.target, args.size)?;
+    drop(snapshot);
     let complete_s = job_ended.duration_since(job_started).as_secs_f64();
     let gib = copied_bytes as f64 / (1u64 << 30) as f64;
     if let Some(path) = &args.plot {
@@ -304,7 +385,7 @@ pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport
         _ => None,
     };
     let qemu = match args.compare_qemu {
-        true => Some(Box::new(run_qemu(args, spec, &note)?)),
+        true => Some(Box::new(run_qemu(args, spec, images, note)?)),
         false => None,
     };
     Ok(BackupReport {
@@ -320,12 +401,15 @@ pub fn run_backup(args: &BackupArgs, show_progress: bool) -> Result<BackupReport
 
 /// The scenario through QEMU: its own fresh target and point-in-time copy, blockdev-backup,
 /// fio over NBD from the job's start.
-fn run_qemu(args: &BackupArgs, spec: Option<GuestSpec>, note: &dyn Fn(String)) -> Result<BackupReport, String> {
+fn run_qemu(
+    args: &BackupArgs,
+    spec: Option<GuestSpec>,
+    images: &Images,
+    note: &dyn Fn(String),
+) -> Result<BackupReport, String> {
     let baseline = spec.as_ref().map(|spec| baseline(&args.source, &args.target, spec, args.size, note)).transpose()?;
-    crate::mirror::fresh_target(&args.target, args.size, note)?;
-    let snapshot = snapshot_path(&args.target);
-    std::fs::copy(&args.source, &snapshot)
-        .map_err(|e| format!("cannot copy the source to {}: {e}", snapshot.display()))?;
+    images.refresh_target(note).map_err(|e| e.to_string())?;
+    let snapshot = Snapshot::copy_of(&args.source, &args.target, args.size)?;
     let mut daemon = Daemon::start(&args.source, &args.target)?;
     note(format!("QEMU: blockdev-backup sync={}", args.sync));
     let (cpu_before, started, started_ms) = (daemon.cpu_s(), Instant::now(), unix_ms());
@@ -352,11 +436,7 @@ fn run_qemu(args: &BackupArgs, spec: Option<GuestSpec>, note: &dyn Fn(String)) -
         complete_s,
         mib_per_s: args.size as f64 / (1 << 20) as f64 / complete_s.max(1e-9),
         cpu_s_per_gib: cpu_s / gib,
-        point_in_time_ok: {
-            let identical = qemu_img_identical(&snapshot, &args.target);
-            let _ = std::fs::remove_file(&snapshot);
-            identical?
-        },
+        point_in_time_ok: qemu_img_identical(&snapshot.path, &args.target, args.size)?,
         copied_bytes: args.size,
         guest,
         qemu: None,

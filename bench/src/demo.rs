@@ -1,6 +1,7 @@
 //! `tandem-bench demo`: the README's first command. Makes scratch files, runs a few short
 //! benchmarks with a visible progress display, mirrors the scratch disk under a guest that
-//! keeps writing, prints a summary and cleans up.
+//! keeps writing, prints a summary and cleans up: it removes only the files it created in this
+//! run (files kept by an earlier `--keep` are its scratch files too: reused, left in place).
 
 use crate::backup::{BackupArgs, BackupReport};
 use crate::fio::{self, JobSpec, RwMode};
@@ -51,6 +52,7 @@ const STEPS: [Step; 5] = [
 pub fn demo_command(args: &DemoArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.dir).map_err(|e| format!("cannot create {}: {e}", args.dir.display()))?;
     let file = args.dir.join("demo.dat");
+    let file_created = !file.exists();
     println!(
         "Tandem demo: {} MiB scratch file {} (O_DIRECT, {} s per step)",
         args.size >> 20,
@@ -66,11 +68,11 @@ pub fn demo_command(args: &DemoArgs) -> Result<(), String> {
     if args.keep {
         println!("kept {}", args.dir.display());
     } else {
-        let _ = std::fs::remove_file(&file);
-        let _ = std::fs::remove_file(&mirror_target);
-        let _ = std::fs::remove_file(&backup_target);
-        let _ = std::fs::remove_file(crate::backup::snapshot_path(&backup_target));
-        let _ = std::fs::remove_dir(&args.dir);
+        // The mirror and backup steps removed the targets they created.
+        if file_created {
+            let _ = std::fs::remove_file(&file);
+        }
+        let _ = std::fs::remove_dir(&args.dir); // only when empty
     }
     let (rows, mirror, backup) = outcome?;
     println!("\n{:<20} {:>10} {:>10} {:>12} {:>12}", "step", "IOPS", "MiB/s", "p50 (us)", "p99 (us)");
@@ -88,6 +90,8 @@ pub fn demo_command(args: &DemoArgs) -> Result<(), String> {
 fn mirror_step(args: &DemoArgs, source: &std::path::Path, target: &std::path::Path) -> Result<MirrorReport, String> {
     println!("-- mirror under a 2000 IOPS randwrite guest (write-blocking)");
     let mut mirror = MirrorArgs::defaults(source.to_path_buf(), target.to_path_buf(), args.size);
+    // The demo's own scratch files, in its own folder.
+    (mirror.overwrite_source, mirror.overwrite_target, mirror.keep) = (true, true, args.keep);
     mirror.copy_mode = "write-blocking".into();
     mirror.guest.guest_rw = Some("randwrite".into());
     mirror.guest.guest_rate_iops = 2000;
@@ -104,6 +108,7 @@ fn mirror_step(args: &DemoArgs, source: &std::path::Path, target: &std::path::Pa
 fn backup_step(args: &DemoArgs, source: &std::path::Path, target: &std::path::Path) -> Result<BackupReport, String> {
     println!("-- backup under a 2000 IOPS randwrite guest (copy-before-write)");
     let mut backup = BackupArgs::defaults(source.to_path_buf(), target.to_path_buf(), args.size);
+    (backup.overwrite_source, backup.overwrite_target, backup.keep) = (true, true, args.keep);
     backup.guest.guest_rw = Some("randwrite".into());
     backup.guest.guest_rate_iops = 2000;
     backup.guest.guest_runtime = (args.seconds * 2).max(2);

@@ -6,6 +6,7 @@ pub mod backup;
 pub mod compare;
 pub mod demo;
 pub mod fio;
+pub mod images;
 pub mod mirror;
 pub mod progress;
 pub mod runner;

@@ -22,7 +22,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run the same job through fio (io_uring, direct=1) and Tandem, alternating, and print
+    /// Run the same job through fio (io_uring) and Tandem, both direct=1 on a file or block
+    /// device (whatever --direct says), alternating, and print
     /// both with the ratio Tandem/fio. Takes `run`'s options plus --rounds=N.
     #[command(name = "compare-fio", disable_help_flag = true)]
     CompareFio {

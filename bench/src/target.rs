@@ -1,9 +1,11 @@
 //! Opening what a job names: a file (created and laid out like fio does when it is missing or
-//! short), a Ceph RBD image (`rbd:POOL/IMAGE[:conf=...]`, QEMU's spelling; created and laid
-//! out when missing and a size is given) or the null device. Jobs that name the same file
-//! share one driver.
+//! short), a block device (used as it is: never laid out, its size from the device), a Ceph
+//! RBD image (`rbd:POOL/IMAGE[:conf=...]`, QEMU's spelling; created and laid out when missing
+//! and a size is given) or the null device. Jobs that name the same file share one driver.
+//! A target that no job writes is opened read-only and nothing in it is written, except the
+//! laid-out part the bench itself appended to a regular file.
 
-use crate::fio::JobSpec;
+use crate::fio::{JobSpec, RwMode};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tandem::block::{Disk, WriteFlags};
@@ -44,7 +46,8 @@ pub struct Target {
 /// Opens each distinct file once.
 pub struct Targets {
     runtime: RuntimeHandle,
-    open: HashMap<String, Disk>,
+    /// Each path's disk and whether it was opened for writing.
+    open: HashMap<String, (Disk, bool)>,
 }
 
 impl Targets {
@@ -65,20 +68,22 @@ impl Targets {
             return region(spec, "null", disk);
         }
         let path = spec.filename.clone().ok_or_else(|| TargetError::NoFilename { job: spec.name.clone() })?;
+        let writes = job_writes(spec);
         let disk = match self.open.get(&path) {
-            Some(disk) => disk.clone(),
-            None if path.starts_with("rbd:") => {
+            // A writing job never shares a disk opened read-only for reading jobs.
+            Some((disk, writable)) if *writable || !writes => disk.clone(),
+            _ if path.starts_with("rbd:") => {
                 let rbd_error = |source| TargetError::Rbd { job: spec.name.clone(), source };
                 let disk = open_rbd(spec, &path).map_err(rbd_error)?;
                 if let Some(end_bytes) = disk.1 {
                     lay_out(&disk.0, 0, end_bytes).map_err(engine_error)?;
                 }
-                self.open.insert(path.clone(), disk.0.clone());
+                self.open.insert(path.clone(), (disk.0.clone(), true));
                 disk.0
             }
-            None => {
-                let disk = open_file(&self.runtime, spec, &path).map_err(engine_error)?;
-                self.open.insert(path.clone(), disk.clone());
+            _ => {
+                let (disk, writable) = open_file(&self.runtime, spec, &path).map_err(engine_error)?;
+                self.open.insert(path.clone(), (disk.clone(), writable));
                 disk
             }
         };
@@ -102,23 +107,34 @@ fn region(spec: &JobSpec, path: &str, disk: Disk) -> Result<Target, TargetError>
     Ok(Target { disk, offset_bytes: spec.offset_bytes, size_bytes })
 }
 
-/// Open (creating and laying out if needed) the job's file with O_DIRECT when `direct=1`.
-fn open_file(runtime: &RuntimeHandle, spec: &JobSpec, path: &str) -> tandem::Result<Disk> {
+/// Whether the job writes (any mode but read and randread).
+fn job_writes(spec: &JobSpec) -> bool {
+    !matches!(spec.rw, RwMode::Read | RwMode::RandRead)
+}
+
+/// Open the job's file with O_DIRECT when `direct=1`, and whether it was opened for writing.
+/// As fio: only a regular file that is missing or shorter than the job's region is created
+/// and laid out, from its old end on; a block device (or any other non-regular file) is used
+/// as it is. A job that only reads opens the file read-only unless the bench lays it out.
+fn open_file(runtime: &RuntimeHandle, spec: &JobSpec, path: &str) -> tandem::Result<(Disk, bool)> {
     let wanted_bytes = spec.size_bytes.map(|size| size + spec.offset_bytes);
-    let existing_bytes = std::fs::metadata(path).map(|m| m.len()).ok();
+    let existing = std::fs::metadata(path).ok();
+    let regular = existing.as_ref().is_none_or(std::fs::Metadata::is_file);
+    let start_bytes = existing.as_ref().filter(|m| m.is_file()).map_or(0, std::fs::Metadata::len);
+    let layout_end_bytes = wanted_bytes.filter(|end| regular && *end > start_bytes);
+    let writable = job_writes(spec) || layout_end_bytes.is_some();
     let options = FileOptions {
-        read_only: false,
+        read_only: !writable,
         allow_buffered: false,
         buffered: !spec.direct,
-        create_size_bytes: wanted_bytes,
+        create_size_bytes: layout_end_bytes,
     };
     let driver = FileDriver::open(runtime, path, &options)?;
     let disk = Disk::new(Arc::new(driver));
-    let start_bytes = existing_bytes.unwrap_or(0);
-    if let Some(end_bytes) = wanted_bytes.filter(|end| *end > start_bytes) {
+    if let Some(end_bytes) = layout_end_bytes {
         lay_out(&disk, start_bytes, end_bytes)?;
     }
-    Ok(disk)
+    Ok((disk, writable))
 }
 
 /// Open an rbd image, creating it when it is missing and the job gives a size; the size to
@@ -154,8 +170,9 @@ fn open_rbd(spec: &JobSpec, text: &str) -> Result<(Disk, Option<u64>), RbdError>
 /// written (or fallocated) extents are answered by the filesystem without touching the device.
 pub(crate) fn lay_out(disk: &Disk, start_bytes: u64, end_bytes: u64) -> tandem::Result<()> {
     eprintln!("{}: laying out IO file ({} MiB)", disk.name(), (end_bytes - start_bytes) >> 20);
+    // From the old end rounded up: the bytes before it are the user's, even in a partial block.
     let align = disk.alignment().request_bytes;
-    let mut offset = start_bytes / align * align;
+    let mut offset = start_bytes.next_multiple_of(align);
     let mut buf = AlignedBuf::zeroed(LAYOUT_CHUNK_BYTES, 4096)?;
     fill_random(buf.as_mut_slice(), end_bytes);
     while offset < end_bytes {

@@ -101,3 +101,21 @@ fn a_bad_rbd_filename_is_named_and_changes_nothing() {
     assert!(run.stderr.contains("no pool"), "{}", run.stderr);
     assert!(!image.exists());
 }
+
+#[test]
+fn an_existing_image_needs_overwrite_target_and_is_never_removed() {
+    let scratch = Scratch::new("rbd-existing");
+    let image = Image::new("existing");
+    let created = Command::new("rbd").args(["-c", &image.conf, "create", "--size", "64M", &image.path]).output();
+    let created = created.expect("rbd");
+    assert!(created.status.success(), "rbd create: {}", String::from_utf8_lossy(&created.stderr));
+    let source = scratch.file("source.img");
+    let refused = ["mirror", "--source", &source, "--target", &image.spec, "--size", "64M"];
+    let run = tandem(&refused).failed();
+    assert!(run.stderr.contains("--overwrite-target"), "{}", run.stderr);
+    assert!(image.exists() && !scratch.path("source.img").exists(), "refused before anything was touched");
+    let allowed = [&refused[..], &["--overwrite-target", "--output-format", "json"]].concat();
+    let json = tandem(&allowed).ok().json();
+    assert_eq!(json["identical"], true, "{json}");
+    assert!(image.exists(), "an image the bench found stays, --keep or not");
+}

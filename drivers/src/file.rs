@@ -48,6 +48,8 @@ pub struct FileDriver {
     alignment: Alignment,
     direct: bool,
     read_only: bool,
+    /// A block device: no extents to ask about (block_status says data everywhere).
+    block_device: bool,
     /// On tmpfs or ramfs: reads and writes are memory copies, done inline (see
     /// [`FileDriver::is_in_memory`]).
     in_memory: bool,
@@ -78,6 +80,7 @@ impl FileDriver {
         let alignment = if direct { dio_alignment(&fd) } else { Alignment { request_bytes: 1, memory_bytes: 1 } };
         let name = format!("file:{}", path.display());
         let in_memory = is_memory_fs(&fd);
+        let block_device = is_block_device(&fd);
         let mapping = match in_memory && !options.read_only {
             true => Mapping::of_allocated_file(&fd, size_bytes).map(Arc::new),
             false => None,
@@ -90,6 +93,7 @@ impl FileDriver {
             alignment,
             direct,
             read_only: options.read_only,
+            block_device,
             in_memory,
             mapping,
             runtime: runtime.clone(),
@@ -239,7 +243,13 @@ fn grow(fd: &OwnedFd, path: &Path, size_bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// Whether `fd` is a regular file in RAM. Only regular files: a block device's node lives on
+/// devtmpfs, which reports tmpfs's magic, yet its I/O goes to the device and must go through
+/// the ring (inline, a device read would block the core).
 fn is_memory_fs(fd: &OwnedFd) -> bool {
+    if file_type(fd) != Some(libc::S_IFREG) {
+        return false;
+    }
     // SAFETY: an all-zero statfs is a valid value (plain integers).
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: fstatfs fills the struct on the stack; the fd is ours and open.
@@ -247,6 +257,19 @@ fn is_memory_fs(fd: &OwnedFd) -> bool {
         return false;
     }
     matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
+}
+
+fn is_block_device(fd: &OwnedFd) -> bool {
+    file_type(fd) == Some(libc::S_IFBLK)
+}
+
+/// The file's type bits (`S_IFREG`, `S_IFBLK`, ...); `None` if fstat fails.
+fn file_type(fd: &OwnedFd) -> Option<libc::mode_t> {
+    // SAFETY: an all-zero stat is a valid value (plain integers).
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat fills the struct on the stack; the fd is ours and open.
+    let ok = unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } == 0;
+    ok.then_some(stat.st_mode & libc::S_IFMT)
 }
 
 fn last_errno() -> i32 {
@@ -372,6 +395,11 @@ impl BlockDriver for FileDriver {
     /// From SEEK_DATA/SEEK_HOLE: metadata only, answered by the filesystem without device I/O,
     /// so it runs inline. Unwritten (preallocated) extents read as zeros and report as holes.
     fn block_status(&self, offset: u64, length_bytes: u64) -> IoFuture<Result<Extent>> {
+        if self.block_device {
+            // lseek(SEEK_DATA) is EINVAL on a block device, and a device has no holes to tell.
+            let length_bytes = length_bytes.min(self.size_bytes.saturating_sub(offset));
+            return IoFuture::ready(Ok(Extent { status: BlockStatus::Data, offset, length_bytes }));
+        }
         IoFuture::ready(seek_extent(self.fd.as_fd().as_raw_fd(), offset, length_bytes, self.size_bytes))
     }
 }

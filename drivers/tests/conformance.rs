@@ -25,6 +25,9 @@ struct Subject {
     /// objects exist (4 MiB by default) and how far each reaches, so it may say data over
     /// zeros or holes in an object that holds data, never the reverse.
     status_exact: bool,
+    /// A block device has no holes: block_status says data everywhere, also after a discard.
+    status_all_data: bool,
+    _loop: Option<common::LoopDevice>,
     _dir: Option<tempfile::TempDir>,
     _image: Option<common::ScratchImage>,
 }
@@ -33,6 +36,7 @@ fn subject(driver: &str, backend: BackendChoice) -> Subject {
     let runtime = runtime(backend, 2);
     let mut dir = None;
     let mut image = None;
+    let mut loop_device = None;
     let (inner, stores_data): (Arc<dyn BlockDriver>, bool) = match driver {
         "file" => {
             let scratch = scratch_dir();
@@ -41,6 +45,17 @@ fn subject(driver: &str, backend: BackendChoice) -> Subject {
                 .unwrap_or_else(|e| panic!("the tests need O_DIRECT on target/tmp: {e}"));
             assert!(file.is_direct());
             dir = Some(scratch);
+            (Arc::new(file), true)
+        }
+        "loop" => {
+            // A block device through the same driver: BLKGETSIZE64, fallocate on the device.
+            let scratch = scratch_dir();
+            let device = common::LoopDevice::new(scratch.path(), DISK_BYTES);
+            let file = FileDriver::open(&runtime.handle(), &device.device, &FileOptions::default())
+                .unwrap_or_else(|e| panic!("opening {}: {e}", device.device.display()));
+            assert!(file.is_direct() && !file.is_in_memory(), "a block device goes through the ring with O_DIRECT");
+            assert_eq!(file.size_bytes(), DISK_BYTES, "the size comes from the device");
+            (loop_device, dir) = (Some(device), Some(scratch));
             (Arc::new(file), true)
         }
         "memory" => (Arc::new(MemoryDriver::new(DISK_BYTES)), true),
@@ -54,8 +69,18 @@ fn subject(driver: &str, backend: BackendChoice) -> Subject {
         "faulty" => (Arc::new(FaultyDriver::new(Arc::new(MemoryDriver::new(DISK_BYTES)), 7, true)), true),
         _ => unreachable!("unknown driver {driver}"),
     };
-    let status_exact = driver != "rbd";
-    Subject { disk: Disk::new(inner), runtime, stores_data, status_exact, _dir: dir, _image: image }
+    let status_exact = driver != "rbd" && driver != "loop";
+    let status_all_data = driver == "loop";
+    Subject {
+        disk: Disk::new(inner),
+        runtime,
+        stores_data,
+        status_exact,
+        status_all_data,
+        _loop: loop_device,
+        _dir: dir,
+        _image: image,
+    }
 }
 
 /// Instantiate every check for every (driver, backend) pair.
@@ -78,7 +103,7 @@ conformance!(
 );
 
 fn each_driver(backend: BackendChoice, check: fn(&Subject)) {
-    for driver in ["file", "memory", "null", "faulty", "rbd"] {
+    for driver in ["file", "loop", "memory", "null", "faulty", "rbd"] {
         let s = subject(driver, backend);
         eprintln!("{driver} on {:?}", s.runtime.backend());
         check(&s);
@@ -144,7 +169,9 @@ fn discard_then_status(s: &Subject) {
     let extent = s.disk.block_status_blocking(2 << 20, 1 << 20).unwrap();
     assert_eq!(extent.offset, 2 << 20);
     assert!(extent.length_bytes > 0 && extent.length_bytes <= 1 << 20);
-    if s.stores_data {
+    if s.status_all_data {
+        assert_eq!((extent.status, extent.length_bytes), (BlockStatus::Data, 1 << 20), "{}", s.disk.name());
+    } else if s.stores_data {
         assert_eq!(extent.status, BlockStatus::Hole, "{}: discarded range", s.disk.name());
     }
 }
@@ -153,6 +180,10 @@ fn block_status_tells_data_from_holes(s: &Subject) {
     let start = 8u64 << 20;
     let extent = s.disk.block_status_blocking(start, 4 << 20).unwrap();
     assert_eq!(extent.offset, start);
+    if s.status_all_data {
+        assert_eq!((extent.status, extent.length_bytes), (BlockStatus::Data, 4 << 20), "{}", s.disk.name());
+        return;
+    }
     if !s.stores_data {
         return;
     }

@@ -33,20 +33,31 @@ const JOB_WAIT_MAX: Duration = Duration::from_secs(3600);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct MirrorArgs {
-    /// Source image (created with --size and random data if missing or too small).
+    /// Source: a file or block device. When missing it is created with --size bytes of random
+    /// data (and removed afterwards unless --keep); an existing one is used as it is, its size
+    /// is the disk's, and a guest that writes needs --overwrite-source.
     #[arg(long, default_value = "target/tandem-mirror/source.img")]
     pub source: PathBuf,
-    /// Target image (created and preallocated). On a filesystem that refuses O_DIRECT, such as
-    /// /dev/shm, it is opened through the page cache (with a note). `rbd:POOL/IMAGE[:conf=...]`
-    /// (QEMU's spelling) mirrors into a Ceph RBD image, created fresh.
+    /// Target: a file, block device or `rbd:POOL/IMAGE[:conf=...]` (QEMU's spelling, a Ceph
+    /// RBD image). When missing it is created (a preallocated file, a new image) and removed
+    /// afterwards unless --keep; an existing one needs --overwrite-target and is never removed.
+    /// On a filesystem that refuses O_DIRECT, such as /dev/shm, it is opened through the page
+    /// cache (with a note).
     #[arg(long, default_value = "target/tandem-mirror/target.img")]
     pub target: PathBuf,
-    /// Disk size, fio syntax.
+    /// Size of a source the bench creates, fio syntax (an existing source keeps its own).
     #[arg(long, default_value = "2G", value_parser = parse_size)]
     pub size: u64,
-    /// Keep the images afterwards.
+    /// Keep the images the bench created (it never removes one it found).
     #[arg(long)]
     pub keep: bool,
+    /// Let the guest (--guest-rw randwrite or randrw) write an existing --source.
+    #[arg(long = "overwrite-source")]
+    pub overwrite_source: bool,
+    /// Let the job overwrite an existing --target (file, block device or rbd image) that is at
+    /// least as large as the source.
+    #[arg(long = "overwrite-target")]
+    pub overwrite_target: bool,
     /// full, top, none or bitmap.
     #[arg(long, default_value = "full")]
     pub sync: String,
@@ -259,15 +270,8 @@ pub fn mirror_command(args: &MirrorArgs) -> Result<(), String> {
         "normal" => false,
         other => return Err(format!("--output-format {other}: expected normal or json")),
     };
-    let report = run_mirror(args, !json);
-    if !args.keep {
-        let _ = std::fs::remove_file(&args.source);
-        match rbd::spec(&args.target) {
-            Ok(Some(spec)) => drop(rbd::remove(&spec)),
-            _ => drop(std::fs::remove_file(&args.target)),
-        }
-    }
-    let report = report?;
+    // run_mirror removes what it created (unless --keep), never what it found.
+    let report = run_mirror(args, !json)?;
     match json {
         true => println!("{}", serde_json::to_string_pretty(&report.to_json()).map_err(|e| e.to_string())?),
         false => print!("{}", report.to_text()),
@@ -309,12 +313,34 @@ fn plan(args: &MirrorArgs) -> Result<Plan, String> {
     if !args.size.is_multiple_of(1 << 20) {
         return Err(format!("--size {}: must be a whole number of MiB", args.size));
     }
+    if args.compare_qemu && rbd::spec(&args.target)?.is_none() {
+        qemu::qemu_copy_mode(args)?;
+    }
     Ok(Plan { config, guest })
+}
+
+/// Check the options, then look at source and target (touching nothing): the plan for the
+/// disk's real size, the arguments with that size, and what this run creates.
+fn inspect_images(args: &MirrorArgs, runtime: &Runtime) -> Result<(Plan, MirrorArgs, crate::images::Images), String> {
+    let plan = plan(args)?;
+    let request = crate::images::Request {
+        source: &args.source,
+        target: &args.target,
+        size_bytes: args.size,
+        guest_writes: plan.guest.filter(|g| g.rw != GuestRw::RandRead).and(args.guest.guest_rw.as_deref()),
+        overwrite_source: args.overwrite_source,
+        overwrite_target: args.overwrite_target,
+        compare_qemu: args.compare_qemu,
+    };
+    let mut images = crate::images::inspect(&request, runtime).map_err(|e| e.to_string())?;
+    images.keep = args.keep;
+    let sized = MirrorArgs { size: images.size_bytes, ..args.clone() };
+    let plan = Plan { guest: sized.guest.spec(images.size_bytes)?, ..plan };
+    Ok((plan, sized, images))
 }
 
 /// Run the scenario; the images stay (the caller removes them unless `--keep`).
 pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport, String> {
-    let plan = plan(args)?;
     let note = |text: String| {
         if show_progress {
             eprintln!("{text}")
@@ -322,14 +348,21 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
     };
     let runtime = Runtime::new(Config { cores: args.cores as usize, pin: false, ..Config::default() })
         .map_err(|e| e.to_string())?;
-    let rbd_target = rbd::spec(&args.target)?;
-    match &rbd_target {
-        Some(spec) => {
-            prepare_source(&args.source, args.size, &runtime)?;
-            rbd::fresh_image(spec, args.size)?;
-        }
-        None => prepare_images((&args.source, &args.target), args.size, &runtime, &note)?,
-    }
+    let (plan, args, mut images) = inspect_images(args, &runtime)?;
+    images.create_missing(&runtime, &note).map_err(|e| e.to_string())?;
+    // The runtime (and every driver on it) ends before `images` removes what it created:
+    // an rbd image still open refuses removal.
+    run_on(&args, plan, &images, runtime, (show_progress, &note))
+}
+
+fn run_on(
+    args: &MirrorArgs,
+    plan: Plan,
+    images: &crate::images::Images,
+    runtime: Runtime,
+    (show_progress, note): (bool, &dyn Fn(String)),
+) -> Result<MirrorReport, String> {
+    let rbd_target = images.rbd_target.clone();
     let baseline = match plan.guest {
         Some(spec) => {
             note(format!("baseline: the guest alone for {} s", args.guest.guest_runtime));
@@ -381,8 +414,8 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
     drop(disk);
     drop(runtime);
     let identical = match &rbd_target {
-        Some(spec) => rbd::identical(&args.source, spec)?,
-        None => qemu_img_identical(&args.source, &args.target)?,
+        Some(spec) => rbd::identical(&args.source, spec, args.size)?,
+        None => qemu_img_identical(&args.source, &args.target, args.size)?,
     };
     let ready_s = ready_at.duration_since(job_started).as_secs_f64();
     let gib = copied_bytes as f64 / (1u64 << 30) as f64;
@@ -404,8 +437,8 @@ pub fn run_mirror(args: &MirrorArgs, show_progress: bool) -> Result<MirrorReport
         _ => None,
     };
     let (qemu, rbd_peers) = match (args.compare_qemu, &rbd_target) {
-        (true, Some(spec)) => (None, Some(rbd::run_peers(&args.source, spec, args.size, &note)?)),
-        (true, None) => (Some(qemu::run_qemu(args, plan.guest, &note)?), None),
+        (true, Some(spec)) => (None, Some(rbd::run_peers(&args.source, spec, args.size, note)?)),
+        (true, None) => (Some(qemu::run_qemu(args, plan.guest, images, note)?), None),
         (false, _) => (None, None),
     };
     Ok(MirrorReport {
@@ -528,51 +561,16 @@ pub(crate) fn watch(job: &Job, label: &str, show: bool, until: impl Fn(JobStatus
     }
 }
 
-/// The source full of random data, the target preallocated, both `size_bytes`.
-pub(crate) fn prepare_images(
-    (source, target): (&Path, &Path),
-    size_bytes: u64,
-    runtime: &Runtime,
-    note: &dyn Fn(String),
-) -> Result<(), String> {
-    if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+/// Create the target as a new preallocated file, as a real mirror target is: its extents
+/// start unwritten, which costs the first write to each (ext4 converts it). Each system's run
+/// gets its own fresh target, so neither inherits the other's written extents. Fails with
+/// `AlreadyExists` rather than touch a file that is there.
+pub(crate) fn new_target(path: &Path, size_bytes: u64, note: &dyn Fn(String)) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
     }
-    prepare_source(source, size_bytes, runtime)?;
-    fresh_target(target, size_bytes, note)
-}
-
-/// The source full of random data, `size_bytes` long (kept if it already is).
-pub(crate) fn prepare_source(source: &Path, size_bytes: u64, runtime: &Runtime) -> Result<(), String> {
-    if let Some(dir) = source.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    let source_ok = std::fs::metadata(source).is_ok_and(|m| m.len() == size_bytes);
-    if !source_ok {
-        // A new file, laid out with random data the way `run` lays out fio's files.
-        let _ = std::fs::remove_file(source);
-        let options = FileOptions { create_size_bytes: Some(size_bytes), ..FileOptions::default() };
-        let driver = FileDriver::open(&runtime.handle(), source, &options).map_err(|e| e.to_string())?;
-        crate::target::lay_out(&Disk::new(Arc::new(driver)), 0, size_bytes).map_err(|e| e.to_string())?;
-    }
-    Ok(())
-}
-
-/// Make the target a new preallocated file, as a real mirror target is: its extents start
-/// unwritten, which costs the first write to each (ext4 converts it). Each system's run gets
-/// its own fresh target, so neither inherits the other's written extents.
-pub(crate) fn fresh_target(path: &Path, size_bytes: u64, note: &dyn Fn(String)) -> Result<(), String> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot remove the old {}: {e}", path.display())),
-    }
-    let target = std::fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    target.set_len(size_bytes).map_err(|e| format!("cannot size {}: {e}", path.display()))?;
+    let target = std::fs::OpenOptions::new().create_new(true).write(true).open(path)?;
+    target.set_len(size_bytes)?;
     use std::os::fd::AsRawFd;
     // SAFETY: fallocate on an fd we own.
     let rc = unsafe { libc::fallocate(target.as_raw_fd(), 0, 0, size_bytes as i64) };
@@ -620,11 +618,14 @@ pub(crate) fn open_target(
     Ok(Arc::new(FileDriver::open(&runtime.handle(), path, &options).map_err(|e| e.to_string())?))
 }
 
-pub(crate) fn qemu_img_identical(a: &Path, b: &Path) -> Result<bool, String> {
+/// Whether the first `size_bytes` of `a` and `b` are identical, by `qemu-img compare`. Only
+/// the disk's bytes count: a target may be larger (a block device usually is), and what lies
+/// past the disk's end is the user's, neither written nor compared.
+pub(crate) fn qemu_img_identical(a: &Path, b: &Path, size_bytes: u64) -> Result<bool, String> {
     let output = std::process::Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
-        .arg(a)
-        .arg(b)
+        .args(["compare", "-q", "--image-opts"])
+        .arg(raw_prefix(a, size_bytes))
+        .arg(raw_prefix(b, size_bytes))
         .output()
         .map_err(|e| format!("cannot run qemu-img (install qemu-utils): {e}"))?;
     match output.status.code() {
@@ -632,4 +633,14 @@ pub(crate) fn qemu_img_identical(a: &Path, b: &Path) -> Result<bool, String> {
         Some(1) => Ok(false),
         _ => Err(format!("qemu-img compare failed: {}", String::from_utf8_lossy(&output.stderr).trim())),
     }
+}
+
+/// QEMU's options for the first `size_bytes` of a file or block device, read raw.
+fn raw_prefix(path: &Path, size_bytes: u64) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+    let protocol = if device { "host_device" } else { "file" };
+    // QEMU's option syntax doubles a comma inside a value.
+    let filename = path.display().to_string().replace(',', ",,");
+    format!("driver=raw,size={size_bytes},file.driver={protocol},file.filename={filename}")
 }

@@ -58,7 +58,10 @@ fn direct_ok(path: &Path) -> bool {
 }
 
 fn blockdev(name: &str, path: &Path) -> String {
-    let file = json!({"driver": "file", "filename": path, "cache": {"direct": direct_ok(path)}, "aio": "io_uring"});
+    use std::os::unix::fs::FileTypeExt;
+    let device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+    let driver = if device { "host_device" } else { "file" };
+    let file = json!({"driver": driver, "filename": path, "cache": {"direct": direct_ok(path)}, "aio": "io_uring"});
     json!({"node-name": name, "driver": "raw", "file": file}).to_string()
 }
 
@@ -232,7 +235,7 @@ pub(crate) fn window(points: &[(u64, u64)], from_ms: u64, to_ms: u64) -> GuestFi
 }
 
 /// QEMU's copy mode for ours, where it has one.
-fn qemu_copy_mode(args: &MirrorArgs) -> Result<&'static str, String> {
+pub(crate) fn qemu_copy_mode(args: &MirrorArgs) -> Result<&'static str, String> {
     match args.copy_mode.as_str() {
         "background" => Ok("background"),
         "write-blocking" => Ok("write-blocking"),
@@ -257,11 +260,16 @@ pub(crate) fn baseline(
 }
 
 /// Run the scenario through QEMU. The source must hold the same data as for our run.
-pub fn run_qemu(args: &MirrorArgs, guest: Option<GuestSpec>, note: &dyn Fn(String)) -> Result<QemuReport, String> {
+pub fn run_qemu(
+    args: &MirrorArgs,
+    guest: Option<GuestSpec>,
+    images: &crate::images::Images,
+    note: &dyn Fn(String),
+) -> Result<QemuReport, String> {
     let copy_mode = qemu_copy_mode(args)?;
     let baseline =
         guest.as_ref().map(|spec| baseline(&args.source, &args.target, spec, args.size, note)).transpose()?;
-    super::fresh_target(&args.target, args.size, note)?;
+    images.refresh_target(note).map_err(|e| e.to_string())?;
     let mut daemon = Daemon::start(&args.source, &args.target)?;
     let fio = match &guest {
         Some(spec) => {
@@ -304,7 +312,7 @@ pub fn run_qemu(args: &MirrorArgs, guest: Option<GuestSpec>, note: &dyn Fn(Strin
         ready_s,
         mib_per_s: args.size as f64 / (1 << 20) as f64 / ready_s.max(1e-9),
         cpu_s_per_gib: cpu_s / gib,
-        identical: super::qemu_img_identical(&args.source, &args.target)?,
+        identical: super::qemu_img_identical(&args.source, &args.target, args.size)?,
         guest,
     })
 }

@@ -1,9 +1,10 @@
 //! `tandem-bench mirror --target rbd:POOL/IMAGE[:conf=...]`: a Ceph RBD image as the mirror's
-//! target, made fresh for each run, checked with `rbd export` plus `qemu-img compare`, and
-//! (with `--compare-qemu`) measured against the peers a Ceph user would reach for to move a
-//! local disk into the cluster: `rbd import`, and `qemu-img convert -n -W -m 16` where QEMU's
-//! rbd module (qemu-block-extra) is installed. Each peer reads the source from the disk, as
-//! Tandem does: its pages are dropped from the cache first.
+//! target (created when missing; an existing one only with --overwrite-target, and never
+//! removed), checked with `rbd export` plus `qemu-img compare`, and (with `--compare-qemu`, only
+//! into an image the run created) measured against the peers a Ceph user would reach for to
+//! move a local disk into the cluster: `rbd import`, and `qemu-img convert -n -W -m 16` where
+//! QEMU's rbd module (qemu-block-extra) is installed. Each peer reads the source from the disk,
+//! as Tandem does: its pages are dropped from the cache first.
 
 use super::{qemu_img_identical, ratio};
 use serde_json::json;
@@ -22,8 +23,8 @@ pub(crate) fn spec(target: &Path) -> Result<Option<RbdSpec>, String> {
     }
 }
 
-/// A new, empty image of `size_bytes` (an old one of that name is removed first), as a new
-/// file is for a file target.
+/// A new, empty image of `size_bytes` in place of one this run created (removed first), as a
+/// new file is for a file target. Never called on an image the bench found (see images.rs).
 pub(crate) fn fresh_image(spec: &RbdSpec, size_bytes: u64) -> Result<(), String> {
     remove(spec)?;
     create_image(spec, size_bytes).map_err(|e| e.to_string())
@@ -61,14 +62,15 @@ fn run(mut command: Command, what: &str) -> Result<(), String> {
     }
 }
 
-/// Whether the image equals `source`: exported next to it, compared, the export removed.
-pub(crate) fn identical(source: &Path, spec: &RbdSpec) -> Result<bool, String> {
+/// Whether the image's first `size_bytes` equal the source: exported next to it, compared,
+/// the export removed.
+pub(crate) fn identical(source: &Path, spec: &RbdSpec, size_bytes: u64) -> Result<bool, String> {
     let exported = export_path(source);
     let _ = std::fs::remove_file(&exported);
     let mut command = rbd_command(spec);
     command.arg("export").arg("--no-progress").arg(spec.image_path()).arg(&exported);
     run(command, "rbd export")?;
-    let result = qemu_img_identical(source, &exported);
+    let result = qemu_img_identical(source, &exported, size_bytes);
     let _ = std::fs::remove_file(&exported);
     result
 }

@@ -1,6 +1,9 @@
 //! Helpers for the CLI tests: run the real `tandem-bench` binary (with a time limit, so a
 //! hung run fails the test instead of the suite) on scratch files under Cargo's target tmp dir.
 
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -149,4 +152,54 @@ pub fn run_program(program: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
 /// Runs `tandem-bench args`.
 pub fn tandem(args: &[&str]) -> Run {
     run_program(bin(), args, &[])
+}
+
+/// A loop device over a backing file, detached when dropped (also when a test panics). The
+/// tests run as root, as `losetup` needs.
+pub struct LoopDevice {
+    pub device: PathBuf,
+}
+
+impl LoopDevice {
+    /// A loop device over `backing` (a file of whole 512-byte sectors).
+    pub fn over(backing: &Path) -> LoopDevice {
+        let output = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(backing)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run losetup (util-linux): {e}"));
+        assert!(
+            output.status.success(),
+            "losetup -f --show {} failed (the tests run as root): {}",
+            backing.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let device = LoopDevice { device: PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()) };
+        // Checked once the guard exists, so a failed check still detaches it.
+        assert!(device.path().starts_with("/dev/loop"), "losetup printed {}", device.path());
+        device
+    }
+
+    pub fn path(&self) -> &str {
+        self.device.to_str().expect("a /dev/loopN path")
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+/// Seeded bytes, for files whose content a test checks afterwards.
+pub fn pattern_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
 }

@@ -73,3 +73,32 @@ impl Drop for ScratchImage {
         let _ = tandem_drivers::rbd::remove_image(&self.spec);
     }
 }
+
+/// A loop device over a new zero-filled file of `size_bytes` in `dir`, detached when dropped
+/// (also when a test panics). The tests run as root, as `losetup` needs.
+pub struct LoopDevice {
+    pub device: PathBuf,
+}
+
+impl LoopDevice {
+    pub fn new(dir: &std::path::Path, size_bytes: u64) -> LoopDevice {
+        let backing = dir.join("loop-backing.img");
+        std::fs::File::create(&backing).and_then(|f| f.set_len(size_bytes)).expect("the loop device's backing file");
+        let output = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&backing)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run losetup (util-linux): {e}"));
+        assert!(output.status.success(), "losetup (needs root): {}", String::from_utf8_lossy(&output.stderr));
+        let device = LoopDevice { device: PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()) };
+        // Checked once the guard exists, so a failed check still detaches it.
+        assert!(device.device.to_string_lossy().starts_with("/dev/loop"), "losetup printed {:?}", device.device);
+        device
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
