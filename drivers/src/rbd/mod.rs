@@ -35,7 +35,7 @@ use std::future::Future;
 use std::ptr::null_mut;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tandem::block::{Alignment, BlockDriver, BufResult, Capabilities, Extent, IoFuture, WriteFlags};
+use tandem::block::{Alignment, BlockDriver, BufResult, Capabilities, DeviceHold, Extent, IoFuture, WriteFlags};
 use tandem::buf::AlignedBuf;
 use tandem::error::errno_text;
 use tandem::{Error, IoPriority, Result};
@@ -389,10 +389,11 @@ impl RbdDriver {
     /// request holding `buf`, once a slot is free; the result and the buffer when librbd is
     /// done. A request not answered by its deadline fails with ETIMEDOUT and hands back a
     /// fresh buffer like the caller's: librbd keeps the original (and the slot) until it
-    /// answers, and a write that timed out may still land.
+    /// answers, and a write that timed out may still land: `hold` lives until then too.
     fn request(
         &self,
         buf: Option<AlignedBuf>,
+        hold: Option<DeviceHold>,
         submit: impl FnOnce(&'static Lib, ImageT, CompletionT, *mut u8) -> libc::c_int + Send + 'static,
     ) -> impl Future<Output = (std::result::Result<isize, i32>, Option<AlignedBuf>)> + Send + 'static {
         let (image, slots, watch, deadline) =
@@ -400,7 +401,7 @@ impl RbdDriver {
         // The deadline runs from the first poll: a FUA write's flush is made with the write
         // but starts after it.
         async move {
-            let request = Request::new(buf, Instant::now() + deadline);
+            let request = Request::new(buf, Instant::now() + deadline, hold);
             let weak: std::sync::Weak<dyn Expiring> = Arc::downgrade(&request) as _;
             watch.watch(weak);
             if request.take_slot(&slots).await.is_none() {
@@ -441,7 +442,7 @@ impl BlockDriver for RbdDriver {
 
     fn read(&self, offset: u64, buf: AlignedBuf, _priority: IoPriority) -> IoFuture<BufResult<()>> {
         let length_bytes = buf.len();
-        let request = self.request(Some(buf), move |lib, image, completion, ptr| {
+        let request = self.request(Some(buf), None, move |lib, image, completion, ptr| {
             // SAFETY: ptr addresses length_bytes of the request's own buffer, alive until done.
             unsafe { (lib.rbd_aio_read)(image, offset, length_bytes, ptr.cast(), completion) }
         });
@@ -466,7 +467,8 @@ impl BlockDriver for RbdDriver {
             return IoFuture::ready((Err(Error::ReadOnly { op: "write", name: self.name.clone() }), buf));
         }
         let length_bytes = buf.len();
-        let request = self.request(Some(buf), move |lib, image, completion, ptr| {
+        let hold = DeviceHold::new();
+        let request = self.request(Some(buf), Some(hold.clone()), move |lib, image, completion, ptr| {
             // SAFETY: as for read; librbd copies nothing back into the buffer.
             unsafe { (lib.rbd_aio_write2)(image, offset, length_bytes, ptr.cast_const().cast(), completion, 0) }
         });
@@ -474,18 +476,19 @@ impl BlockDriver for RbdDriver {
         // and whether it honours a FUA hint depends on the cache policy: a FUA write is a
         // write and then a flush, as QEMU emulates FUA for drivers without it.
         let flush = flags.fua.then(|| self.flush(IoPriority::GUEST));
-        IoFuture::boxed(async move {
+        let write = async move {
             let (result, buf) = request.await;
             let mut result = outcome("write", offset, result).map(drop);
             if let (Ok(()), Some(flush)) = (&result, flush) {
                 result = flush.await;
             }
             (result, buf.expect("a write's buffer comes back"))
-        })
+        };
+        IoFuture::boxed_with_hold(write, &hold)
     }
 
     fn flush(&self, _priority: IoPriority) -> IoFuture<Result<()>> {
-        let request = self.request(None, |lib, image, completion, _| {
+        let request = self.request(None, None, |lib, image, completion, _| {
             // SAFETY: an open image and a fresh completion.
             unsafe { (lib.rbd_aio_flush)(image, completion) }
         });
@@ -504,22 +507,24 @@ impl BlockDriver for RbdDriver {
         }
         // Thick provisioning writes real zeros; without it librbd may deallocate the range.
         let zero_flags = if may_unmap { 0 } else { THICK_PROVISION };
-        let request = self.request(None, move |lib, image, completion, _| {
+        let hold = DeviceHold::new();
+        let request = self.request(None, Some(hold.clone()), move |lib, image, completion, _| {
             // SAFETY: an open image and a fresh completion; no buffer involved.
             unsafe { (lib.rbd_aio_write_zeroes)(image, offset, length_bytes as usize, completion, zero_flags, 0) }
         });
-        IoFuture::boxed(async move { outcome("write_zeroes", offset, request.await.0).map(drop) })
+        IoFuture::boxed_with_hold(async move { outcome("write_zeroes", offset, request.await.0).map(drop) }, &hold)
     }
 
     fn discard(&self, offset: u64, length_bytes: u64, _priority: IoPriority) -> IoFuture<Result<()>> {
         if self.read_only {
             return IoFuture::ready(Err(Error::ReadOnly { op: "discard", name: self.name.clone() }));
         }
-        let request = self.request(None, move |lib, image, completion, _| {
+        let hold = DeviceHold::new();
+        let request = self.request(None, Some(hold.clone()), move |lib, image, completion, _| {
             // SAFETY: an open image and a fresh completion; no buffer involved.
             unsafe { (lib.rbd_aio_discard)(image, offset, length_bytes, completion) }
         });
-        IoFuture::boxed(async move { outcome("discard", offset, request.await.0).map(drop) })
+        IoFuture::boxed_with_hold(async move { outcome("discard", offset, request.await.0).map(drop) }, &hold)
     }
 
     fn block_status(&self, offset: u64, length_bytes: u64) -> IoFuture<Result<Extent>> {

@@ -14,6 +14,7 @@ use std::ptr::null_mut;
 use std::sync::{Arc, Weak};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
+use tandem::block::DeviceHold;
 use tandem::buf::AlignedBuf;
 
 /// How often the watchdog looks: a timeout fires up to this late.
@@ -86,6 +87,10 @@ impl Drop for Watchdog {
 pub(crate) struct Request {
     state: Mutex<State>,
     deadline: Instant,
+    /// What the caller attached to a write (its gate ticket): dropped with the request, which
+    /// librbd keeps (through the completion's reference) until it answers, even after the
+    /// future gave up at the deadline.
+    _hold: Option<DeviceHold>,
 }
 
 struct State {
@@ -101,9 +106,9 @@ struct State {
 }
 
 impl Request {
-    pub(crate) fn new(buf: Option<AlignedBuf>, deadline: Instant) -> Arc<Request> {
+    pub(crate) fn new(buf: Option<AlignedBuf>, deadline: Instant, hold: Option<DeviceHold>) -> Arc<Request> {
         let state = State { result: None, expired: false, waker: None, buf, slot: None, submitted: false };
-        Arc::new(Request { state: Mutex::new(state), deadline })
+        Arc::new(Request { state: Mutex::new(state), deadline, _hold: hold })
     }
 
     /// Take a slot, waiting for one; `None` once the request expired.
@@ -315,13 +320,13 @@ mod tests {
 
     #[test]
     fn the_watchdog_expires_a_request_past_its_deadline_and_wakes_it() {
-        let request = Request::new(None, Instant::now());
+        let request = Request::new(None, Instant::now(), None);
         let count = Arc::new(Count(AtomicUsize::new(0)));
         request.state.lock().waker = Some(Waker::from(count.clone()));
         assert!(!request.watch(Instant::now() + Duration::from_millis(1)), "expired: no more watching");
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
         assert!(request.state.lock().expired);
-        let later = Request::new(None, Instant::now() + Duration::from_secs(60));
+        let later = Request::new(None, Instant::now() + Duration::from_secs(60), None);
         assert!(later.watch(Instant::now()), "not due: still watched");
     }
 }

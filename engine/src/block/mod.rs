@@ -9,7 +9,7 @@ mod future;
 
 pub use disk::{Disk, MAX_REQUEST_BYTES};
 pub use filter::{Drain, DrainGuard, WriteFilter};
-pub use future::{map_done, map_transfer, IoFuture, OpContext};
+pub use future::{map_done, map_transfer, DeviceHold, IoFuture, OpContext};
 
 use crate::buf::AlignedBuf;
 use crate::error::Result;
