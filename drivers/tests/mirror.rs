@@ -355,6 +355,32 @@ fn a_cancel_while_pending_stops_the_switch_over() {
     }
 }
 
+/// The same with auto-finalize, while the job converges for the switch-over (its target
+/// flush held back a second): the cancel is still obeyed and the disk keeps its source.
+#[test]
+fn a_cancel_while_converging_stops_the_switch_over() {
+    for force in [true, false] {
+        let s = setup();
+        let target = faulty_target(&s);
+        let job = start(&s.runtime.handle(), &s.disk, target.clone(), MirrorConfig::default()).unwrap();
+        wait_status(&job, JobStatus::Ready);
+        target.add_rule(FaultRule {
+            ops: OpMask::FLUSH,
+            trigger: Trigger::Always,
+            fault: Fault::Delay(Duration::from_secs(1)),
+            fire_count_max: None,
+        });
+        job.complete().unwrap();
+        wait_status(&job, JobStatus::Pending); // auto-finalize: converging, the flush held
+        job.cancel(force).expect("cancel is allowed while converging");
+        assert_eq!(job.wait_for(|s| s == JobStatus::Null, WAIT), JobStatus::Null);
+        let names = names(&events(&job));
+        assert_eq!(names.contains(&"BLOCK_JOB_CANCELLED"), force, "{names:?}");
+        assert!(!s.disk.has_filter());
+        assert_eq!(s.disk.driver().name(), format!("file:{}", s.source_path.display()), "no switch-over");
+    }
+}
+
 fn faulty_target(s: &Setup) -> Arc<FaultyDriver> {
     Arc::new(FaultyDriver::new(open(&s.runtime, &s.target_path), 1, false))
 }

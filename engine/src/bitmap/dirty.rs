@@ -192,7 +192,10 @@ impl DirtyBitmap {
         }
     }
 
-    /// Dirty bytes (a dirty last chunk counts only its bytes inside the disk), O(1).
+    /// Dirty bytes (a dirty last chunk counts only its bytes inside the disk), O(1). Exact
+    /// while nobody changes the bitmap; during concurrent sets and resets a figure for
+    /// progress, off by up to one chunk (the count and the last chunk's bit are read apart),
+    /// never below zero nor past the disk. Decisions use `dirty_chunk_count` and the scans.
     pub fn dirty_bytes(&self) -> u64 {
         let full_bytes = self.dirty_chunk_count() << self.granularity_shift;
         let last_chunk = self.chunk_count - 1;
