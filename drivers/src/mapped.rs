@@ -163,9 +163,10 @@ impl Mapping {
         let (mut mask, mut value) = ([0u8; WORD_BYTES], [0u8; WORD_BYTES]);
         mask[within..within + bytes.len()].fill(0xff);
         value[within..within + bytes.len()].copy_from_slice(bytes);
-        let word = &self.words(word_start, 1)[0];
-        word.fetch_and(!u64::from_ne_bytes(mask), Ordering::Relaxed);
-        word.fetch_or(u64::from_ne_bytes(value), Ordering::Relaxed);
+        let (mask, value) = (u64::from_ne_bytes(mask), u64::from_ne_bytes(value));
+        // One step (a compare-and-swap loop), so a reader never sees the bytes half replaced.
+        let update = |old: u64| Some((old & !mask) | value);
+        let _ = self.words(word_start, 1)[0].fetch_update(Ordering::Relaxed, Ordering::Relaxed, update);
     }
 
     fn range(&self, offset: u64, len: usize) -> Result<usize> {
