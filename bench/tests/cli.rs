@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{run_program, tandem, Scratch};
+use common::{run_program, tandem, Scratch, BACKUP_BAD_OPTIONS};
 use serde_json::Value;
 use std::collections::BTreeSet;
 
@@ -453,14 +453,7 @@ fn backup_bad_options_are_named_and_touch_nothing() {
     let scratch = Scratch::new("backupbad");
     let source = scratch.path("source.img");
     let source_arg = format!("--source={}", source.display());
-    for (option, named) in [
-        ("--sync=sideways", "sideways"),
-        ("--sync=none", "none"),
-        ("--cluster-size=3000", "3000"),
-        ("--copy-priority=me", "me"),
-        ("--max-workers=0", "max-workers"),
-        ("--output-format=xml", "xml"),
-    ] {
+    for (option, named) in BACKUP_BAD_OPTIONS {
         let run = tandem(&["backup", &source_arg, "--size=8M", "--guest-runtime=2", option]).failed();
         assert!(run.stderr.contains(named), "{option}: {}", run.stderr);
         assert!(!source.exists(), "{option}: nothing created");

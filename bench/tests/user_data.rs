@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{pattern_bytes, tandem, LoopDevice, Scratch};
+use common::{pattern_bytes, tandem, LoopDevice, Scratch, BACKUP_BAD_OPTIONS};
 use serde_json::Value;
 use std::path::Path;
 
@@ -37,21 +37,13 @@ const MIRROR_BAD: [(&str, &str); 5] = [
     ("--output-format=xml", "xml"),
 ];
 
-const BACKUP_BAD: [(&str, &str); 6] = [
-    ("--sync=sideways", "sideways"),
-    ("--sync=none", "none"),
-    ("--cluster-size=3000", "3000"),
-    ("--copy-priority=me", "me"),
-    ("--max-workers=0", "max-workers"),
-    ("--output-format=xml", "xml"),
-];
-
 #[test]
 fn rejected_options_leave_an_existing_source_as_it_was() {
     let scratch = Scratch::new("rejected");
     let (source, target) = (scratch.path("source.img"), scratch.path("target.img"));
     let expected = patterned(&source, 8 * MIB, 1);
-    let cases = MIRROR_BAD.iter().map(|case| ("mirror", case)).chain(BACKUP_BAD.iter().map(|case| ("backup", case)));
+    let cases =
+        MIRROR_BAD.iter().map(|case| ("mirror", case)).chain(BACKUP_BAD_OPTIONS.iter().map(|case| ("backup", case)));
     for (command, (option, named)) in cases {
         let run =
             tandem(&[command, &arg("source", &source), &arg("target", &target), "--guest-runtime=2", option]).failed();

@@ -203,3 +203,13 @@ pub fn pattern_bytes(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Options `backup` must refuse, with the text its error must name.
+pub const BACKUP_BAD_OPTIONS: [(&str, &str); 6] = [
+    ("--sync=sideways", "sideways"),
+    ("--sync=none", "none"),
+    ("--cluster-size=3000", "3000"),
+    ("--copy-priority=me", "me"),
+    ("--max-workers=0", "max-workers"),
+    ("--output-format=xml", "xml"),
+];
