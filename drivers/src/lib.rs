@@ -23,6 +23,7 @@ pub mod faulty;
 pub mod file;
 mod mapped;
 pub mod memory;
+pub mod nbd;
 pub mod null;
 pub mod rbd;
 
