@@ -6,5 +6,5 @@ pub mod client;
 pub mod proto;
 pub mod uri;
 
-pub use client::{NbdConfig, NbdError};
+pub use client::{open_uri, NbdConfig, NbdDriver, NbdError};
 pub use uri::{is_nbd_uri, Endpoint, NbdUri, UriError};

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod jobs;
+pub mod nbd;
 
 use std::path::PathBuf;
 use tandem::reactor::{BackendChoice, Config, Runtime};

@@ -50,6 +50,9 @@ pub(crate) type Removed = (Result<(), i32>, Option<AlignedBuf>, Option<(u64, u32
 pub(crate) struct Table {
     slots: Vec<Slot>,
     free: Vec<u32>,
+    /// Calls waiting for a free slot: all woken when one frees (one of them may have been
+    /// dropped meanwhile, so waking only one could strand the rest).
+    slot_waiters: Vec<Waker>,
 }
 
 impl Table {
@@ -71,7 +74,11 @@ impl Table {
             hold: None,
         };
         // Popped from the end: slot 0 goes out first, which keeps cookies small in traces.
-        Table { slots: (0..count).map(blank).collect(), free: (0..count as u32).rev().collect() }
+        Table {
+            slots: (0..count).map(blank).collect(),
+            free: (0..count as u32).rev().collect(),
+            slot_waiters: Vec::new(),
+        }
     }
 
     /// Take a free slot for `request` (its cookie is filled in); `None` when all are busy.
@@ -109,6 +116,7 @@ impl Table {
         slot.abandoned = false;
         slot.hold = None;
         self.free.push((cookie & u64::from(u32::MAX)) as u32);
+        self.slot_waiters.drain(..).for_each(Waker::wake);
         (outcome, buf, status)
     }
 
@@ -142,6 +150,16 @@ impl Table {
         })
     }
 
+    /// Wake `waker` when a slot frees.
+    pub fn wait_for_slot(&mut self, waker: &Waker) {
+        self.slot_waiters.push(waker.clone());
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.free.is_empty()
+    }
+
+    #[cfg(test)]
     pub fn in_use(&self) -> usize {
         self.slots.len() - self.free.len()
     }

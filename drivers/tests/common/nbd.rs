@@ -1,0 +1,92 @@
+//! NBD servers for the client's tests: qemu-nbd over a scratch file and nbdkit's memory
+//! plugin (with filters), each on a Unix socket in its own scratch directory, killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct NbdServer {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    /// qemu-nbd's backing file (none for nbdkit).
+    pub file: Option<PathBuf>,
+    dir: tempfile::TempDir,
+    command: Vec<String>,
+}
+
+impl NbdServer {
+    /// `qemu-nbd -f raw -t -k SOCK --cache=none FILE` over a new file of `size_bytes`.
+    pub fn qemu(size_bytes: u64) -> NbdServer {
+        let dir = super::scratch_dir();
+        let file = dir.path().join("disk.raw");
+        std::fs::File::create(&file).and_then(|f| f.set_len(size_bytes)).expect("creating the qemu-nbd file");
+        let socket = dir.path().join("nbd.sock");
+        let command: Vec<String> = ["qemu-nbd", "-f", "raw", "-t", "-e", "8", "--cache=none", "-k"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([socket.display().to_string(), file.display().to_string()])
+            .collect();
+        let mut server = NbdServer { child: None, socket, file: Some(file), dir, command };
+        server.start();
+        server
+    }
+
+    /// `nbdkit -f --exit-with-parent -U SOCK ARGS...` (e.g. `["memory", "16M"]`, filters
+    /// first: `["--filter=delay", "memory", "16M", "delay-read=10s"]`).
+    pub fn nbdkit(args: &[&str]) -> NbdServer {
+        let dir = super::scratch_dir();
+        let socket = dir.path().join("nbd.sock");
+        let command: Vec<String> = ["nbdkit", "-f", "--exit-with-parent", "-U"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(std::iter::once(socket.display().to_string()))
+            .chain(args.iter().map(|s| s.to_string()))
+            .collect();
+        let mut server = NbdServer { child: None, socket, file: None, dir, command };
+        server.start();
+        server
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Start the server (again, after `kill`) and wait until its socket accepts.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "the server runs already");
+        let _ = std::fs::remove_file(&self.socket); // a killed server leaves its socket file
+        let child = Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {:?} (scripts/install-test-deps installs it): {e}", self.command));
+        self.child = Some(child);
+        let child = self.child.as_mut().expect("just started");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < deadline, "{:?} did not listen on {}", self.command, self.socket.display());
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{:?} exited with {status} before listening", self.command);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kill the server (SIGKILL: no goodbye to its clients) and reap it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,198 @@
+//! The NBD client against real servers: qemu-nbd (extended headers) and nbdkit's memory
+//! plugin (structured replies, multi-conn), nbdkit's error and delay filters for the error
+//! policy and the deadline, and a qemu-nbd killed and restarted under a client configured to
+//! reconnect.
+
+mod common;
+
+use common::nbd::NbdServer;
+use common::{pattern, runtime};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem::block::{BlockDriver, BlockStatus, Disk, WriteFlags};
+use tandem::buf::AlignedBuf;
+use tandem::reactor::{BackendChoice, Runtime};
+use tandem::{Error, IoPriority};
+use tandem_drivers::nbd::proto::HeaderStyle;
+use tandem_drivers::nbd::{open_uri, NbdConfig, NbdDriver, NbdError};
+
+const G: IoPriority = IoPriority::GUEST;
+const DISK_BYTES: u64 = 16 << 20;
+
+fn open(runtime: &Runtime, server: &NbdServer, config: &NbdConfig) -> NbdDriver {
+    open_uri(&runtime.handle(), &server.uri(), config).unwrap_or_else(|e| panic!("opening {}: {e}", server.uri()))
+}
+
+fn read(disk: &Disk, offset: u64, len: usize) -> tandem::Result<AlignedBuf> {
+    let (result, buf) = disk.read_blocking(offset, AlignedBuf::zeroed(len, 4096).unwrap(), G);
+    result.map(|()| buf)
+}
+
+fn write(disk: &Disk, offset: u64, buf: AlignedBuf) -> tandem::Result<()> {
+    disk.write_blocking(offset, buf, WriteFlags::default(), G).0
+}
+
+fn errno(error: &Error) -> Option<i32> {
+    match error {
+        Error::Io { errno, .. } => Some(*errno),
+        _ => None,
+    }
+}
+
+#[test]
+fn qemu_nbd_negotiates_extended_headers_and_round_trips() {
+    let rt = runtime(BackendChoice::Auto, 2);
+    let server = NbdServer::qemu(DISK_BYTES);
+    let driver = open(&rt, &server, &NbdConfig::default());
+    assert_eq!(driver.header_style(), HeaderStyle::Extended, "qemu-nbd 9+ offers extended headers");
+    assert!(driver.capabilities().block_status && driver.capabilities().fua);
+    let disk = Disk::new(Arc::new(driver));
+    assert_eq!(disk.size_bytes(), DISK_BYTES);
+    write(&disk, 1 << 20, pattern(65536, 1)).unwrap();
+    assert_eq!(read(&disk, 1 << 20, 65536).unwrap().as_slice(), pattern(65536, 1).as_slice());
+    let hole = disk.block_status_blocking(8 << 20, 1 << 20).unwrap();
+    assert_eq!((hole.status, hole.length_bytes), (BlockStatus::Hole, 1 << 20));
+    // The data is in the file qemu-nbd serves.
+    let file = std::fs::read(server.file.as_ref().unwrap()).unwrap();
+    assert_eq!(&file[1 << 20..(1 << 20) + 65536], pattern(65536, 1).as_slice());
+}
+
+#[test]
+fn the_older_paths_work_when_extended_headers_are_not_asked_for() {
+    let rt = runtime(BackendChoice::Auto, 2);
+    let server = NbdServer::qemu(DISK_BYTES);
+    for (extended_headers, structured_replies, style) in
+        [(false, true, HeaderStyle::Structured), (false, false, HeaderStyle::Simple)]
+    {
+        let config = NbdConfig { extended_headers, structured_replies, ..NbdConfig::default() };
+        let driver = open(&rt, &server, &config);
+        assert_eq!(driver.header_style(), style);
+        let disk = Disk::new(Arc::new(driver));
+        write(&disk, 4096, pattern(8192, 2)).unwrap();
+        assert_eq!(read(&disk, 4096, 8192).unwrap().as_slice(), pattern(8192, 2).as_slice(), "{style:?}");
+        disk.write_zeroes_blocking(4096, 4096, true, G).unwrap();
+        assert!(read(&disk, 4096, 4096).unwrap().is_all_zero(), "{style:?}");
+    }
+}
+
+#[test]
+fn nbdkit_memory_gets_structured_replies_and_several_connections() {
+    let rt = runtime(BackendChoice::Auto, 2);
+    let server = NbdServer::nbdkit(&["memory", "16M"]);
+    let config = NbdConfig { connections: 3, ..NbdConfig::default() };
+    let driver = open(&rt, &server, &config);
+    assert_eq!(driver.connection_count(), 3, "nbdkit's memory plugin advertises multi-conn");
+    assert_ne!(driver.header_style(), HeaderStyle::Simple);
+    let disk = Disk::new(Arc::new(driver));
+    // Many requests in flight at once over the connections, checked after.
+    let handles: Vec<_> = (0..8u64)
+        .map(|task| {
+            let disk = disk.clone();
+            rt.spawn(move || async move {
+                for i in 0..16u64 {
+                    let offset = (task * 16 + i) * 65536;
+                    disk.write(offset, pattern(65536, task * 100 + i), WriteFlags::default(), G).await.0.unwrap();
+                }
+            })
+        })
+        .collect();
+    handles.into_iter().for_each(|h| h.join().unwrap());
+    disk.flush_blocking(G).unwrap();
+    for task in 0..8u64 {
+        for i in 0..16u64 {
+            let got = read(&disk, (task * 16 + i) * 65536, 65536).unwrap();
+            assert_eq!(got.as_slice(), pattern(65536, task * 100 + i).as_slice(), "task {task} write {i}");
+        }
+    }
+}
+
+#[test]
+fn server_errors_come_back_typed_with_their_errno() {
+    let rt = runtime(BackendChoice::Auto, 2);
+    let args = ["--filter=error", "memory", "16M", "error-pread=EIO", "error-pread-rate=100%"];
+    let server = NbdServer::nbdkit(&args);
+    let args = ["--filter=error", "memory", "16M", "error-pwrite=ENOSPC", "error-pwrite-rate=100%"];
+    let full = NbdServer::nbdkit(&args);
+    let disk = Disk::new(Arc::new(open(&rt, &server, &NbdConfig::default())));
+    write(&disk, 0, pattern(4096, 3)).expect("writes are not filtered");
+    let error = read(&disk, 0, 4096).unwrap_err();
+    assert_eq!(errno(&error), Some(libc::EIO), "{error}");
+    let again = read(&disk, 4096, 4096).unwrap_err();
+    assert_eq!(errno(&again), Some(libc::EIO), "the connection survives a server error: {again}");
+    let disk = Disk::new(Arc::new(open(&rt, &full, &NbdConfig::default())));
+    let error = write(&disk, 0, pattern(4096, 3)).unwrap_err();
+    assert_eq!(errno(&error), Some(libc::ENOSPC), "{error}");
+    assert!(read(&disk, 0, 4096).unwrap().is_all_zero(), "reads still work on that connection");
+}
+
+#[test]
+fn a_server_that_does_not_answer_gives_a_timeout_error() {
+    let rt = runtime(BackendChoice::Auto, 2);
+    let server = NbdServer::nbdkit(&["--filter=delay", "memory", "16M", "delay-read=10"]);
+    let config = NbdConfig { request_timeout: Duration::from_secs(1), ..NbdConfig::default() };
+    let disk = Disk::new(Arc::new(open(&rt, &server, &config)));
+    write(&disk, 0, pattern(4096, 4)).expect("writes are not delayed");
+    let error = read(&disk, 0, 4096).unwrap_err();
+    assert_eq!(errno(&error), Some(libc::ETIMEDOUT), "{error}");
+}
+
+#[test]
+fn a_killed_qemu_nbd_is_reconnected_to_when_configured() {
+    let rt = runtime(BackendChoice::Auto, 2);
+    let mut server = NbdServer::qemu(DISK_BYTES);
+    let config = NbdConfig { reconnect_delay: Duration::from_secs(20), ..NbdConfig::default() };
+    let disk = Disk::new(Arc::new(open(&rt, &server, &config)));
+    write(&disk, 0, pattern(8192, 5)).unwrap();
+    server.kill();
+    // Issued while the server is gone: it waits for the reconnect (within reconnect_delay).
+    let pending = {
+        let disk = disk.clone();
+        rt.spawn(move || async move { disk.read(0, AlignedBuf::zeroed(8192, 4096).unwrap(), G).await })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    server.start();
+    let (result, buf) = pending.join().unwrap();
+    result.expect("the read waited for the new connection");
+    assert_eq!(buf.as_slice(), pattern(8192, 5).as_slice());
+    write(&disk, 8192, pattern(4096, 6)).unwrap();
+    assert_eq!(read(&disk, 8192, 4096).unwrap().as_slice(), pattern(4096, 6).as_slice());
+}
+
+#[test]
+fn without_a_reconnect_delay_requests_fail_at_once_then_work_again() {
+    let rt = runtime(BackendChoice::Auto, 2);
+    let mut server = NbdServer::qemu(DISK_BYTES);
+    let disk = Disk::new(Arc::new(open(&rt, &server, &NbdConfig::default())));
+    write(&disk, 0, pattern(4096, 7)).unwrap();
+    server.kill();
+    let error = read(&disk, 0, 4096).unwrap_err();
+    assert!(matches!(errno(&error), Some(libc::ENOTCONN) | Some(libc::ECONNRESET)), "{error}");
+    server.start();
+    // The driver reconnects in the background (QEMU's behaviour with reconnect-delay=0).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match read(&disk, 0, 4096) {
+            Ok(buf) => break assert_eq!(buf.as_slice(), pattern(4096, 7).as_slice()),
+            Err(error) => assert!(std::time::Instant::now() < deadline, "never reconnected: {error}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn bad_uris_missing_sockets_and_unknown_exports_are_named() {
+    let rt = runtime(BackendChoice::Auto, 1);
+    let bad = open_uri(&rt.handle(), "nbd+unix:///e?sock=/x", &NbdConfig::default()).unwrap_err();
+    assert!(matches!(&bad, NbdError::Uri(e) if e.uri.contains("sock=/x")), "{bad}");
+    let missing = open_uri(&rt.handle(), "nbd+unix:///?socket=/nonexistent/nbd.sock", &NbdConfig::default());
+    let missing = missing.unwrap_err();
+    assert!(matches!(missing, NbdError::Connect { errno: libc::ENOENT, .. }), "{missing}");
+    assert!(missing.to_string().contains("/nonexistent/nbd.sock"), "{missing}");
+    let server = NbdServer::qemu(1 << 20);
+    let uri = format!("nbd+unix:///nosuch?socket={}", server.socket.display());
+    let refused = open_uri(&rt.handle(), &uri, &NbdConfig::default()).unwrap_err();
+    assert!(matches!(&refused, NbdError::Refused { export, .. } if export == "nosuch"), "{refused}");
+    let config = NbdConfig { inflight_max: 0, ..NbdConfig::default() };
+    let invalid = open_uri(&rt.handle(), &server.uri(), &config).unwrap_err();
+    assert!(matches!(invalid, NbdError::Config { key: "inflight_max", .. }), "{invalid}");
+}
