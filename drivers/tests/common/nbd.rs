@@ -15,13 +15,15 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
-    /// `qemu-nbd -f raw -t -k SOCK --cache=none FILE` over a new file of `size_bytes`.
+    /// `qemu-nbd -f raw -t -e 8 --cache=none --discard=unmap -k SOCK FILE` over a new file of
+    /// `size_bytes`: persistent, up to 8 clients, and trims that punch holes (qemu-nbd
+    /// ignores them by default, which the conformance suite's discard check would see).
     pub fn qemu(size_bytes: u64) -> NbdServer {
         let dir = super::scratch_dir();
         let file = dir.path().join("disk.raw");
         std::fs::File::create(&file).and_then(|f| f.set_len(size_bytes)).expect("creating the qemu-nbd file");
         let socket = dir.path().join("nbd.sock");
-        let command: Vec<String> = ["qemu-nbd", "-f", "raw", "-t", "-e", "8", "--cache=none", "-k"]
+        let command: Vec<String> = ["qemu-nbd", "-f", "raw", "-t", "-e", "8", "--cache=none", "--discard=unmap", "-k"]
             .iter()
             .map(|s| s.to_string())
             .chain([socket.display().to_string(), file.display().to_string()])
