@@ -36,8 +36,10 @@ pub struct BackupArgs {
     /// is the disk's, and a guest that writes needs --overwrite-source.
     #[arg(long, default_value = "target/tandem-backup/source.img")]
     pub source: PathBuf,
-    /// Target: a file or block device. When missing it is created (preallocated) and removed
-    /// afterwards unless --keep; an existing one needs --overwrite-target and is never removed.
+    /// Target: a file, block device or NBD export (`nbd://HOST[:PORT]/EXPORT`,
+    /// `nbd+unix:///EXPORT?socket=PATH`). When missing it is created (preallocated) and removed
+    /// afterwards unless --keep; an existing one (an export always exists) needs
+    /// --overwrite-target and is never removed.
     /// On a filesystem that refuses O_DIRECT, such as /dev/shm, it is opened through the page
     /// cache (with a note).
     #[arg(long, default_value = "target/tandem-backup/target.img")]
@@ -193,7 +195,7 @@ pub fn backup_command(args: &BackupArgs) -> Result<(), String> {
     };
     if args.target.to_str().is_some_and(|t| t.starts_with("rbd:")) {
         return Err(format!(
-            "--target {}: the backup bench takes file targets (mirror takes rbd: targets; the backup job itself \
+            "--target {}: the backup bench takes file and NBD targets (mirror takes rbd: targets; the backup job itself \
              writes to any driver, rbd included)",
             args.target.display()
         ));
@@ -215,7 +217,9 @@ pub fn backup_command(args: &BackupArgs) -> Result<(), String> {
 /// Where the expected point in time is copied: next to the target, or for a block device
 /// target (its folder is /dev) next to a regular source, else in the temporary folder.
 pub(crate) fn snapshot_path(target: &Path, source: &Path) -> PathBuf {
-    let regular_or_missing = |path: &Path| std::fs::metadata(path).map_or(true, |m| m.is_file());
+    // An NBD export is neither: its URI is no place for a file.
+    let regular_or_missing =
+        |path: &Path| crate::remote::nbd_uri(path).is_none() && std::fs::metadata(path).map_or(true, |m| m.is_file());
     let beside = match (regular_or_missing(target), regular_or_missing(source)) {
         (true, _) => target,
         (false, true) => source,
@@ -347,7 +351,10 @@ fn run_on(
     note("copying the source aside as the expected point in time".to_string());
     let snapshot = Snapshot::copy_of(&args.source, &args.target, args.size)?;
     let disk = Disk::new(open_file(&runtime, &args.source, false, &note)?);
-    let target = open_target(&runtime, &args.target, &disk, &note)?;
+    let target = match crate::remote::nbd_uri(&args.target) {
+        Some(uri) => crate::remote::open_target(&runtime.handle(), uri)?,
+        None => open_target(&runtime, &args.target, &disk, &note)?,
+    };
     let usage_before = rusage();
     let job_started = Instant::now();
     let job = tandem::job::backup::start(&runtime.handle(), &disk, target, config).map_err(|e| e.to_string())?;

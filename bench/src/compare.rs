@@ -79,7 +79,8 @@ pub fn compare_command(args: &[String]) -> Result<(), String> {
 fn same_direct_as_fio(jobs: &mut [JobSpec]) -> Result<(), String> {
     for job in jobs {
         let null = job.ioengine.as_deref() == Some("null");
-        if !null && rbd_spec(job)?.is_none() {
+        // fio's rbd and nbd engines have no page cache to bypass.
+        if !null && rbd_spec(job)?.is_none() && nbd_uri(job).is_none() {
             job.direct = true;
         }
     }
@@ -131,7 +132,10 @@ fn fio_command(jobs: &[JobSpec]) -> Result<Vec<String>, String> {
 /// The first option of `job` that `fio_job_args` does not pass on to fio, if any.
 fn unforwarded_option(job: &JobSpec) -> Option<&'static str> {
     let defaults = JobSpec::default();
-    let file_list = job.filename.as_deref().is_some_and(|name| !name.starts_with("rbd:") && name.contains(':'));
+    let file_list = job
+        .filename
+        .as_deref()
+        .is_some_and(|name| !name.starts_with("rbd:") && !tandem_drivers::nbd::is_nbd_uri(name) && name.contains(':'));
     [
         (job.stonewall || job.new_group, "stonewall/new_group"),
         (
@@ -147,6 +151,11 @@ fn unforwarded_option(job: &JobSpec) -> Option<&'static str> {
     ]
     .into_iter()
     .find_map(|(set, name)| set.then_some(name))
+}
+
+/// The job's NBD URI, if its filename is one: fio's nbd engine (libnbd) gets the same URI.
+fn nbd_uri(job: &JobSpec) -> Option<&str> {
+    job.filename.as_deref().filter(|name| tandem_drivers::nbd::is_nbd_uri(name))
 }
 
 /// The job's rbd image, if its filename is one.
@@ -185,10 +194,12 @@ fn fio_env(jobs: &[JobSpec]) -> Result<Vec<(String, String)>, String> {
 fn fio_job_args(job: &JobSpec) -> Result<Vec<String>, String> {
     let null = job.ioengine.as_deref() == Some("null");
     let rbd = rbd_spec(job)?;
-    let engine = match (null, &rbd) {
-        (true, _) => "null",
-        (false, Some(_)) => "rbd",
-        (false, None) => "io_uring",
+    let nbd = nbd_uri(job).filter(|_| !null);
+    let engine = match (null, &rbd, nbd) {
+        (true, _, _) => "null",
+        (false, Some(_), _) => "rbd",
+        (false, None, Some(_)) => "nbd",
+        (false, None, None) => "io_uring",
     };
     let mut args = vec![
         format!("--name={}", job.name),
@@ -206,11 +217,13 @@ fn fio_job_args(job: &JobSpec) -> Result<Vec<String>, String> {
         args.push(format!("--clientname={}", spec.user.as_deref().unwrap_or("admin")));
         // fio's rbd engine turns librbd's cache off for direct=1, as the bench does.
         args.push(format!("--direct={}", u8::from(job.direct)));
+    } else if let Some(uri) = nbd {
+        args.push(format!("--uri={uri}"));
     } else if !null {
         args.push("--direct=1".into());
     }
     let optional = [
-        job.filename.as_ref().filter(|_| !null && rbd.is_none()).map(|f| format!("--filename={f}")),
+        job.filename.as_ref().filter(|_| !null && rbd.is_none() && nbd.is_none()).map(|f| format!("--filename={f}")),
         job.size_bytes.map(|s| format!("--size={s}")),
         job.io_size_bytes.map(|s| format!("--io_size={s}")),
         job.runtime.map(|r| format!("--runtime={}ms", r.as_millis())),
@@ -475,6 +488,18 @@ mod tests {
         assert!(err.contains("loops") && err.contains("'j'"), "{err}");
         let listed = JobSpec { filename: Some("a:b".into()), ..plain };
         assert!(fio_command(&[listed]).unwrap_err().contains("filename list"));
+    }
+
+    #[test]
+    fn an_nbd_export_goes_to_fios_nbd_engine_with_the_same_uri() {
+        let uri = "nbd+unix:///disk?socket=/run/qemu-nbd.sock";
+        let args: Vec<String> =
+            ["--name=n", &format!("--filename={uri}"), "--rw=randread"].iter().map(|s| s.to_string()).collect();
+        let mut jobs = fio::parse_command_line(&args).unwrap().jobs;
+        same_direct_as_fio(&mut jobs).unwrap();
+        let fio = fio_command(&jobs).unwrap();
+        assert!(fio.contains(&"--ioengine=nbd".to_string()) && fio.contains(&format!("--uri={uri}")), "{fio:?}");
+        assert!(!fio.iter().any(|a| a.starts_with("--filename") || a.starts_with("--direct")), "{fio:?}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! What `mirror` and `backup` may do to the user's `--source` and `--target`: look first (no
 //! write, no delete), refuse before anything is touched, create only what is missing, write
 //! an existing source or target only when `--overwrite-source` / `--overwrite-target` say so,
-//! and remove only what this run created. Never removes an image or file that it found.
+//! and remove only what this run created. Never removes an image or file that it found. An
+//! NBD export as `--target` always exists (the bench cannot create one): it is written only
+//! with `--overwrite-target`, and never removed.
 
 use crate::mirror::rbd;
 use std::path::{Path, PathBuf};
@@ -39,6 +41,11 @@ pub enum ImageError {
          image; name an image that does not exist"
     )]
     PeersWouldReplace { image: String },
+    #[error(
+        "--compare-qemu with the NBD target {uri}: QEMU's side of the comparison writes a file target; \
+         drop --compare-qemu, or compare the client alone with `compare-fio --filename={uri}`"
+    )]
+    NoPeersForNbd { uri: String },
     #[error("{path}: {reason}")]
     Create { path: String, reason: String },
 }
@@ -74,6 +81,8 @@ pub struct Images {
     pub target_created: bool,
     /// Where the target is an rbd image.
     pub rbd_target: Option<RbdSpec>,
+    /// Where the target is an NBD export: its URI.
+    pub nbd_target: Option<String>,
     /// Leave what this run created (`--keep`).
     pub keep: bool,
 }
@@ -85,13 +94,18 @@ pub fn inspect(request: &Request, runtime: &Runtime) -> Result<Images, ImageErro
         path: shown(request.target),
         reason,
     })?;
+    let nbd_target = crate::remote::nbd_uri(request.target).map(str::to_string);
+    if let (Some(uri), true) = (&nbd_target, request.compare_qemu) {
+        return Err(ImageError::NoPeersForNbd { uri: uri.clone() });
+    }
     let source = find_file("--source", request.source, runtime)?;
-    let target = match &rbd_target {
-        Some(spec) => find_image(spec)?,
-        None => find_file("--target", request.target, runtime)?,
+    let target = match (&rbd_target, &nbd_target) {
+        (Some(spec), _) => find_image(spec)?,
+        (None, Some(uri)) => find_export(uri, runtime)?,
+        (None, None) => find_file("--target", request.target, runtime)?,
     };
     let same = request.source == request.target || same_file(request.source, request.target);
-    if rbd_target.is_none() && same {
+    if rbd_target.is_none() && nbd_target.is_none() && same {
         return Err(ImageError::SameFile { path: shown(request.source) });
     }
     let size_bytes = source.size_bytes.unwrap_or(request.size_bytes);
@@ -111,6 +125,7 @@ pub fn inspect(request: &Request, runtime: &Runtime) -> Result<Images, ImageErro
         source_created: source.size_bytes.is_none(),
         target_created: target.size_bytes.is_none(),
         rbd_target,
+        nbd_target,
         keep: false,
     })
 }
@@ -177,6 +192,14 @@ fn find_image(spec: &RbdSpec) -> Result<Found, ImageError> {
         Ok(driver) => Ok(Found { size_bytes: Some(tandem::block::BlockDriver::size_bytes(&driver)) }),
         Err(RbdError::Image { errno: libc::ENOENT, .. }) => Ok(Found { size_bytes: None }),
         Err(e) => Err(ImageError::Unreadable { option: "--target", path: spec.image_path(), reason: e.to_string() }),
+    }
+}
+
+/// An NBD export's size (opened read-only); it always exists.
+fn find_export(uri: &str, runtime: &Runtime) -> Result<Found, ImageError> {
+    match crate::remote::open(&runtime.handle(), uri, true) {
+        Ok(driver) => Ok(Found { size_bytes: Some(tandem::block::BlockDriver::size_bytes(&driver)) }),
+        Err(e) => Err(ImageError::Unreadable { option: "--target", path: uri.to_string(), reason: e.to_string() }),
     }
 }
 

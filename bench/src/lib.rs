@@ -9,6 +9,7 @@ pub mod fio;
 pub mod images;
 pub mod mirror;
 pub mod progress;
+pub mod remote;
 pub mod runner;
 pub mod target;
 

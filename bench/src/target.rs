@@ -1,7 +1,9 @@
 //! Opening what a job names: a file (created and laid out like fio does when it is missing or
 //! short), a block device (used as it is: never laid out, its size from the device), a Ceph
 //! RBD image (`rbd:POOL/IMAGE[:conf=...]`, QEMU's spelling; created and laid out when missing
-//! and a size is given) or the null device. Jobs that name the same file share one driver.
+//! and a size is given), an NBD export (`nbd://HOST[:PORT]/EXPORT` or
+//! `nbd+unix:///EXPORT?socket=PATH`: used as it is, never laid out) or the null device. Jobs
+//! that name the same file share one driver.
 //! A target that no job writes is opened read-only and nothing in it is written, except the
 //! laid-out part the bench itself appended to a regular file.
 
@@ -29,6 +31,8 @@ pub enum TargetError {
     Engine { job: String, source: tandem::Error },
     #[error("job '{job}': {source}")]
     Rbd { job: String, source: RbdError },
+    #[error("job '{job}': {source}")]
+    Nbd { job: String, source: Box<tandem_drivers::nbd::NbdError> },
     #[error("job '{job}': offset {offset_bytes} + size {size_bytes} is beyond the end of {path} ({file_bytes} bytes)")]
     Region { job: String, path: String, offset_bytes: u64, size_bytes: u64, file_bytes: u64 },
     #[error("job '{job}': offset {offset_bytes} + size {size_bytes} overflows 64 bits")]
@@ -80,6 +84,13 @@ impl Targets {
                 }
                 self.open.insert(path.clone(), (disk.0.clone(), true));
                 disk.0
+            }
+            _ if tandem_drivers::nbd::is_nbd_uri(&path) => {
+                let nbd_error = |source| TargetError::Nbd { job: spec.name.clone(), source: Box::new(source) };
+                let driver = crate::remote::open(&self.runtime, &path, !writes).map_err(nbd_error)?;
+                let disk = Disk::new(Arc::new(driver));
+                self.open.insert(path.clone(), (disk.clone(), writes));
+                disk
             }
             _ => {
                 let (disk, writable) = open_file(&self.runtime, spec, &path).map_err(engine_error)?;

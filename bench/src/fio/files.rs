@@ -29,10 +29,12 @@ pub fn job_files(job: &JobSpec, clone_index: u32) -> Vec<JobFile> {
     paths.into_iter().map(|path| JobFile { path, size_bytes }).collect()
 }
 
-/// `directory=` prefixes relative names; absolute paths and rbd specs stay as written.
+/// `directory=` prefixes relative names; absolute paths, rbd specs and NBD URIs stay as written.
 fn under_directory(job: &JobSpec, name: &str) -> String {
     match &job.directory {
-        Some(directory) if !name.starts_with('/') && !name.starts_with("rbd:") => {
+        Some(directory)
+            if !name.starts_with('/') && !name.starts_with("rbd:") && !tandem_drivers::nbd::is_nbd_uri(name) =>
+        {
             format!("{}/{name}", directory.trim_end_matches('/'))
         }
         _ => name.to_string(),

@@ -214,9 +214,9 @@ pub fn parse_verify(text: &str) -> Result<Option<VerifyKind>, OptionError> {
 }
 
 /// fio's `filename=a:b:c` list; `\:` is a colon inside a name. An `rbd:` name is one target
-/// (its colons separate librados options), as QEMU spells it.
+/// (its colons separate librados options), as QEMU spells it; so is an NBD URI.
 pub fn split_filenames(text: &str) -> Vec<String> {
-    if text.starts_with("rbd:") {
+    if text.starts_with("rbd:") || tandem_drivers::nbd::is_nbd_uri(text) {
         return vec![text.to_string()];
     }
     let mut names = vec![String::new()];
@@ -286,5 +286,7 @@ mod tests {
         assert_eq!(split_filenames("a:b:c"), ["a", "b", "c"]);
         assert_eq!(split_filenames(r"a\:1:b"), ["a:1", "b"]);
         assert_eq!(split_filenames("rbd:pool/img:conf=/etc/ceph.conf"), ["rbd:pool/img:conf=/etc/ceph.conf"]);
+        assert_eq!(split_filenames("nbd://h:10809/e"), ["nbd://h:10809/e"]);
+        assert_eq!(split_filenames("nbd+unix:///e?socket=/s"), ["nbd+unix:///e?socket=/s"]);
     }
 }

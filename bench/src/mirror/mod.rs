@@ -38,7 +38,8 @@ pub struct MirrorArgs {
     /// is the disk's, and a guest that writes needs --overwrite-source.
     #[arg(long, default_value = "target/tandem-mirror/source.img")]
     pub source: PathBuf,
-    /// Target: a file, block device or `rbd:POOL/IMAGE[:conf=...]` (QEMU's spelling, a Ceph
+    /// Target: a file, block device, NBD export (`nbd://HOST[:PORT]/EXPORT`,
+    /// `nbd+unix:///EXPORT?socket=PATH`; needs --overwrite-target) or `rbd:POOL/IMAGE[:conf=...]` (QEMU's spelling, a Ceph
     /// RBD image). When missing it is created (a preallocated file, a new image) and removed
     /// afterwards unless --keep; an existing one needs --overwrite-target and is never removed.
     /// On a filesystem that refuses O_DIRECT, such as /dev/shm, it is opened through the page
@@ -376,9 +377,10 @@ fn run_on(
         None => None,
     };
     let disk = Disk::new(open_file(&runtime, &args.source, false, &note)?);
-    let target = match &rbd_target {
-        Some(spec) => rbd::open(spec)?,
-        None => open_target(&runtime, &args.target, &disk, &note)?,
+    let target = match (&rbd_target, &images.nbd_target) {
+        (Some(spec), _) => rbd::open(spec)?,
+        (None, Some(uri)) => crate::remote::open_target(&runtime.handle(), uri)?,
+        (None, None) => open_target(&runtime, &args.target, &disk, &note)?,
     };
     let guest = plan.guest.map(|spec| guest::Guest::start(&runtime, &disk, spec, 2));
     if guest.is_some() {
@@ -624,14 +626,22 @@ pub(crate) fn open_target(
 pub(crate) fn qemu_img_identical(a: &Path, b: &Path, size_bytes: u64) -> Result<bool, String> {
     let output = std::process::Command::new("qemu-img")
         .args(["compare", "-q", "--image-opts"])
-        .arg(raw_prefix(a, size_bytes))
-        .arg(raw_prefix(b, size_bytes))
+        .arg(image_opts(a, size_bytes)?)
+        .arg(image_opts(b, size_bytes)?)
         .output()
         .map_err(|e| format!("cannot run qemu-img (install qemu-utils): {e}"))?;
     match output.status.code() {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
         _ => Err(format!("qemu-img compare failed: {}", String::from_utf8_lossy(&output.stderr).trim())),
+    }
+}
+
+/// QEMU's options for the first `size_bytes` of a file, block device or NBD export, read raw.
+fn image_opts(path: &Path, size_bytes: u64) -> Result<String, String> {
+    match crate::remote::nbd_uri(path) {
+        Some(uri) => crate::remote::qemu_image_opts(uri, size_bytes),
+        None => Ok(raw_prefix(path, size_bytes)),
     }
 }
 
