@@ -9,6 +9,7 @@
 
 pub mod export;
 pub mod negotiate;
+pub mod request;
 pub mod status;
 
 pub use export::{Export, ExportError, ExportOptions, ExportTable, MetaContext};
