@@ -108,7 +108,11 @@ fn nbdkit_memory_gets_structured_replies_and_several_connections() {
 
 #[test]
 fn server_errors_come_back_typed_with_their_errno() {
-    let rt = runtime(BackendChoice::Auto, 2);
+    BACKENDS.into_iter().for_each(errors_on);
+}
+
+fn errors_on(backend: BackendChoice) {
+    let rt = runtime(backend, 2);
     let args = ["--filter=error", "memory", "16M", "error-pread=EIO", "error-pread-rate=100%"];
     let server = NbdServer::nbdkit(&args);
     let args = ["--filter=error", "memory", "16M", "error-pwrite=ENOSPC", "error-pwrite-rate=100%"];
@@ -125,9 +129,15 @@ fn server_errors_come_back_typed_with_their_errno() {
     assert!(read(&disk, 0, 4096).unwrap().is_all_zero(), "reads still work on that connection");
 }
 
+const BACKENDS: [BackendChoice; 2] = [BackendChoice::Uring, BackendChoice::Threads];
+
 #[test]
 fn a_server_that_does_not_answer_gives_a_timeout_error() {
-    let rt = runtime(BackendChoice::Auto, 2);
+    BACKENDS.into_iter().for_each(timeout_on);
+}
+
+fn timeout_on(backend: BackendChoice) {
+    let rt = runtime(backend, 2);
     let server = NbdServer::nbdkit(&["--filter=delay", "memory", "16M", "delay-read=10"]);
     let config = NbdConfig { request_timeout: Duration::from_secs(1), ..NbdConfig::default() };
     let disk = Disk::new(Arc::new(open(&rt, &server, &config)));
@@ -138,7 +148,11 @@ fn a_server_that_does_not_answer_gives_a_timeout_error() {
 
 #[test]
 fn a_killed_qemu_nbd_is_reconnected_to_when_configured() {
-    let rt = runtime(BackendChoice::Auto, 2);
+    BACKENDS.into_iter().for_each(reconnect_on);
+}
+
+fn reconnect_on(backend: BackendChoice) {
+    let rt = runtime(backend, 2);
     let mut server = NbdServer::qemu(DISK_BYTES);
     let config = NbdConfig { reconnect_delay: Duration::from_secs(20), ..NbdConfig::default() };
     let disk = Disk::new(Arc::new(open(&rt, &server, &config)));
@@ -160,7 +174,11 @@ fn a_killed_qemu_nbd_is_reconnected_to_when_configured() {
 
 #[test]
 fn without_a_reconnect_delay_requests_fail_at_once_then_work_again() {
-    let rt = runtime(BackendChoice::Auto, 2);
+    BACKENDS.into_iter().for_each(fail_then_reconnect_on);
+}
+
+fn fail_then_reconnect_on(backend: BackendChoice) {
+    let rt = runtime(backend, 2);
     let mut server = NbdServer::qemu(DISK_BYTES);
     let disk = Disk::new(Arc::new(open(&rt, &server, &NbdConfig::default())));
     write(&disk, 0, pattern(4096, 7)).unwrap();
