@@ -186,8 +186,7 @@ impl Connection {
 
     /// A request's future (see [`Call`]).
     pub fn call(self: &Arc<Self>, request: Request, buf: Option<AlignedBuf>, hold: Option<DeviceHold>) -> Call {
-        let deadline = tandem::reactor::now() + self.params.config.request_timeout;
-        Call { connection: self.clone(), cookie: None, pending: Some((request, buf, hold)), deadline }
+        Call { connection: self.clone(), cookie: None, pending: Some((request, buf, hold)), deadline: None }
     }
 }
 
@@ -251,19 +250,22 @@ pub(crate) struct Call {
     connection: Arc<Connection>,
     cookie: Option<u64>,
     pending: Option<(Request, Option<AlignedBuf>, Option<DeviceHold>)>,
-    deadline: Instant,
+    /// Set at the first poll: pieces of a split request, awaited one after another, each get
+    /// the whole timeout.
+    deadline: Option<Instant>,
 }
 
 impl Call {
     /// Take a slot and queue the request; `Some` if it ended before that, `None` once queued
     /// or waiting for a slot.
     fn start(&mut self, state: &mut State, cx: &Context<'_>) -> Option<Reply> {
-        let reconnect_delay = self.connection.params.config.reconnect_delay;
+        let config = &self.connection.params.config;
         let now = tandem::reactor::now();
+        let deadline = *self.deadline.get_or_insert(now + config.request_timeout);
         let errno = match state.link {
             _ if state.closed => Some(libc::ESHUTDOWN),
-            Link::Down { since } if now >= since + reconnect_delay => Some(libc::ENOTCONN),
-            _ if now >= self.deadline => Some(libc::ETIMEDOUT),
+            Link::Down { since } if now >= since + config.reconnect_delay => Some(libc::ENOTCONN),
+            _ if now >= deadline => Some(libc::ETIMEDOUT),
             _ => None,
         };
         if let Some(errno) = errno {
@@ -276,7 +278,7 @@ impl Call {
             return None;
         }
         let (request, buf, hold) = self.pending.take().expect("a call starts once");
-        let cookie = state.table.insert(request, buf, self.deadline).expect("a slot is free");
+        let cookie = state.table.insert(request, buf, deadline).expect("a slot is free");
         state.table.get(cookie).expect("just inserted").hold = hold;
         state.queue.push_back(cookie);
         self.cookie = Some(cookie);
