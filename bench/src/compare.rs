@@ -1,5 +1,5 @@
 //! `tandem-bench compare-fio`: the same job through fio (ioengine=io_uring, direct=1, as the
-//! project's anchors run it; ioengine=rbd for an `rbd:` filename) and through Tandem, on the
+//! project's anchors run it; ioengine=rbd for an `rbd:` filename, ioengine=nbd for an NBD URI) and through Tandem, on the
 //! same file or image, alternating for N rounds.
 //! Prints each figure's mean and spread and the ratio Tandem/fio. fio's command is built from
 //! the parsed job, so both sides run exactly the same job and nothing is tuned for either.
@@ -375,9 +375,11 @@ impl Summary {
 
     /// How fio ran, for the table's head.
     fn fio_engine(&self) -> &'static str {
-        match self.fio_args.iter().any(|arg| arg == "--ioengine=rbd") {
-            true => "--ioengine=rbd (CPU: the whole fio process, librbd's threads included)",
-            false => "--ioengine=io_uring --direct=1",
+        let uses = |engine: &str| self.fio_args.iter().any(|arg| *arg == format!("--ioengine={engine}"));
+        match (uses("rbd"), uses("nbd")) {
+            (true, _) => "--ioengine=rbd (CPU: the whole fio process, librbd's threads included)",
+            (false, true) => "--ioengine=nbd (libnbd, the same URI)",
+            (false, false) => "--ioengine=io_uring --direct=1",
         }
     }
 

@@ -125,6 +125,14 @@ pub fn last_op_submitted_at() -> Option<Instant> {
     LAST_SUBMITTED_AT.with(|c| c.get())
 }
 
+/// For a driver whose request is not one reactor operation (a network request, a send then a
+/// reply received by another task): say when the request itself was handed to the kernel, so
+/// [`last_op_submitted_at`] names it rather than whatever operation this thread saw complete
+/// last (another task's receive). `None` when unknown: the caller then times from its issue.
+pub fn set_last_op_submitted_at(at: Option<Instant>) {
+    LAST_SUBMITTED_AT.with(|c| c.set(at));
+}
+
 impl OpShared {
     /// A cell for `op`: a recycled one from this thread if there is one, else a new one.
     pub(crate) fn new(op: Op) -> Arc<OpShared> {

@@ -313,8 +313,12 @@ impl Future for Call {
             }
             return Poll::Pending;
         }
-        let (result, buf, status) = state.table.remove(cookie);
+        let removed = state.table.remove(cookie);
         this.cookie = None;
+        // The bench's completion latency starts when the request went on the wire, not at
+        // the reader's last receive (the operation this thread saw complete last).
+        tandem::reactor::op::set_last_op_submitted_at(removed.sent_at);
+        let (result, buf, status) = (removed.outcome, removed.buf, removed.status);
         Poll::Ready(Reply { result, buf, status })
     }
 }

@@ -38,14 +38,22 @@ pub(crate) struct Slot {
     pub status: Option<(u64, u32)>,
     pub waker: Option<Waker>,
     pub deadline: Instant,
+    /// When the writer put the request on the wire (its core's clock), for completion latency.
+    pub sent_at: Option<Instant>,
     /// The caller's future is gone: free the slot as soon as the reply (or death) ends it.
     pub abandoned: bool,
     /// What a write's caller attached, kept until the server answered or the connection died.
     pub hold: Option<DeviceHold>,
 }
 
-/// What a freed slot hands back: the outcome, the buffer and a block-status extent.
-pub(crate) type Removed = (Result<(), i32>, Option<AlignedBuf>, Option<(u64, u32)>);
+/// What a freed slot hands back.
+pub(crate) struct Removed {
+    pub outcome: Result<(), i32>,
+    pub buf: Option<AlignedBuf>,
+    /// A block-status reply's first extent: (length, flags).
+    pub status: Option<(u64, u32)>,
+    pub sent_at: Option<Instant>,
+}
 
 pub(crate) struct Table {
     slots: Vec<Slot>,
@@ -70,6 +78,7 @@ impl Table {
             status: None,
             waker: None,
             deadline: now,
+            sent_at: None,
             abandoned: false,
             hold: None,
         };
@@ -108,7 +117,7 @@ impl Table {
         let slot = self.get(cookie).expect("removing a live cookie");
         assert!(!slot.lent, "a slot is freed only with its buffer home");
         let outcome = slot.outcome.take().expect("a slot is freed once it has an outcome");
-        let (buf, status) = (slot.buf.take(), slot.status.take());
+        let (buf, status, sent_at) = (slot.buf.take(), slot.status.take(), slot.sent_at.take());
         slot.phase = Phase::Free;
         slot.chunk_error = None;
         slot.covered_bytes = 0;
@@ -117,7 +126,7 @@ impl Table {
         slot.hold = None;
         self.free.push((cookie & u64::from(u32::MAX)) as u32);
         self.slot_waiters.drain(..).for_each(Waker::wake);
-        (outcome, buf, status)
+        Removed { outcome, buf, status, sent_at }
     }
 
     /// Record `outcome` (the first one wins) and wake the caller if it may look.
@@ -185,7 +194,7 @@ mod tests {
         assert_eq!(table.get(a).unwrap().request.cookie, a);
         table.finish(a, Err(libc::EIO));
         table.finish(a, Ok(()));
-        assert_eq!(table.remove(a).0, Err(libc::EIO), "the first outcome wins");
+        assert_eq!(table.remove(a).outcome, Err(libc::EIO), "the first outcome wins");
         assert!(table.get(a).is_none(), "a freed cookie is stale");
         let c = table.insert(request(), None, now).unwrap();
         assert_eq!(c & 0xffff_ffff, a & 0xffff_ffff, "the slot is reused");

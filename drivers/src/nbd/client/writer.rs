@@ -80,6 +80,7 @@ async fn next(connection: &Connection, epoch: u64, batch: &mut AlignedBuf, heade
             }
             state.queue.pop_front();
             slot.phase = Phase::Sent;
+            slot.sent_at = Some(tandem::reactor::now());
             header.clear();
             proto::encode_request(&slot.request, style, header);
             if is_write {
