@@ -21,11 +21,14 @@ mod threads;
 mod time;
 mod uring;
 
+#[cfg(test)]
+mod socket_tests;
+
 pub use fd::SharedFd;
 pub(crate) use finish::run_to_end;
 pub use join::{block_on, JoinHandle};
 pub use op::last_op_submitted_at;
-pub use op::{Op, OpFuture, OpKind, OpOutput, RESULT_STOPPED};
+pub use op::{Op, OpFuture, OpKind, OpOutput, SendPrefix, RESULT_STOPPED, SEND_PREFIX_BYTES_MAX};
 pub use time::{now, sleep, sleep_until, yield_now, Sleep, YieldNow};
 pub use uring::RingFlavor;
 
