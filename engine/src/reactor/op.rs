@@ -8,7 +8,7 @@
 //! descriptor: an [`OpKind`] names it by [`SharedFd`], which the cell keeps until completion.
 //!
 //! Socket operations follow the same rule. A send's message header and iovecs live in a box
-//! the cell owns until completion ([`SendMsg`]). A descriptor returned by an accept is owned by
+//! the cell owns until completion (`SendMsg`). A descriptor returned by an accept is owned by
 //! the cell until the future hands it out (as `OpOutput::result`); if the future was dropped
 //! first, the cell closes it, so an abandoned accept leaks nothing.
 
