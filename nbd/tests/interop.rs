@@ -208,3 +208,22 @@ fn list_and_info_show_names_and_descriptions() {
         assert!(info.contains(field), "{field} missing from {info}");
     }
 }
+
+#[test]
+fn tcp_listens_where_told_and_serves_nbd_uris() {
+    let (dir, rt) = (scratch_dir(), runtime(BackendChoice::Uring));
+    let image = dir.path().join("d.img");
+    make_file(&image, 2 * MIB, &[(0, 2 * MIB)], 12);
+    let config = tandem_nbd::ServerConfig::new(tandem_nbd::Listen::Tcp { host: "127.0.0.1".into(), port: 0 });
+    let server = tandem_nbd::Server::start(rt.handle(), config).unwrap();
+    server.add_export(open_disk(&rt, &image), writable("disk")).unwrap();
+    let addr = server.local_addr().expect("a TCP server knows its address");
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    let uri = format!("nbd://127.0.0.1:{}/disk", addr.port());
+    run("qemu-img", &["compare", "-f", "raw", "-F", "raw", image.to_str().unwrap(), &uri]);
+    let out = run("qemu-io", &["-f", "raw", "-c", "write -P 0x42 512k 64k", "-c", "read -P 0x42 512k 64k", &uri]);
+    assert!(!out.contains("failed"), "{out}");
+    server.shutdown();
+    let bytes = std::fs::read(&image).unwrap();
+    assert!(bytes[512 << 10..(512 << 10) + 65536].iter().all(|b| *b == 0x42));
+}
