@@ -183,10 +183,12 @@ async fn transmission(
     }
     // Requests under way finish (nothing acknowledged is lost, and their buffers come home)
     // and the writer sends their replies before the connection closes.
-    if let Err(e) = writer.await {
-        return End::Io(e);
+    match (end, writer.await) {
+        // A client that left while replies were pending shows as the writer's error; a
+        // violation keeps its own reason (the hang-up is what broke the writer).
+        (End::Client, Err(e)) => End::Io(e),
+        (end, _) => end,
     }
-    end
 }
 
 /// Receive and start requests until the client disconnects or breaks the protocol.
@@ -195,9 +197,12 @@ async fn read_requests(reader: &mut Reader, context: &Conn, in_flight_max: usize
     let header_bytes = style.request_bytes();
     loop {
         WaitForRoom { shared: &context.shared, limit: in_flight_max }.await;
-        if context.shared.borrow().writer_failed {
+        let state = context.shared.borrow();
+        assert!(state.in_flight < in_flight_max, "the reader waits for room before it reads");
+        if state.writer_failed {
             return End::Client;
         }
+        drop(state);
         if let Err(e) = reader.fill(header_bytes).await {
             return eof_is_client(e);
         }
@@ -365,6 +370,7 @@ async fn read(context: &Conn, request: &Request, offset: u64, length_bytes: u32)
         }
     }
     let mut fixed = [0u8; 48];
+    assert!(header.len() <= fixed.len() && header.len() <= tandem::reactor::SEND_PREFIX_BYTES_MAX);
     fixed[..header.len()].copy_from_slice(&header);
     Reply::Data { header: fixed, header_bytes: header.len(), data }
 }
