@@ -8,6 +8,7 @@ pub mod demo;
 pub mod fio;
 pub mod images;
 pub mod mirror;
+pub mod nbd_servers;
 pub mod progress;
 pub mod remote;
 pub mod runner;

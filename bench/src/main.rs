@@ -40,6 +40,11 @@ enum Command {
     /// MiB/s, CPU per GiB, the guest's IOPS and latency before and during the job, and whether
     /// the target equals the source as it was at the job's start.
     Backup(Box<tandem_bench::backup::BackupArgs>),
+    /// Tandem's NBD server (tandemd) against qemu-nbd and qemu-storage-daemon on the same
+    /// scratch file, driven by fio's nbd engine with one and four connections: IOPS, MiB/s and
+    /// the server's CPU per I/O, with ratios.
+    #[command(name = "compare-nbd")]
+    CompareNbd(tandem_bench::nbd_servers::NbdArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +59,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => tandem_bench::demo::demo_command(&args),
         Command::Mirror(args) => tandem_bench::mirror::mirror_command(&args),
         Command::Backup(args) => tandem_bench::backup::backup_command(&args),
+        Command::CompareNbd(args) => tandem_bench::nbd_servers::compare_nbd_command(&args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,3 +13,8 @@ pub mod request;
 pub mod status;
 
 pub use export::{Export, ExportError, ExportOptions, ExportTable, MetaContext};
+mod connection;
+pub mod server;
+mod socket;
+
+pub use server::{Listen, Server, ServerConfig, ServerError};

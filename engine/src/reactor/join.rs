@@ -79,6 +79,13 @@ impl<T> JoinHandle<T> {
     pub fn join(self) -> Result<T> {
         block_on(self)
     }
+
+    /// Whether the task has ended (finished, panicked or dropped with its runtime): a server
+    /// keeping handles of many short tasks forgets the ended ones with it.
+    pub fn is_finished(&self) -> bool {
+        let slot = self.slot.lock();
+        slot.value.is_some() || slot.sender_gone
+    }
 }
 
 struct ThreadWaker(Thread);

@@ -1,8 +1,9 @@
 //! The per-core reactor: worker threads, each with its own io_uring ring (or a share of a
 //! thread pool where io_uring is refused), task executor, buffer pool and inbox.
 //!
-//! Everything above this module is safe, owned-buffer code; the ring's safety contract lives
-//! in `uring.rs`.
+//! Operations ([`OpKind`]) cover files (read, write, fsync, fallocate) and sockets (accept,
+//! recv, one-shot prefix + buffer send). Everything above this module is safe, owned-buffer
+//! code; the ring's safety contract lives in `uring.rs`.
 //!
 //! ```
 //! use tandem::reactor::{Config, Runtime};
@@ -21,11 +22,14 @@ mod threads;
 mod time;
 mod uring;
 
+#[cfg(test)]
+mod socket_tests;
+
 pub use fd::SharedFd;
 pub(crate) use finish::run_to_end;
 pub use join::{block_on, JoinHandle};
 pub use op::last_op_submitted_at;
-pub use op::{Op, OpFuture, OpKind, OpOutput, RESULT_STOPPED};
+pub use op::{Op, OpFuture, OpKind, OpOutput, SendPrefix, RESULT_STOPPED, SEND_PREFIX_BYTES_MAX};
 pub use time::{now, sleep, sleep_until, yield_now, Sleep, YieldNow};
 pub use uring::RingFlavor;
 
@@ -158,7 +162,9 @@ pub struct RuntimeHandle {
 }
 
 /// The reactor: owns the worker threads. Dropping it shuts them down after draining the I/O
-/// the kernel still holds.
+/// the kernel still holds. Disk I/O runs to its end; a socket operation that could wait on an
+/// idle peer forever (accept, recv, send) is ended instead: cancelled on io_uring after a short
+/// grace period (`-ECANCELED`), its socket shut down on the thread pool.
 pub struct Runtime {
     handle: RuntimeHandle,
     threads: Vec<ThreadHandle<()>>,

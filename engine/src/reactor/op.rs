@@ -6,6 +6,11 @@
 //! mid-flight therefore never frees memory the kernel may still write: the buffer is freed
 //! when the completion arrives and the backend drops its count. The same holds for the file
 //! descriptor: an [`OpKind`] names it by [`SharedFd`], which the cell keeps until completion.
+//!
+//! Socket operations follow the same rule. A send's message header and iovecs live in a box
+//! the cell owns until completion (`SendMsg`). A descriptor returned by an accept is owned by
+//! the cell until the future hands it out (as `OpOutput::result`); if the future was dropped
+//! first, the cell closes it, so an abandoned accept leaks nothing.
 
 use super::fd::SharedFd;
 use crate::buf::AlignedBuf;
@@ -13,7 +18,7 @@ use crate::priority::IoPriority;
 use parking_lot::Mutex;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -33,6 +38,100 @@ pub enum OpKind {
     Fsync { fd: SharedFd, datasync: bool },
     /// fallocate with `mode` (FALLOC_FL_* flags) over `[offset, offset + length_bytes)`.
     Fallocate { fd: SharedFd, mode: i32, offset: u64, length_bytes: u64 },
+    /// accept4 with SOCK_CLOEXEC on a listening socket. Result: the new descriptor, which the
+    /// caller owns once the future returns it (wrap it in an `OwnedFd`), or `-errno`.
+    Accept { fd: SharedFd },
+    /// recv into the whole buffer; `waitall` adds MSG_WAITALL. Result: bytes received (0: the
+    /// peer closed) or `-errno`. MSG_WAITALL may still return fewer bytes (a signal, a
+    /// non-blocking socket on the thread pool, a shutdown): callers loop.
+    Recv { fd: SharedFd, waitall: bool },
+    /// One sendmsg of `prefix` then the buffer (none: prefix only), with MSG_NOSIGNAL (a closed
+    /// peer is `-EPIPE`, not SIGPIPE) and MSG_WAITALL. Result: bytes sent (may be short:
+    /// callers loop) or `-errno`.
+    Send { fd: SharedFd, prefix: SendPrefix },
+}
+
+/// Bytes a [`SendPrefix`] holds at most.
+pub const SEND_PREFIX_BYTES_MAX: usize = 64;
+
+/// A few bytes sent ahead of a send's buffer in the same operation (a reply header before the
+/// data read from disk), held inline so the data buffer is never copied to join them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SendPrefix {
+    bytes: [u8; SEND_PREFIX_BYTES_MAX],
+    len: u8,
+}
+
+impl SendPrefix {
+    pub const EMPTY: SendPrefix = SendPrefix { bytes: [0; SEND_PREFIX_BYTES_MAX], len: 0 };
+
+    /// A copy of `bytes`. Panics beyond [`SEND_PREFIX_BYTES_MAX`] bytes.
+    pub fn new(bytes: &[u8]) -> SendPrefix {
+        assert!(bytes.len() <= SEND_PREFIX_BYTES_MAX, "send prefix of {} bytes > {SEND_PREFIX_BYTES_MAX}", bytes.len());
+        let mut prefix = SendPrefix::EMPTY;
+        prefix.bytes[..bytes.len()].copy_from_slice(bytes);
+        prefix.len = bytes.len() as u8;
+        prefix
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Default for SendPrefix {
+    fn default() -> SendPrefix {
+        SendPrefix::EMPTY
+    }
+}
+
+impl std::fmt::Debug for SendPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SendPrefix({:02x?})", self.as_slice())
+    }
+}
+
+/// A send's `msghdr`, its two iovecs and its own copy of the prefix, boxed so their addresses
+/// stay put while the kernel (or a pool thread) reads them: the box is made by `describe` and
+/// kept in the cell's state until `complete`, and nothing moves or touches it in between.
+pub(crate) struct SendMsg {
+    prefix: SendPrefix,
+    iov: [libc::iovec; 2],
+    header: libc::msghdr,
+}
+
+// SAFETY: the pointers inside name the box's own prefix and the operation's buffer, both owned
+// by the same cell; whichever thread holds the cell may use them, one at a time (the mutex).
+unsafe impl Send for SendMsg {}
+
+impl SendMsg {
+    /// The prefix, then `len` bytes at `data` (skipped when empty).
+    fn new(prefix: SendPrefix, data: *mut u8, len: usize) -> Box<SendMsg> {
+        let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+        // SAFETY: msghdr is plain C data; all zero is an empty message (null name, no control).
+        let header: libc::msghdr = unsafe { std::mem::zeroed() };
+        let mut msg = Box::new(SendMsg { prefix, iov: [empty; 2], header });
+        let mut count = 0;
+        if !prefix.is_empty() {
+            msg.iov[0] = libc::iovec { iov_base: msg.prefix.bytes.as_mut_ptr().cast(), iov_len: prefix.len() };
+            count = 1;
+        }
+        if len > 0 {
+            msg.iov[count] = libc::iovec { iov_base: data.cast(), iov_len: len };
+            count += 1;
+        }
+        msg.header.msg_iov = msg.iov.as_mut_ptr();
+        msg.header.msg_iovlen = count as _;
+        msg
+    }
 }
 
 /// An [`OpKind`] as a backend builds its submission from: the descriptor as a bare number.
@@ -41,13 +140,51 @@ pub enum OpKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RawKind {
     Nop,
-    Read { fd: RawFd, offset: u64 },
-    Write { fd: RawFd, offset: u64, fua: bool },
-    Fsync { fd: RawFd, datasync: bool },
-    Fallocate { fd: RawFd, mode: i32, offset: u64, length_bytes: u64 },
+    Read {
+        fd: RawFd,
+        offset: u64,
+    },
+    Write {
+        fd: RawFd,
+        offset: u64,
+        fua: bool,
+    },
+    Fsync {
+        fd: RawFd,
+        datasync: bool,
+    },
+    Fallocate {
+        fd: RawFd,
+        mode: i32,
+        offset: u64,
+        length_bytes: u64,
+    },
+    Accept {
+        fd: RawFd,
+    },
+    Recv {
+        fd: RawFd,
+        waitall: bool,
+    },
+    /// `msg` is the cell's boxed [`SendMsg`] header, valid until the operation completes.
+    Send {
+        fd: RawFd,
+        msg: *const libc::msghdr,
+    },
+}
+
+impl RawKind {
+    /// The descriptor of a socket operation (one that may wait on a peer forever).
+    pub(crate) fn socket_fd(&self) -> Option<RawFd> {
+        match *self {
+            RawKind::Accept { fd } | RawKind::Recv { fd, .. } | RawKind::Send { fd, .. } => Some(fd),
+            _ => None,
+        }
+    }
 }
 
 impl OpKind {
+    /// Every kind but `Send`, whose header `describe` builds (it needs the buffer).
     fn raw(&self) -> RawKind {
         match self {
             OpKind::Nop => RawKind::Nop,
@@ -57,6 +194,9 @@ impl OpKind {
             OpKind::Fallocate { fd, mode, offset, length_bytes } => {
                 RawKind::Fallocate { fd: fd.raw(), mode: *mode, offset: *offset, length_bytes: *length_bytes }
             }
+            OpKind::Accept { fd } => RawKind::Accept { fd: fd.raw() },
+            OpKind::Recv { fd, waitall } => RawKind::Recv { fd: fd.raw(), waitall: *waitall },
+            OpKind::Send { .. } => unreachable!("describe builds a send's header"),
         }
     }
 }
@@ -107,6 +247,11 @@ struct OpState {
     /// Dropped when the operation completes: what its abandoned future had to keep alive
     /// until the kernel is done (see [`OpFuture::hold_until_complete`]).
     held_until_complete: Option<Box<dyn Send>>,
+    /// A send's header and iovecs while the operation runs.
+    send_msg: Option<Box<SendMsg>>,
+    /// An accept's new descriptor, from completion until the future hands it out; closed with
+    /// the cell if nobody ever does.
+    accepted: Option<OwnedFd>,
 }
 
 thread_local! {
@@ -145,6 +290,8 @@ impl OpShared {
             batch: 0,
             submitted_at: None,
             held_until_complete: None,
+            send_msg: None,
+            accepted: None,
         };
         match RECYCLED.with(|r| r.borrow_mut().pop()) {
             Some(shared) => {
@@ -158,22 +305,33 @@ impl OpShared {
     /// The operation's description plus the buffer's address and length, for a backend to
     /// build its submission. The buffer stays in place until `complete`.
     pub(crate) fn describe(&self, batch: u64) -> Described {
-        let mut state = self.state.lock();
-        assert!(state.result.is_none(), "an operation is submitted once");
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        assert!(state.result.is_none() && state.send_msg.is_none(), "an operation is submitted once");
         state.batch = batch;
-        let (kind, priority) = (state.kind.raw(), state.priority);
-        match state.buf.as_mut() {
-            Some(buf) => {
-                Described { kind, priority, ptr: buf.as_mut_ptr(), len: buf.len(), fixed_key: buf.fixed_key() }
+        let (ptr, len, fixed_key) = match state.buf.as_mut() {
+            Some(buf) => (buf.as_mut_ptr(), buf.len(), buf.fixed_key()),
+            None => (std::ptr::null_mut(), 0, None),
+        };
+        let kind = match &state.kind {
+            OpKind::Send { fd, prefix } => {
+                assert!(prefix.len() + len <= i32::MAX as usize, "a send's result fits an i32");
+                let msg = state.send_msg.insert(SendMsg::new(*prefix, ptr, len));
+                RawKind::Send { fd: fd.raw(), msg: &msg.header }
             }
-            None => Described { kind, priority, ptr: std::ptr::null_mut(), len: 0, fixed_key: None },
-        }
+            OpKind::Recv { .. } => {
+                assert!(len <= i32::MAX as usize, "a recv's result fits an i32");
+                state.kind.raw()
+            }
+            kind => kind.raw(),
+        };
+        Described { kind, priority: state.priority, ptr, len, fixed_key }
     }
 
     /// Record the result and wake the waiter. Called once, by the backend that ran it;
     /// `submitted_at` maps the operation's batch to its submission time.
     pub(crate) fn complete(&self, result: i32, submitted_at: impl FnOnce(u64) -> Option<Instant>) {
-        let (waker, held, kind) = {
+        let (waker, held, kind, send_msg) = {
             let mut state = self.state.lock();
             assert!(state.result.is_none(), "an operation completes once");
             state.result = Some(result);
@@ -181,9 +339,14 @@ impl OpShared {
             // The kernel is done with the descriptor: this operation's hold on it ends here,
             // not when a recycled cell is next reused.
             let kind = std::mem::replace(&mut state.kind, OpKind::Nop);
-            (state.waker.take(), state.held_until_complete.take(), kind)
+            if matches!(kind, OpKind::Accept { .. }) && result >= 0 {
+                // SAFETY: a successful accept's result is a new descriptor nobody else owns;
+                // the cell owns it until the future hands it out.
+                state.accepted = Some(unsafe { OwnedFd::from_raw_fd(result) });
+            }
+            (state.waker.take(), state.held_until_complete.take(), kind, state.send_msg.take())
         };
-        drop(kind);
+        drop((kind, send_msg));
         drop(held); // outside the lock: its drop may wake others
         if let Some(waker) = waker {
             waker.wake();
@@ -221,15 +384,14 @@ impl Drop for OpFuture {
     /// Keep the cell for the next operation when nobody else holds it any more (the backend
     /// dropped its count at completion) and its result was taken.
     fn drop(&mut self) {
-        if Arc::strong_count(&self.shared) != 1 {
-            return; // still in flight: the backend frees it on completion
-        }
         let finished = {
-            let state = self.shared.state.lock();
+            let mut state = self.shared.state.lock();
+            // An accepted descriptor nobody read: closed now (in flight, the cell closes it).
+            drop(state.accepted.take());
             state.result.is_some() && state.buf.is_none() && state.waker.is_none()
         };
-        if !finished {
-            return;
+        if !finished || Arc::strong_count(&self.shared) != 1 {
+            return; // still in flight (the backend frees it on completion), or output unread
         }
         let shared = self.shared.clone();
         RECYCLED.with(|r| {
@@ -249,6 +411,8 @@ impl Future for OpFuture {
         if let Some(result) = state.result {
             LAST_SUBMITTED_AT.with(|c| c.set(state.submitted_at));
             state.waker = None;
+            // The accepted descriptor's ownership passes to the caller, as `result`.
+            let result = state.accepted.take().map_or(result, IntoRawFd::into_raw_fd);
             return Poll::Ready(OpOutput { result, buf: state.buf.take() });
         }
         match &state.waker {

@@ -10,17 +10,29 @@
 //!    only name one through a [`SharedFd`](super::fd::SharedFd), which its `OpShared` owns
 //!    until `complete` (so a driver dropped mid-flight closes nothing the kernel still uses),
 //!    and the ring is only dropped after `drain` saw every operation complete.
+//! 4. A send's `msghdr` and iovecs (`SendMsg`) are boxed in its `OpShared` from `describe`
+//!    until `complete`, so the addresses the submission names stay valid and unmoved.
+//!
+//! Shutdown: disk I/O always ends, but a socket operation may wait on an idle peer forever.
+//! `drain` therefore cancels the socket operations still in flight after a grace period
+//! (they complete with `-ECANCELED`), and only them: disk I/O is still drained to its end.
 
 use super::op::{Described, OpShared, RawKind};
 use crate::buf::BufPool;
 use crate::error::{Error, Result};
 use io_uring::{opcode, squeue, types, IoUring};
+use std::collections::HashSet;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TOKEN_WAKE_POLL: u64 = 1;
+/// user_data of the cancellations `drain` submits: reaped and ignored.
+const TOKEN_CANCEL: u64 = 2;
+/// How long `drain` lets socket operations finish on their own before cancelling them (and
+/// then how often it cancels again what the kernel had not yet armed).
+const CANCEL_GRACE: Duration = Duration::from_millis(100);
 const RWF_DSYNC: i32 = 0x2;
 const IORING_ENTER_GETEVENTS: u32 = 1;
 
@@ -57,6 +69,8 @@ pub(crate) struct UringBackend {
     /// Times the kernel told us the completion queue overflowed and we flushed it.
     pub overflow_flush_count: u64,
     submit_log: SubmitLog,
+    /// user_data of the socket operations in flight: what `drain` cancels.
+    socket_ops: HashSet<u64>,
 }
 
 /// Submission times of recent batches: every operation in a batch shares the timestamp taken
@@ -141,6 +155,7 @@ impl UringBackend {
             in_flight_max,
             overflow_flush_count: 0,
             submit_log,
+            socket_ops: HashSet::new(),
         })
     }
 
@@ -163,12 +178,19 @@ impl UringBackend {
         if self.in_flight >= self.in_flight_max {
             return Err(op);
         }
-        let entry = build_entry(&op, self.submit_log.open_batch, self.key).user_data(Arc::into_raw(op) as u64);
-        // SAFETY: clauses 1-3: user_data carries the op's strong count, which keeps its buffer
-        // and its SharedFd alive until the completion is reaped. The SQ cannot be full: unsubmitted entries count in
-        // in_flight, which stays below sq_entries - 1, leaving room for the wake poll.
+        let described = op.describe(self.submit_log.open_batch);
+        let socket = described.kind.socket_fd().is_some();
+        let user_data = Arc::into_raw(op) as u64;
+        let entry = build_entry(described, self.key).user_data(user_data);
+        // SAFETY: clauses 1-4: user_data carries the op's strong count, which keeps its buffer,
+        // its send header and its SharedFd alive until the completion is reaped. The SQ cannot
+        // be full: unsubmitted entries count in in_flight, which stays below sq_entries - 1,
+        // leaving room for the wake poll.
         unsafe { self.ring.submission().push(&entry).expect("SQ sized above in_flight_max") };
         self.in_flight += 1;
+        if socket {
+            self.socket_ops.insert(user_data);
+        }
         Ok(())
     }
 
@@ -230,6 +252,12 @@ impl UringBackend {
                 drain_eventfd(self.wake_fd);
                 continue;
             }
+            if cqe.user_data() == TOKEN_CANCEL {
+                continue; // 0, -ENOENT (already done) or -EALREADY: the op's own CQE tells
+            }
+            if !self.socket_ops.is_empty() {
+                self.socket_ops.remove(&cqe.user_data());
+            }
             // SAFETY: clause 1: every other user_data is an Arc::into_raw from `push`, and
             // each completion is reaped exactly once.
             let op = unsafe { Arc::from_raw(cqe.user_data() as *const OpShared) };
@@ -268,10 +296,31 @@ impl UringBackend {
     }
 
     /// Reap until nothing is in flight, so the ring can be dropped without the kernel still
-    /// owning memory (clause 3).
+    /// owning memory (clause 3). Socket operations still waiting after `CANCEL_GRACE` are
+    /// cancelled (again every `CANCEL_GRACE`, for those the kernel had not armed yet).
     pub(crate) fn drain(&mut self) {
+        let mut cancel_at = Instant::now() + CANCEL_GRACE;
         while self.in_flight > 0 {
-            self.submit_and_reap(true, Some(Duration::from_millis(100)));
+            if Instant::now() >= cancel_at {
+                self.cancel_socket_ops();
+                cancel_at = Instant::now() + CANCEL_GRACE;
+            }
+            self.submit_and_reap(true, Some(CANCEL_GRACE));
+        }
+    }
+
+    /// Queue a cancellation of each socket operation in flight, keeping the wake poll's slot.
+    fn cancel_socket_ops(&mut self) {
+        let mut sq = self.ring.submission();
+        for &user_data in &self.socket_ops {
+            if sq.len() + 1 >= sq.capacity() {
+                break; // the rest go with the next round
+            }
+            let builder = types::CancelBuilder::user_data(user_data);
+            let entry = opcode::AsyncCancel2::new(builder).build().user_data(TOKEN_CANCEL);
+            // SAFETY: a cancellation names no memory (its target is a user_data value); room
+            // was checked above.
+            unsafe { sq.push(&entry).expect("room checked") };
         }
     }
 }
@@ -279,8 +328,8 @@ impl UringBackend {
 /// Registered buffer index of a pool's arena (each ring registers one arena).
 const ARENA_BUF_INDEX: u16 = 0;
 
-fn build_entry(op: &OpShared, batch: u64, ring_key: u64) -> squeue::Entry {
-    let Described { kind, priority, ptr, len, fixed_key } = op.describe(batch);
+fn build_entry(described: Described, ring_key: u64) -> squeue::Entry {
+    let Described { kind, priority, ptr, len, fixed_key } = described;
     let ioprio = priority.to_ioprio();
     let fixed = fixed_key == Some(ring_key);
     match kind {
@@ -312,6 +361,16 @@ fn build_entry(op: &OpShared, batch: u64, ring_key: u64) -> squeue::Entry {
         }
         RawKind::Fallocate { fd, mode, offset, length_bytes } => {
             opcode::Fallocate::new(types::Fd(fd), length_bytes).offset(offset).mode(mode).build()
+        }
+        // Socket operations carry no I/O priority: their `ioprio` field holds send/recv flags.
+        RawKind::Accept { fd } => opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+            .flags(libc::SOCK_CLOEXEC)
+            .build(),
+        RawKind::Recv { fd, waitall } => {
+            opcode::Recv::new(types::Fd(fd), ptr, len as u32).flags(if waitall { libc::MSG_WAITALL } else { 0 }).build()
+        }
+        RawKind::Send { fd, msg } => {
+            opcode::SendMsg::new(types::Fd(fd), msg).flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32).build()
         }
     }
 }
@@ -372,7 +431,7 @@ mod tests {
                     buf: Some(crate::buf::AlignedBuf::zeroed(4096, 4096).unwrap()),
                     priority,
                 });
-                assert_eq!(sqe_ioprio(build_entry(&op, 0, 1)), expected, "{kind:?} at {priority}");
+                assert_eq!(sqe_ioprio(build_entry(op.describe(0), 1)), expected, "{kind:?} at {priority}");
             }
         }
     }

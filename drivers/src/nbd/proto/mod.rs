@@ -167,13 +167,14 @@ pub struct Request {
 }
 
 impl Request {
-    /// Bytes of payload that follow this header on the wire: a write's data (compact style), or
-    /// whatever PAYLOAD_LEN announces (extended style).
+    /// Bytes of payload that follow this header on the wire: a write's data, or whatever
+    /// PAYLOAD_LEN announces (extended style). The spec says an extended write sets
+    /// PAYLOAD_LEN; QEMU 10's client does not, and QEMU's server reads a write's payload either
+    /// way, so a write always carries one here too.
     pub fn payload_bytes(&self, style: HeaderStyle) -> u64 {
         match style {
-            HeaderStyle::Extended if self.flags & CMD_FLAG_PAYLOAD_LEN != 0 => self.length,
-            HeaderStyle::Extended => 0,
             _ if self.kind == CMD_WRITE => self.length,
+            HeaderStyle::Extended if self.flags & CMD_FLAG_PAYLOAD_LEN != 0 => self.length,
             _ => 0,
         }
     }
@@ -455,7 +456,7 @@ mod tests {
     fn payload_follows_writes_or_payload_len() {
         let write = Request { flags: 0, kind: CMD_WRITE, cookie: 1, offset: 0, length: 512 };
         assert_eq!(write.payload_bytes(HeaderStyle::Simple), 512);
-        assert_eq!(write.payload_bytes(HeaderStyle::Extended), 0, "extended writes must say PAYLOAD_LEN");
+        assert_eq!(write.payload_bytes(HeaderStyle::Extended), 512, "QEMU's client omits PAYLOAD_LEN on writes");
         let flagged = Request { flags: CMD_FLAG_PAYLOAD_LEN, ..write };
         assert_eq!(flagged.payload_bytes(HeaderStyle::Extended), 512);
         let trim = Request { kind: CMD_TRIM, length: 1 << 30, ..write };

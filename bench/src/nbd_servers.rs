@@ -1,0 +1,264 @@
+//! `tandem-bench compare-nbd`: Tandem's NBD server (the `tandemd` binary) against `qemu-nbd`
+//! and `qemu-storage-daemon --export type=nbd`, each exporting the same scratch file with
+//! O_DIRECT over a Unix socket, driven by the same client (fio's libnbd-based nbd engine) with
+//! one and four connections. Per row: client IOPS and MiB/s, and the server's CPU per I/O read
+//! from /proc; ratios against both QEMU servers. Servers alternate order each round so drift
+//! on the machine hits all alike. The scratch file is created in a new directory under --dir
+//! and removed with it.
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+#[derive(clap::Args, Debug)]
+pub struct NbdArgs {
+    /// Directory for the scratch file (a disk filesystem: the servers use O_DIRECT).
+    #[arg(long, default_value = "/var/tmp")]
+    pub dir: PathBuf,
+    /// Size of the scratch file, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub size_mib: u64,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 6)]
+    pub runtime: u64,
+    /// Rounds; figures are the mean, spread is min-max.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const SERVERS: [&str; 3] = ["tandemd", "qemu-nbd", "qsd"];
+/// (rw, block size, iodepth, connections)
+const ROWS: [(&str, &str, u32, u32); 6] = [
+    ("randread", "4k", 16, 1),
+    ("randwrite", "4k", 16, 1),
+    ("randread", "4k", 16, 4),
+    ("randwrite", "4k", 16, 4),
+    ("read", "1M", 8, 1),
+    ("write", "1M", 8, 1),
+];
+
+#[derive(Clone, Copy, Default, Debug)]
+struct Cell {
+    iops: f64,
+    mib_per_s: f64,
+    server_cpu_us_per_io: f64,
+}
+
+pub fn compare_nbd_command(args: &NbdArgs) -> Result<(), String> {
+    if args.size_mib == 0 || args.runtime == 0 || args.rounds == 0 || args.rounds > 100 {
+        return Err("--size-mib, --runtime and --rounds (<= 100) must be positive".into());
+    }
+    let tandemd = tandemd_path()?;
+    let dir = tempfile::Builder::new()
+        .prefix("compare-nbd-")
+        .tempdir_in(&args.dir)
+        .map_err(|e| format!("--dir {}: {e}", args.dir.display()))?;
+    let image = dir.path().join("d.img");
+    lay_out(&image, args.size_mib)?;
+    // results[server][row] = one cell per round
+    let mut results = vec![vec![Vec::new(); ROWS.len()]; SERVERS.len()];
+    for round in 0..args.rounds {
+        let mut order: Vec<usize> = (0..SERVERS.len()).collect();
+        order.rotate_left(round as usize % SERVERS.len());
+        for server in order {
+            eprintln!("compare-nbd: round {}/{}: {}", round + 1, args.rounds, SERVERS[server]);
+            let mut child = serve(SERVERS[server], &tandemd, dir.path(), &image)?;
+            let cells = measure_rows(&child, dir.path(), args);
+            stop(&mut child);
+            for (row, cell) in cells?.into_iter().enumerate() {
+                results[server][row].push(cell);
+            }
+        }
+    }
+    let report = report(&results, args);
+    match args.json {
+        true => println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?),
+        false => print!("{}", table(&report)),
+    }
+    Ok(())
+}
+
+/// tandemd next to this binary (cargo builds both into the same directory).
+fn tandemd_path() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let path = exe.with_file_name("tandemd");
+    match path.exists() {
+        true => Ok(path),
+        false => Err(format!("{} is missing: build it with `cargo build --release -p tandemd`", path.display())),
+    }
+}
+
+fn lay_out(image: &Path, size_mib: u64) -> Result<(), String> {
+    let status = Command::new("fio")
+        .args(["--name=lay", &format!("--filename={}", image.display()), &format!("--size={size_mib}M")])
+        .args(["--rw=write", "--bs=1M", "--direct=1", "--ioengine=io_uring"])
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run fio (apt-get install -y fio): {e}"))?;
+    status.success().then_some(()).ok_or_else(|| "fio could not lay out the scratch file".into())
+}
+
+fn serve(server: &str, tandemd: &Path, dir: &Path, image: &Path) -> Result<Child, String> {
+    let socket = dir.join("s.sock");
+    let _ = std::fs::remove_file(&socket); // ours: a server of the previous measurement made it
+    let image = image.display();
+    let qsd_args = [
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=f,filename={image},cache.direct=on,aio=io_uring"),
+        "--blockdev".into(),
+        "driver=raw,node-name=r,file=f".into(),
+        "--nbd-server".into(),
+        format!("addr.type=unix,addr.path={},max-connections=8", socket.display()),
+        "--export".into(),
+        "type=nbd,id=e,node-name=r,name=,writable=on".into(),
+    ];
+    let mut command = match server {
+        "tandemd" => Command::new(tandemd),
+        "qsd" => Command::new("qemu-storage-daemon"),
+        _ => Command::new("qemu-nbd"),
+    };
+    match server {
+        "qemu-nbd" => command.args(["-f", "raw", "-t", "-k", &socket.display().to_string(), "--cache=none"]).args([
+            "--aio=io_uring",
+            "-e",
+            "8",
+            &image.to_string(),
+        ]),
+        _ => command.args(qsd_args),
+    };
+    let mut child =
+        command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().map_err(|e| format!("{server}: {e}"))?;
+    for _ in 0..200 {
+        if socket.exists() {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{server} exited at start: {status}"));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    stop(&mut child);
+    Err(format!("{server} never created its socket"))
+}
+
+fn stop(child: &mut Child) {
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+}
+
+fn measure_rows(child: &Child, dir: &Path, args: &NbdArgs) -> Result<Vec<Cell>, String> {
+    let uri = format!("nbd+unix:///?socket={}", dir.join("s.sock").display());
+    ROWS.iter()
+        .map(|(rw, bs, depth, conns)| {
+            let before = cpu_s(child.id());
+            let (iops, mib_per_s, ios) = run_fio(&uri, rw, bs, *depth, *conns, args)?;
+            let cpu = cpu_s(child.id()) - before;
+            Ok(Cell { iops, mib_per_s, server_cpu_us_per_io: cpu * 1e6 / ios.max(1.0) })
+        })
+        .collect()
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+pub fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no memory effects.
+    let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / per_s
+}
+
+fn run_fio(uri: &str, rw: &str, bs: &str, depth: u32, conns: u32, args: &NbdArgs) -> Result<(f64, f64, f64), String> {
+    let output = Command::new("fio")
+        .args(["--name=j", "--ioengine=nbd", &format!("--uri={uri}"), &format!("--size={}M", args.size_mib)])
+        .args([format!("--rw={rw}"), format!("--bs={bs}"), format!("--iodepth={depth}"), format!("--numjobs={conns}")])
+        .args(["--group_reporting", "--time_based", &format!("--runtime={}", args.runtime), "--output-format=json"])
+        .output()
+        .map_err(|e| format!("fio: {e}"))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let json_start =
+        text.find('{').ok_or_else(|| format!("fio printed no JSON: {}", String::from_utf8_lossy(&output.stderr)))?;
+    let parsed: Value = serde_json::from_str(&text[json_start..]).map_err(|e| format!("fio JSON: {e}"))?;
+    let job = &parsed["jobs"][0];
+    let sum = |key: &str| job["read"][key].as_f64().unwrap_or(0.0) + job["write"][key].as_f64().unwrap_or(0.0);
+    if job["error"].as_i64().unwrap_or(0) != 0 {
+        return Err(format!("fio {rw} {bs} failed with error {}", job["error"]));
+    }
+    Ok((sum("iops"), sum("bw_bytes") / (1 << 20) as f64, sum("total_ios")))
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
+fn report(results: &[Vec<Vec<Cell>>], args: &NbdArgs) -> Value {
+    let rows: Vec<Value> = ROWS
+        .iter()
+        .enumerate()
+        .map(|(row, (rw, bs, depth, conns))| {
+            let stat = |server: usize, pick: fn(&Cell) -> f64| {
+                let values: Vec<f64> = results[server][row].iter().map(pick).collect();
+                let (min, max) = values.iter().fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+                json!({"mean": mean(&values), "min": min, "max": max})
+            };
+            let servers: serde_json::Map<String, Value> = SERVERS
+                .iter()
+                .enumerate()
+                .map(|(s, name)| {
+                    let cell = json!({
+                        "iops": stat(s, |c| c.iops),
+                        "mib_per_s": stat(s, |c| c.mib_per_s),
+                        "server_cpu_us_per_io": stat(s, |c| c.server_cpu_us_per_io),
+                    });
+                    (name.to_string(), cell)
+                })
+                .collect();
+            let ratio = |other: &str, key: &str| {
+                servers["tandemd"][key]["mean"].as_f64().unwrap_or(0.0)
+                    / servers[other][key]["mean"].as_f64().unwrap_or(1.0).max(1e-9)
+            };
+            json!({
+                "rw": rw, "bs": bs, "iodepth": depth, "connections": conns,
+                "servers": servers,
+                "iops_ratio_qemu_nbd": ratio("qemu-nbd", "iops"),
+                "iops_ratio_qsd": ratio("qsd", "iops"),
+                "cpu_per_io_ratio_qemu_nbd": ratio("qemu-nbd", "server_cpu_us_per_io"),
+            })
+        })
+        .collect();
+    json!({"rounds": args.rounds, "runtime_s": args.runtime, "size_mib": args.size_mib, "rows": rows})
+}
+
+fn table(report: &Value) -> String {
+    let mut out = String::from(
+        "job                        tandemd IOPS  qemu-nbd IOPS   qsd IOPS  x qemu-nbd  x qsd   CPU us/IO (tandemd/qemu-nbd/qsd)  CPU x qemu-nbd\n",
+    );
+    for row in report["rows"].as_array().into_iter().flatten() {
+        let mean = |server: &str, key: &str| row["servers"][server][key]["mean"].as_f64().unwrap_or(0.0);
+        let label = format!(
+            "{} {} QD{} x{}",
+            row["rw"].as_str().unwrap_or(""),
+            row["bs"].as_str().unwrap_or(""),
+            row["iodepth"],
+            row["connections"]
+        );
+        out += &format!(
+            "{label:<26} {:>12.0} {:>14.0} {:>10.0} {:>10.2}x {:>6.2}x   {:>8.1} / {:>6.1} / {:>6.1}           {:>6.2}x\n",
+            mean("tandemd", "iops"),
+            mean("qemu-nbd", "iops"),
+            mean("qsd", "iops"),
+            row["iops_ratio_qemu_nbd"].as_f64().unwrap_or(0.0),
+            row["iops_ratio_qsd"].as_f64().unwrap_or(0.0),
+            mean("tandemd", "server_cpu_us_per_io"),
+            mean("qemu-nbd", "server_cpu_us_per_io"),
+            mean("qsd", "server_cpu_us_per_io"),
+            row["cpu_per_io_ratio_qemu_nbd"].as_f64().unwrap_or(0.0),
+        );
+    }
+    out
+}

@@ -1,0 +1,154 @@
+//! `tandemd`: qemu-storage-daemon's command line over Tandem. It opens the `--blockdev` nodes,
+//! starts the NBD server (`--nbd-server`) and its exports (`--export`), writes `--pidfile`,
+//! and runs until SIGTERM or SIGINT, then shuts down cleanly: exports stop reading, requests
+//! under way finish, writable disks are flushed, the socket and pidfile it created are
+//! removed. A second signal exits at once. Everything is checked before anything starts.
+//!
+//! The daemon is thin: option parsing ([`options`], [`keyval`]), a catalog of nodes
+//! ([`nodes`]) and calls into `tandem-nbd` and the engine.
+
+pub mod keyval;
+pub mod nodes;
+pub mod options;
+mod pidfile;
+mod signals;
+
+use clap::Parser;
+use nodes::Catalog;
+use options::{ExportSpec, NbdServerSpec};
+use std::path::PathBuf;
+use tandem::reactor::{Config, Runtime};
+use tandem::IoPriority;
+use tandem_nbd::{ExportOptions, Server, ServerConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tandemd",
+    version,
+    about = "Tandem storage daemon: qemu-storage-daemon's options, Tandem's engine",
+    after_help = "Options take QEMU's key=value syntax (',,' is a comma in a value) or a JSON object.\n\
+                  Example:\n  tandemd --blockdev driver=file,node-name=f,filename=disk.img,cache.direct=on \\\n    \
+                  --blockdev driver=raw,node-name=r,file=f \\\n    \
+                  --nbd-server addr.type=unix,addr.path=/run/disk.sock \\\n    \
+                  --export type=nbd,id=e,node-name=r,name=disk,writable=on"
+)]
+pub struct Args {
+    /// A block node: driver=file|host_device (filename=, cache.direct=, read-only=, aio=),
+    /// driver=raw (file=NODE), driver=null-co (size=). Repeatable, in order.
+    #[arg(long, value_name = "OPTIONS")]
+    pub blockdev: Vec<String>,
+    /// The NBD server: addr.type=unix,addr.path=PATH or addr.type=inet,addr.host=H[,addr.port=P]
+    /// (default port 10809), max-connections=N, handshake-max-seconds=S. TLS is not supported.
+    #[arg(long, value_name = "OPTIONS")]
+    pub nbd_server: Option<String>,
+    /// An export: type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on][,description=TEXT]
+    /// [,bitmaps.0=NAME...][,multi-conn=on|off|auto]. Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    pub export: Vec<String>,
+    /// Write the daemon's pid here once it serves (removed at exit).
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
+    /// Worker cores of the engine [default: the CPUs this process may use].
+    #[arg(long, value_name = "N")]
+    pub cores: Option<usize>,
+}
+
+/// Everything the command line asks for, checked, before anything is opened.
+struct Plan {
+    blockdevs: Vec<options::BlockdevSpec>,
+    server: Option<NbdServerSpec>,
+    exports: Vec<ExportSpec>,
+}
+
+fn plan(args: &Args) -> Result<Plan, String> {
+    let blockdevs = args.blockdev.iter().map(|b| options::parse_blockdev(b)).collect::<Result<Vec<_>, _>>();
+    let server = args.nbd_server.as_deref().map(options::parse_nbd_server).transpose();
+    let exports = args.export.iter().map(|e| options::parse_export(e)).collect::<Result<Vec<_>, _>>();
+    let plan = Plan {
+        blockdevs: blockdevs.map_err(|e| e.to_string())?,
+        server: server.map_err(|e| e.to_string())?,
+        exports: exports.map_err(|e| e.to_string())?,
+    };
+    if !plan.exports.is_empty() && plan.server.is_none() {
+        return Err("--export type=nbd needs --nbd-server".into());
+    }
+    let mut ids: Vec<&str> = plan.exports.iter().map(|e| e.id.as_str()).collect();
+    ids.sort_unstable();
+    if let Some(pair) = ids.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(format!("--export id={}: an export with this id already exists", pair[0]));
+    }
+    Ok(plan)
+}
+
+/// Run the daemon until a signal; the error is the message to print.
+pub fn run(args: Args) -> Result<(), String> {
+    let plan = plan(&args)?;
+    let pidfile = args.pidfile.as_deref().map(pidfile::check).transpose()?;
+    signals::block_termination();
+    let mut config = Config::default();
+    if let Some(cores) = args.cores {
+        config.cores = cores;
+    }
+    let runtime = Runtime::new(config).map_err(|e| e.to_string())?;
+    let mut catalog = Catalog::default();
+    for spec in &plan.blockdevs {
+        catalog.add(&runtime.handle(), spec).map_err(|e| e.to_string())?;
+    }
+    let server = match &plan.server {
+        Some(spec) => Some(start_server(&runtime, spec, &plan.exports, &catalog)?),
+        None => None,
+    };
+    let pidfile = pidfile.map(|p| p.write()).transpose()?;
+    signals::wait_for_termination();
+    if let Some(server) = server {
+        server.shutdown();
+    }
+    flush_all(&catalog);
+    drop(pidfile);
+    Ok(())
+}
+
+fn start_server(
+    runtime: &Runtime,
+    spec: &NbdServerSpec,
+    exports: &[ExportSpec],
+    catalog: &Catalog,
+) -> Result<Server, String> {
+    let mut config = ServerConfig::new(spec.listen.clone());
+    if let Some(max) = spec.connections_max {
+        config.connections_max = max;
+    }
+    if let Some(timeout) = spec.handshake_timeout {
+        config.handshake_timeout = timeout;
+    }
+    let server = Server::start(runtime.handle(), config).map_err(|e| e.to_string())?;
+    for export in exports {
+        let node = catalog.get(&export.node_name).map_err(|e| format!("--export id={}: {e}", export.id))?;
+        let mut options = ExportOptions::new(&export.name);
+        options.description = export.description.clone();
+        options.writable = export.writable;
+        options.bitmaps = export.bitmaps.clone();
+        if let Some(multi_conn) = export.multi_conn {
+            options.multi_conn = multi_conn;
+        }
+        if export.writable && node.read_only {
+            return Err(format!(
+                "--export id={}: writable=on, but node '{}' is read-only",
+                export.id, export.node_name
+            ));
+        }
+        // On an error `server` is dropped: it stops and removes the socket it created.
+        server.add_export(node.disk.clone(), options).map_err(|e| format!("--export id={}: {e}", export.id))?;
+    }
+    tandem::log::line(&format!("NBD server listening on {}", spec.listen));
+    Ok(server)
+}
+
+/// Make every acknowledged write durable before exit.
+fn flush_all(catalog: &Catalog) {
+    for (name, node) in catalog.iter().filter(|(_, node)| !node.read_only) {
+        if let Err(e) = node.disk.flush_blocking(IoPriority::GUEST) {
+            tandem::log::line(&format!("flush of node {name} failed at exit: {e}"));
+        }
+    }
+}

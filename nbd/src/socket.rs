@@ -1,0 +1,158 @@
+//! A connected socket driven through the reactor: receives and sends are ring operations
+//! (or the thread backend's blocking calls where io_uring is refused), buffers are owned by
+//! the operation while the kernel has them. [`Reader`] buffers what arrives so that many
+//! small headers cost one receive; payloads are handed out in pool buffers the disk can use.
+
+use std::io;
+use tandem::buf::{AlignedBuf, BufPool};
+use tandem::reactor::{Op, OpKind, RuntimeHandle, SendPrefix, SharedFd};
+use tandem::IoPriority;
+
+/// Bytes one receive asks for: a burst of pipelined requests, or a good part of a payload.
+const RECV_BYTES: usize = 256 << 10;
+
+#[derive(Clone)]
+pub(crate) struct Socket {
+    pub fd: SharedFd,
+    pub runtime: RuntimeHandle,
+}
+
+fn result(code: i32) -> io::Result<usize> {
+    match code {
+        code if code < 0 => Err(io::Error::from_raw_os_error(-code)),
+        code => Ok(code as usize),
+    }
+}
+
+impl Socket {
+    /// One receive into `buf` (all of it if `waitall`); 0 bytes means the peer closed.
+    pub async fn recv(&self, buf: AlignedBuf, waitall: bool) -> (io::Result<usize>, AlignedBuf) {
+        let kind = OpKind::Recv { fd: self.fd.clone(), waitall };
+        let out = self.runtime.submit(Op { kind, buf: Some(buf), priority: IoPriority::GUEST }).await;
+        (result(out.result), out.buf.expect("a receive gives its buffer back"))
+    }
+
+    /// Send `prefix` then `data`, all of it (short sends continue where they stopped).
+    pub async fn send_all(&self, prefix: &[u8], data: Option<AlignedBuf>) -> (io::Result<()>, Option<AlignedBuf>) {
+        let total = prefix.len() + data.as_ref().map_or(0, |d| d.len());
+        let kind = OpKind::Send { fd: self.fd.clone(), prefix: SendPrefix::new(prefix) };
+        let out = self.runtime.submit(Op { kind, buf: data, priority: IoPriority::GUEST }).await;
+        let data = out.buf;
+        match result(out.result) {
+            Err(e) => (Err(e), data),
+            Ok(sent) if sent == total => (Ok(()), data),
+            Ok(0) => (Err(io::Error::from(io::ErrorKind::WriteZero)), data),
+            Ok(sent) => {
+                // Rare: the socket buffer filled. Send the rest from a copy.
+                let mut rest = prefix.to_vec();
+                rest.extend_from_slice(data.as_ref().map_or(&[][..], |d| d.as_slice()));
+                let outcome = self.send_rest(&rest[sent..]).await;
+                (outcome, data)
+            }
+        }
+    }
+
+    async fn send_rest(&self, mut rest: &[u8]) -> io::Result<()> {
+        while !rest.is_empty() {
+            let buf = AlignedBuf::from_slice(rest, 64).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+            let kind = OpKind::Send { fd: self.fd.clone(), prefix: SendPrefix::new(&[]) };
+            let out = self.runtime.submit(Op { kind, buf: Some(buf), priority: IoPriority::GUEST }).await;
+            match result(out.result)? {
+                0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                sent => rest = &rest[sent..],
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop the connection: a receive or send waiting on it completes at once.
+    pub fn shutdown(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: shutdown(2) on a descriptor this SharedFd keeps open; no memory involved.
+        unsafe { libc::shutdown(self.fd.as_fd().as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+use std::os::fd::AsFd;
+
+/// Buffered receiving. Bytes arrive into a pool buffer and are moved to `pending`, from which
+/// headers are parsed in place; a payload that is mostly still in flight is received straight
+/// into its own buffer.
+pub(crate) struct Reader {
+    socket: Socket,
+    pool: BufPool,
+    pending: Vec<u8>,
+    start: usize,
+}
+
+impl Reader {
+    pub fn new(socket: Socket, pool: BufPool) -> Reader {
+        Reader { socket, pool, pending: Vec::with_capacity(RECV_BYTES), start: 0 }
+    }
+
+    pub fn buffered(&self) -> &[u8] {
+        &self.pending[self.start..]
+    }
+
+    /// Drop `count` buffered bytes.
+    pub fn consume(&mut self, count: usize) {
+        assert!(count <= self.pending.len() - self.start);
+        self.start += count;
+        if self.start == self.pending.len() {
+            self.pending.clear();
+            self.start = 0;
+        }
+    }
+
+    /// Receive until at least `count` bytes are buffered. `UnexpectedEof` if the peer closed.
+    pub async fn fill(&mut self, count: usize) -> io::Result<()> {
+        while self.buffered().len() < count {
+            if self.start > 0 {
+                self.pending.drain(..self.start);
+                self.start = 0;
+            }
+            let want = RECV_BYTES.max(count - self.pending.len());
+            let buf = self.pool.get(want).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+            let (outcome, buf) = self.socket.recv(buf, false).await;
+            match outcome? {
+                0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                received => self.pending.extend_from_slice(&buf.as_slice()[..received]),
+            }
+        }
+        Ok(())
+    }
+
+    /// `length` payload bytes in a buffer aligned for the disk.
+    pub async fn payload(&mut self, length: usize) -> io::Result<AlignedBuf> {
+        let mut buf = self.pool.get(length).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let have = self.buffered().len().min(length);
+        buf.as_mut_slice()[..have].copy_from_slice(&self.buffered()[..have]);
+        self.consume(have);
+        if have == length {
+            return Ok(buf);
+        }
+        // The rest goes into a buffer of its own with one receive, then behind what we had.
+        let rest = self.pool.get(length - have).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let (outcome, rest) = self.socket.recv(rest, true).await;
+        match outcome? {
+            received if received == length - have => {
+                buf.as_mut_slice()[have..].copy_from_slice(rest.as_slice());
+                Ok(buf)
+            }
+            _ => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+        }
+    }
+
+    /// Read and drop `length` bytes (a refused request's payload).
+    pub async fn skip(&mut self, mut length: u64) -> io::Result<()> {
+        while length > 0 {
+            let step = (self.buffered().len() as u64).min(length);
+            self.consume(step as usize);
+            length -= step;
+            if length > 0 {
+                self.fill(1).await?;
+            }
+        }
+        Ok(())
+    }
+}
