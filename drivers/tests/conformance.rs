@@ -32,6 +32,7 @@ struct Subject {
     _image: Option<common::ScratchImage>,
     /// Dropped after the disk: the server outlives its client.
     _server: Option<common::nbd::NbdServer>,
+    _tandem_server: Option<common::nbd::TandemServer>,
 }
 
 fn subject(driver: &str, backend: BackendChoice) -> Subject {
@@ -40,6 +41,7 @@ fn subject(driver: &str, backend: BackendChoice) -> Subject {
     let mut image = None;
     let mut loop_device = None;
     let mut server = None;
+    let mut tandem_server = None;
     let (inner, stores_data): (Arc<dyn BlockDriver>, bool) = match driver {
         "file" => {
             let scratch = scratch_dir();
@@ -83,6 +85,14 @@ fn subject(driver: &str, backend: BackendChoice) -> Subject {
             server = Some(nbd);
             (Arc::new(client), true)
         }
+        "nbd-tandem" => {
+            let ours = common::nbd::TandemServer::new(DISK_BYTES);
+            let config = tandem_drivers::nbd::NbdConfig { connections: 2, ..Default::default() };
+            let client = tandem_drivers::nbd::open_uri(&runtime.handle(), &ours.uri(), &config)
+                .unwrap_or_else(|e| panic!("opening {}: {e}", ours.uri()));
+            tandem_server = Some(ours);
+            (Arc::new(client), true)
+        }
         _ => unreachable!("unknown driver {driver}"),
     };
     // nbdkit's memory plugin keeps 32 KiB pages: a page partly zeroed stays data.
@@ -98,6 +108,7 @@ fn subject(driver: &str, backend: BackendChoice) -> Subject {
         _dir: dir,
         _image: image,
         _server: server,
+        _tandem_server: tandem_server,
     }
 }
 
@@ -123,7 +134,7 @@ conformance!(
 fn each_driver(backend: BackendChoice, check: fn(&Subject)) {
     // TANDEM_TEST_DRIVERS=nbd-qemu,nbd-nbdkit runs only the rows named (a focused run).
     let only = std::env::var("TANDEM_TEST_DRIVERS").ok();
-    let drivers = ["file", "loop", "memory", "null", "faulty", "rbd", "nbd-qemu", "nbd-nbdkit"];
+    let drivers = ["file", "loop", "memory", "null", "faulty", "rbd", "nbd-qemu", "nbd-nbdkit", "nbd-tandem"];
     for driver in drivers.into_iter().filter(|d| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == *d))) {
         let s = subject(driver, backend);
         eprintln!("{driver} on {:?}", s.runtime.backend());

@@ -214,3 +214,18 @@ fn bad_uris_missing_sockets_and_unknown_exports_are_named() {
     let invalid = open_uri(&rt.handle(), &server.uri(), &config).unwrap_err();
     assert!(matches!(invalid, NbdError::Config { key: "inflight_max", .. }), "{invalid}");
 }
+
+#[test]
+fn our_own_server_negotiates_everything_the_client_asks_for() {
+    let rt = runtime(BackendChoice::Auto, 2);
+    let server = common::nbd::TandemServer::new(DISK_BYTES);
+    let config = NbdConfig { connections: 2, ..NbdConfig::default() };
+    let driver = open_uri(&rt.handle(), &server.uri(), &config).unwrap();
+    assert_eq!(driver.header_style(), HeaderStyle::Extended);
+    assert_eq!(driver.connection_count(), 2, "a Tandem disk's export advertises multi-conn");
+    let capabilities = driver.capabilities();
+    assert!(capabilities.block_status && capabilities.fua && capabilities.write_zeroes && capabilities.discard);
+    let disk = Disk::new(Arc::new(driver));
+    write(&disk, 0, pattern(65536, 9)).unwrap();
+    assert_eq!(read(&disk, 0, 65536).unwrap().as_slice(), pattern(65536, 9).as_slice());
+}

@@ -1,5 +1,6 @@
 //! NBD servers for the client's tests: qemu-nbd over a scratch file and nbdkit's memory
-//! plugin (with filters), each on a Unix socket in its own scratch directory, killed on drop.
+//! plugin (with filters), each on a Unix socket in its own scratch directory, killed on drop;
+//! and Tandem's own server (`tandem-nbd`) exporting a memory disk, on its own runtime.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -90,5 +91,40 @@ impl NbdServer {
 impl Drop for NbdServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Tandem's NBD server exporting a writable memory disk of `size_bytes` as the default export,
+/// on a runtime of its own (so the client's runtime is measured alone); shut down on drop.
+pub struct TandemServer {
+    server: Option<tandem_nbd::Server>,
+    _runtime: tandem::reactor::Runtime,
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TandemServer {
+    pub fn new(size_bytes: u64) -> TandemServer {
+        let dir = super::scratch_dir();
+        let socket = dir.path().join("tandem.sock");
+        let runtime = super::runtime(tandem::reactor::BackendChoice::Auto, 1);
+        let config = tandem_nbd::ServerConfig::new(tandem_nbd::Listen::Unix(socket.clone()));
+        let server = tandem_nbd::Server::start(runtime.handle(), config).expect("our server starts");
+        let disk = tandem::block::Disk::new(std::sync::Arc::new(tandem_drivers::MemoryDriver::new(size_bytes)));
+        let options = tandem_nbd::ExportOptions { writable: true, ..tandem_nbd::ExportOptions::new("") };
+        server.add_export(disk, options).expect("exporting the memory disk");
+        TandemServer { server: Some(server), _runtime: runtime, socket, _dir: dir }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for TandemServer {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown(); // before its runtime goes
+        }
     }
 }
