@@ -13,7 +13,7 @@ use tandem::block::{BlockDriver, BlockStatus, Disk, WriteFlags};
 use tandem::buf::AlignedBuf;
 use tandem::reactor::{BackendChoice, Runtime};
 use tandem::{Error, IoPriority};
-use tandem_drivers::nbd::proto::HeaderStyle;
+use tandem_drivers::nbd::proto::{self, HeaderStyle};
 use tandem_drivers::nbd::{open_uri, NbdConfig, NbdDriver, NbdError};
 
 const G: IoPriority = IoPriority::GUEST;
@@ -228,4 +228,83 @@ fn our_own_server_negotiates_everything_the_client_asks_for() {
     let disk = Disk::new(Arc::new(driver));
     write(&disk, 0, pattern(65536, 9)).unwrap();
     assert_eq!(read(&disk, 0, 65536).unwrap().as_slice(), pattern(65536, 9).as_slice());
+}
+
+/// A server that negotiates correctly (structured replies, no extended headers), then answers
+/// the first request with whatever `reply` makes of it: a peer breaking the protocol on
+/// purpose, to check the client hangs up instead of trusting the stream.
+fn hostile_server(dir: &std::path::Path, reply: fn(&proto::Request) -> Vec<u8>) -> String {
+    use proto::options as opt;
+    use std::io::{Read, Write};
+    let socket = dir.join("hostile.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut hello = proto::INIT_MAGIC.to_be_bytes().to_vec();
+        hello.extend_from_slice(&proto::OPTION_MAGIC.to_be_bytes());
+        hello.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+        stream.write_all(&hello).unwrap();
+        let mut flags = [0u8; 4];
+        stream.read_exact(&mut flags).unwrap();
+        loop {
+            let mut header = [0u8; 16];
+            stream.read_exact(&mut header).unwrap();
+            let option = u32::from_be_bytes(header[8..12].try_into().unwrap());
+            let mut data = vec![0u8; u32::from_be_bytes(header[12..16].try_into().unwrap()) as usize];
+            stream.read_exact(&mut data).unwrap();
+            let mut out = Vec::new();
+            match option {
+                opt::OPT_STRUCTURED_REPLY | opt::OPT_SET_META_CONTEXT => {
+                    opt::encode_option_reply(option, opt::REP_ACK, &[], &mut out)
+                }
+                opt::OPT_GO => {
+                    let flags = proto::FLAG_HAS_FLAGS | proto::FLAG_SEND_FLUSH;
+                    opt::encode_option_reply(option, opt::REP_INFO, &opt::encode_info_export(1 << 20, flags), &mut out);
+                    opt::encode_option_reply(option, opt::REP_ACK, &[], &mut out);
+                }
+                _ => opt::encode_error_reply(option, opt::REP_ERR_UNSUP, "", &mut out),
+            }
+            stream.write_all(&out).unwrap();
+            if option == opt::OPT_GO {
+                break;
+            }
+        }
+        let mut header = [0u8; proto::REQUEST_BYTES];
+        stream.read_exact(&mut header).unwrap();
+        let request = proto::parse_request(&header, proto::HeaderStyle::Structured).unwrap();
+        let _ = stream.write_all(&reply(&request));
+        std::thread::sleep(Duration::from_secs(5)); // keep the socket open: only the client may end it
+    });
+    format!("nbd+unix:///?socket={}", socket.display())
+}
+
+#[test]
+fn a_server_breaking_the_protocol_is_hung_up_on() {
+    let scratch = common::scratch_dir();
+    let too_long: fn(&proto::Request) -> Vec<u8> = |request| {
+        // Read data beyond what the request asked for.
+        let mut out = Vec::new();
+        let length = 8 + request.length + 4096;
+        let (flags, kind) = (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA);
+        proto::encode_chunk_header(proto::HeaderStyle::Structured, flags, kind, request.cookie, 0, length, &mut out);
+        out.extend_from_slice(&request.offset.to_be_bytes());
+        out.resize(out.len() + (length - 8) as usize, 0xab);
+        out
+    };
+    let unknown_cookie: fn(&proto::Request) -> Vec<u8> = |request| {
+        let mut out = Vec::new();
+        proto::encode_simple_reply(0, request.cookie ^ 0xdead_0000, &mut out);
+        out
+    };
+    let rt = runtime(BackendChoice::Auto, 2);
+    for (name, reply) in [("too long", too_long), ("unknown cookie", unknown_cookie)] {
+        let dir = scratch.path().join(name.replace(' ', "-"));
+        std::fs::create_dir(&dir).unwrap();
+        let uri = hostile_server(&dir, reply);
+        let disk = Disk::new(Arc::new(open_uri(&rt.handle(), &uri, &NbdConfig::default()).unwrap()));
+        let (result, buf) = disk.read_blocking(0, AlignedBuf::zeroed(4096, 4096).unwrap(), G);
+        let error = result.unwrap_err();
+        assert_eq!(errno(&error), Some(libc::ENOTCONN), "{name}: {error}");
+        assert!(buf.is_all_zero(), "{name}: nothing of the bad reply reached the caller's buffer");
+    }
 }
