@@ -102,7 +102,7 @@ impl Connection {
         drop(runtime.spawn_on(self.index, move || writer::run(for_writer, epoch, writer_fd)));
     }
 
-    /// The socket of `epoch` failed (`errno`): shut it, fail what was on the wire, fail or
+    /// The socket of `epoch` failed (or timed out, or broke the protocol): shut it, fail what was on the wire, fail or
     /// keep what was queued (kept while a reconnect may still come in time), start
     /// reconnecting. A no-op for an epoch already replaced.
     pub fn kill(self: &Arc<Self>, epoch: u64) {

@@ -88,6 +88,21 @@ fn request_of(connection: &Connection, epoch: u64, cookie: u64) -> Result<(u16, 
     Ok((slot.request.kind, slot.request.offset, slot.request.length))
 }
 
+/// Run `apply` on `cookie`'s slot, looked up again after an await: a timeout may have killed
+/// this socket (and ended the request) meanwhile, which ends this reader too.
+fn with_slot<R>(
+    connection: &Connection,
+    epoch: u64,
+    cookie: u64,
+    apply: impl FnOnce(&mut super::table::Slot) -> R,
+) -> Result<R, Broken> {
+    let mut state = connection.state.lock();
+    if state.epoch != epoch {
+        return Err(());
+    }
+    state.table.get(cookie).map(apply).ok_or(())
+}
+
 /// Receive one reply (a simple reply or one chunk) and apply it.
 async fn reply(connection: &Connection, epoch: u64, stream: &mut Stream) -> Result<(), Broken> {
     let style = connection.params.style;
@@ -105,9 +120,10 @@ async fn reply(connection: &Connection, epoch: u64, stream: &mut Stream) -> Resu
         ReplyHeader::Simple { error, cookie } => {
             let (kind, _, length) = request_of(connection, epoch, cookie)?;
             if error == 0 && kind == p::CMD_READ {
-                into_buf(connection, stream, cookie, 0, length).await?;
+                into_buf(connection, epoch, stream, cookie, 0, length).await?;
             }
             let outcome = if error == 0 { Ok(()) } else { Err(p::local_errno(error)) };
+            with_slot(connection, epoch, cookie, |_| ())?;
             connection.state.lock().table.finish(cookie, outcome);
             Ok(())
         }
@@ -135,7 +151,7 @@ async fn chunk(
             stream.take(&mut at).await?;
             let (start, bytes) = (u64::from_be_bytes(at), length - 8);
             let relative = start.checked_sub(offset).filter(|r| r + bytes <= request_length).ok_or(())?;
-            into_buf(connection, stream, cookie, relative, bytes).await?;
+            into_buf(connection, epoch, stream, cookie, relative, bytes).await?;
         }
         p::REPLY_TYPE_OFFSET_HOLE if command == p::CMD_READ && length == 12 => {
             let mut hole = [0u8; 12];
@@ -143,40 +159,45 @@ async fn chunk(
             let start = u64::from_be_bytes(hole[..8].try_into().expect("8 bytes"));
             let bytes = u64::from(u32::from_be_bytes(hole[8..].try_into().expect("4 bytes")));
             let relative = start.checked_sub(offset).filter(|r| r + bytes <= request_length).ok_or(())?;
-            zero_buf(connection, cookie, relative, bytes)?;
+            with_slot(connection, epoch, cookie, |slot| {
+                let buf = slot.buf.as_mut().expect("a read's buffer is home between chunks");
+                buf.as_mut_slice()[relative as usize..(relative + bytes) as usize].fill(0);
+                slot.covered_bytes += bytes;
+            })?;
         }
         p::REPLY_TYPE_BLOCK_STATUS | p::REPLY_TYPE_BLOCK_STATUS_EXT
             if command == p::CMD_BLOCK_STATUS && length <= CHUNK_BYTES_MAX =>
         {
             let payload = small_payload(stream, length).await?;
             let (context, descriptors) = p::parse_block_status(kind, &payload).ok_or(())?;
-            let mut state = connection.state.lock();
-            if state.context == Some(context) {
-                let slot = state.table.get(cookie).expect("checked above");
-                slot.status.get_or_insert((descriptors[0].length, descriptors[0].flags));
-            }
+            let ours = connection.state.lock().context == Some(context);
+            let first = (descriptors[0].length, descriptors[0].flags);
+            with_slot(connection, epoch, cookie, |slot| {
+                if ours {
+                    slot.status.get_or_insert(first);
+                }
+            })?;
         }
         k if k & (1 << 15) != 0 && (6..=CHUNK_BYTES_MAX).contains(&length) => {
             // ERROR, ERROR_OFFSET, and error types we do not know: the errno comes first.
             let payload = small_payload(stream, length).await?;
             let error = p::parse_error_payload(&payload).map_or(p::EIO, |(error, _)| error);
             let errno = if error == 0 { libc::EIO } else { p::local_errno(error) };
-            let mut state = connection.state.lock();
-            state.table.get(cookie).expect("checked above").chunk_error.get_or_insert(errno);
+            with_slot(connection, epoch, cookie, |slot| {
+                slot.chunk_error.get_or_insert(errno);
+            })?;
         }
         _ => return Err(()), // a type we do not know, for the wrong command, or too long
     }
     if flags & p::REPLY_FLAG_DONE != 0 {
-        let mut state = connection.state.lock();
-        let slot = state.table.get(cookie).expect("checked above");
-        let outcome = match slot.chunk_error {
+        let outcome = with_slot(connection, epoch, cookie, |slot| match slot.chunk_error {
             Some(errno) => Err(errno),
             // A successful read covers every byte; a status reply has an extent.
             None if command == p::CMD_READ && slot.covered_bytes != request_length => Err(libc::EIO),
             None if command == p::CMD_BLOCK_STATUS && slot.status.is_none() => Err(libc::EIO),
             None => Ok(()),
-        };
-        state.table.finish(cookie, outcome);
+        })?;
+        connection.state.lock().table.finish(cookie, outcome);
     }
     Ok(())
 }
@@ -191,36 +212,25 @@ async fn small_payload(stream: &mut Stream, length: u64) -> Result<Vec<u8>, Brok
 /// of the slot meanwhile, so the lock is not held across receives.
 async fn into_buf(
     connection: &Connection,
+    epoch: u64,
     stream: &mut Stream,
     cookie: u64,
     relative: u64,
     bytes: u64,
 ) -> Result<(), Broken> {
-    let mut buf = {
-        let mut state = connection.state.lock();
-        let slot = state.table.get(cookie).expect("the caller checked the cookie");
+    let mut buf = with_slot(connection, epoch, cookie, |slot| {
         assert!(!slot.lent, "only the reader lends a read's buffer");
-        let buf = slot.buf.take().expect("a read carries its buffer");
         slot.lent = true;
-        buf
-    };
+        slot.buf.take().expect("a read carries its buffer")
+    })?;
     let range = relative as usize..(relative + bytes) as usize;
     assert!(range.end <= buf.len(), "read data fits its request ({range:?} of {})", buf.len());
     let received = stream.take(&mut buf.as_mut_slice()[range]).await;
     let mut state = connection.state.lock();
+    // A slot whose buffer is out is never freed (the caller waits for it), whatever the epoch.
     let slot = state.table.get(cookie).expect("a lent slot stays live");
     (slot.buf, slot.lent) = (Some(buf), false);
     slot.covered_bytes += bytes;
     state.table.settle(cookie);
     received
-}
-
-/// Zero `bytes` of `cookie`'s buffer at `relative` (a hole chunk).
-fn zero_buf(connection: &Connection, cookie: u64, relative: u64, bytes: u64) -> Result<(), Broken> {
-    let mut state = connection.state.lock();
-    let slot = state.table.get(cookie).expect("the caller checked the cookie");
-    let buf = slot.buf.as_mut().expect("a read carries its buffer");
-    buf.as_mut_slice()[relative as usize..(relative + bytes) as usize].fill(0);
-    slot.covered_bytes += bytes;
-    Ok(())
 }
