@@ -78,20 +78,25 @@ impl NbdDriver {
             payload_max: u64::from(negotiated.sizes.maximum).min(tandem::block::MAX_REQUEST_BYTES),
         });
         let mut connections = vec![Connection::start(0, params.clone(), fd, &negotiated)];
+        // A started connection's tasks keep it alive until it is closed: close them all on
+        // any way out with an error.
+        let fail = |connections: &[Arc<Connection>], error: NbdError| {
+            connections.iter().for_each(|c| c.close());
+            error
+        };
         for index in 1..count {
-            let (fd, more) = dial::dial(uri, config)?;
+            let (fd, more) = dial::dial(uri, config).map_err(|error| fail(&connections, error))?;
             if (more.size_bytes, more.style, more.flags) != (negotiated.size_bytes, negotiated.style, flags) {
                 let what = format!("connection {index} negotiated {more:?}, the first {negotiated:?}");
-                connections.iter().for_each(|c| c.close());
-                return Err(NbdError::Changed { target: uri.to_string(), what });
+                return Err(fail(&connections, NbdError::Changed { target: uri.to_string(), what }));
             }
             connections.push(Connection::start(index, params.clone(), fd, &more));
         }
         let period = (config.request_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
         let watched = connections.iter().map(Arc::downgrade).collect();
         let watchdog = Watchdog::start(watched, period).map_err(|error| {
-            connections.iter().for_each(|c| c.close());
-            NbdError::Start { what: "watchdog thread", detail: error.to_string() }
+            let detail = error.to_string();
+            fail(&connections, NbdError::Start { what: "watchdog thread", detail })
         })?;
         let minimum_bytes = u64::from(negotiated.sizes.minimum);
         Ok(NbdDriver {
