@@ -155,7 +155,8 @@ fn unforwarded_option(job: &JobSpec) -> Option<&'static str> {
 
 /// The job's NBD URI, if its filename is one: fio's nbd engine (libnbd) gets the same URI.
 fn nbd_uri(job: &JobSpec) -> Option<&str> {
-    job.filename.as_deref().filter(|name| tandem_drivers::nbd::is_nbd_uri(name))
+    let named = job.filename.as_deref().filter(|name| tandem_drivers::nbd::is_nbd_uri(name));
+    named.or(job.nbd_uri.as_deref().filter(|_| job.engine() == fio::values::Engine::Nbd && job.filename.is_none()))
 }
 
 /// The job's rbd image, if its filename is one.
@@ -502,6 +503,21 @@ mod tests {
         let fio = fio_command(&jobs).unwrap();
         assert!(fio.contains(&"--ioengine=nbd".to_string()) && fio.contains(&format!("--uri={uri}")), "{fio:?}");
         assert!(!fio.iter().any(|a| a.starts_with("--filename") || a.starts_with("--direct")), "{fio:?}");
+    }
+
+    #[test]
+    fn fios_own_nbd_spelling_is_taken_too() {
+        let uri = "nbd://localhost:10809/disk";
+        let args: Vec<String> = ["--name=n", "--ioengine=nbd", &format!("--uri={uri}"), "--rw=read"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let jobs = fio::parse_command_line(&args).unwrap().jobs;
+        assert_eq!(fio::files::job_files(&jobs[0], 0)[0].path, uri, "the export is the job's one file");
+        assert!(fio_command(&jobs).unwrap().contains(&format!("--uri={uri}")));
+        let missing: Vec<String> = ["--name=n", "--ioengine=nbd", "--size=1M"].iter().map(|s| s.to_string()).collect();
+        let err = fio::parse_command_line(&missing).and_then(|c| c.jobs[0].validate().map(|_| c)).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("uri")));
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub fn job_files(job: &JobSpec, clone_index: u32) -> Vec<JobFile> {
         (Engine::Null, _) => return Vec::new(),
         (_, Some(list)) => split_filenames(list).into_iter().map(|name| under_directory(job, &name)).collect(),
         (Engine::Rbd, None) => vec![rbd_name(job)],
+        (Engine::Nbd, None) => job.nbd_uri.iter().cloned().collect(),
         (_, None) => (0..job.nrfiles)
             .map(|file_index| under_directory(job, &format!("{}.{clone_index}.{file_index}", job.name)))
             .collect::<Vec<_>>(),

@@ -67,6 +67,7 @@ enum Field {
     RbdPool,
     RbdName,
     RbdClient,
+    NbdUri,
     /// Accepted for compatibility, no effect (see [`IGNORED_OPTIONS`]); any text.
     IgnoredText,
     /// Accepted for compatibility, no effect; the value must still be a boolean.
@@ -151,6 +152,13 @@ pub const OPTION_TABLE: &[OptionDef] = &[
     def("pool", &[], Required, Field::RbdPool, "ioengine=rbd: the Ceph pool"),
     def("rbdname", &[], Required, Field::RbdName, "ioengine=rbd: the image"),
     def("clientname", &[], Required, Field::RbdClient, "ioengine=rbd: the Ceph user (without client.)"),
+    def(
+        "uri",
+        &[],
+        Required,
+        Field::NbdUri,
+        "ioengine=nbd: the export, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH",
+    ),
     def("prioclass", &[], Required, Field::PrioClass, "I/O priority class: 0 none, 1 rt, 2 be, 3 idle"),
     def("prio", &[], Required, Field::Prio, "I/O priority level within the class, 0..=7"),
     def("randseed", &[], Required, Field::RandSeed, "seed for random offsets"),
@@ -257,6 +265,7 @@ fn set_valued(spec: &mut JobSpec, field: Field, text: &str) -> Result<(), Option
         Field::RbdPool => spec.rbd_pool = Some(text.to_string()),
         Field::RbdName => spec.rbd_image = Some(text.to_string()),
         Field::RbdClient => spec.rbd_client = Some(text.to_string()),
+        Field::NbdUri => spec.nbd_uri = Some(text.to_string()),
         Field::Size => spec.size_bytes = Some(parse_size(text)?),
         Field::Offset => spec.offset_bytes = parse_size(text)?,
         Field::IoSize => spec.io_size_bytes = Some(parse_size(text)?),

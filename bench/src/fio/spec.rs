@@ -171,6 +171,8 @@ pub struct JobSpec {
     pub rbd_pool: Option<String>,
     pub rbd_image: Option<String>,
     pub rbd_client: Option<String>,
+    /// fio nbd engine's `uri`: the export when no filename is given.
+    pub nbd_uri: Option<String>,
     /// Options inherited from global scope (command line before `--name`, `[global]`).
     pub global_options: Vec<SetOption>,
     /// Options set on this job itself, starting with its `name`.
@@ -225,6 +227,7 @@ impl Default for JobSpec {
             rbd_pool: None,
             rbd_image: None,
             rbd_client: None,
+            nbd_uri: None,
             global_options: Vec::new(),
             job_options: Vec::new(),
         }
@@ -309,6 +312,8 @@ impl JobSpec {
             (Engine::Null, _) | (_, Some(_)) => Ok(()),
             (Engine::Rbd, None) if self.rbd_pool.is_some() && self.rbd_image.is_some() => Ok(()),
             (Engine::Rbd, None) => Err(self.missing("rbdname", "ioengine=rbd needs pool= and rbdname= (or filename=rbd:POOL/IMAGE)")),
+            (Engine::Nbd, None) if self.nbd_uri.is_some() => Ok(()),
+            (Engine::Nbd, None) => Err(self.missing("uri", "ioengine=nbd needs uri=nbd://HOST[:PORT]/EXPORT or uri=nbd+unix:///EXPORT?socket=PATH")),
             (_, None) if self.size_bytes.or(self.filesize_bytes).is_some() => Ok(()),
             (_, None) => Err(self.missing(
                 "filename",

@@ -159,6 +159,8 @@ pub enum Engine {
     Null,
     /// rbd: a Ceph image (`pool`/`rbdname`/`clientname` or `filename=rbd:...`).
     Rbd,
+    /// nbd: an NBD export (`uri=`, as fio's libnbd engine, or an NBD URI as `filename=`).
+    Nbd,
 }
 
 /// Maps fio's `ioengine=` name to ours; anything else is refused with the name in the error.
@@ -168,9 +170,10 @@ pub fn parse_engine(text: &str) -> Result<Engine, OptionError> {
         "sync" | "psync" | "vsync" | "pvsync" | "pvsync2" => Ok(Engine::Sync),
         "null" => Ok(Engine::Null),
         "rbd" => Ok(Engine::Rbd),
+        "nbd" => Ok(Engine::Nbd),
         _ => Err(OptionError::bad_value(
             text,
-            "unsupported engine (supported: io_uring, libaio, posixaio, sync, psync, vsync, pvsync, pvsync2, null, rbd)",
+            "unsupported engine (supported: io_uring, libaio, posixaio, sync, psync, vsync, pvsync, pvsync2, null, rbd, nbd)",
         )),
     }
 }
