@@ -58,6 +58,17 @@ fn qemu_nbd_negotiates_extended_headers_and_round_trips() {
 }
 
 #[test]
+fn tcp_uris_connect_too() {
+    let rt = runtime(BackendChoice::Auto, 2);
+    let (_server, port) = NbdServer::qemu_tcp(DISK_BYTES);
+    let driver = open_uri(&rt.handle(), &format!("nbd://127.0.0.1:{port}/"), &NbdConfig::default()).unwrap();
+    assert_eq!(driver.name(), format!("nbd://127.0.0.1:{port}/"));
+    let disk = Disk::new(Arc::new(driver));
+    write(&disk, 8192, pattern(8192, 11)).unwrap();
+    assert_eq!(read(&disk, 8192, 8192).unwrap().as_slice(), pattern(8192, 11).as_slice());
+}
+
+#[test]
 fn the_older_paths_work_when_extended_headers_are_not_asked_for() {
     let rt = runtime(BackendChoice::Auto, 2);
     let server = NbdServer::qemu(DISK_BYTES);

@@ -34,6 +34,27 @@ impl NbdServer {
         server
     }
 
+    /// qemu-nbd as [`NbdServer::qemu`], on TCP at 127.0.0.1 and a port the kernel had free.
+    pub fn qemu_tcp(size_bytes: u64) -> (NbdServer, u16) {
+        let dir = super::scratch_dir();
+        let file = dir.path().join("disk.raw");
+        std::fs::File::create(&file).and_then(|f| f.set_len(size_bytes)).expect("creating the qemu-nbd file");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let command: Vec<String> = ["qemu-nbd", "-f", "raw", "-t", "-e", "8", "--cache=none", "-b", "127.0.0.1", "-p"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([port.to_string(), file.display().to_string()])
+            .collect();
+        let child = Command::new(&command[0]).args(&command[1..]).stdin(Stdio::null()).spawn().expect("qemu-nbd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "qemu-nbd did not listen on port {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let socket = dir.path().join("unused");
+        (NbdServer { child: Some(child), socket, file: Some(file), dir, command }, port)
+    }
+
     /// `nbdkit -f --exit-with-parent -U SOCK ARGS...` (e.g. `["memory", "16M"]`, filters
     /// first: `["--filter=delay", "memory", "16M", "delay-read=10s"]`).
     pub fn nbdkit(args: &[&str]) -> NbdServer {
