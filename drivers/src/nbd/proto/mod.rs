@@ -359,7 +359,7 @@ pub fn encode_block_status(
         }
         return;
     }
-    let compact_max = u64::from(u32::MAX & !(align_bytes - 1));
+    let compact_max = u64::from(!(align_bytes - 1)); // u32::MAX rounded down to the alignment
     for d in descriptors {
         assert!(d.length > 0, "descriptors are nonzero");
         out.extend_from_slice(&(d.length.min(compact_max) as u32).to_be_bytes());
@@ -374,7 +374,7 @@ pub fn parse_block_status(kind: u16, payload: &[u8]) -> Option<(u32, Vec<Descrip
     let descriptors: Vec<Descriptor> = match kind {
         REPLY_TYPE_BLOCK_STATUS => {
             let rest = &payload[4..];
-            if rest.is_empty() || rest.len() % 8 != 0 {
+            if rest.is_empty() || !rest.len().is_multiple_of(8) {
                 return None;
             }
             rest.chunks_exact(8).map(|c| Descriptor { length: u64::from(u32_at(c, 0)), flags: u32_at(c, 4) }).collect()

@@ -285,7 +285,7 @@ impl BlockSizes {
             && self.preferred.is_power_of_two()
             && self.minimum <= self.preferred
             && self.maximum >= self.minimum
-            && (self.maximum % self.minimum == 0 || self.maximum == u32::MAX)
+            && (self.maximum.is_multiple_of(self.minimum) || self.maximum == u32::MAX)
     }
 }
 
