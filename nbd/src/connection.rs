@@ -197,12 +197,13 @@ async fn read_requests(reader: &mut Reader, context: &Conn, in_flight_max: usize
     let header_bytes = style.request_bytes();
     loop {
         WaitForRoom { shared: &context.shared, limit: in_flight_max }.await;
-        let state = context.shared.borrow();
-        assert!(state.in_flight < in_flight_max, "the reader waits for room before it reads");
-        if state.writer_failed {
-            return End::Client;
+        {
+            let state = context.shared.borrow();
+            assert!(state.in_flight < in_flight_max, "the reader waits for room before it reads");
+            if state.writer_failed {
+                return End::Client;
+            }
         }
-        drop(state);
         if let Err(e) = reader.fill(header_bytes).await {
             return eof_is_client(e);
         }
@@ -382,7 +383,7 @@ async fn block_status(context: &Conn, request: &Request, offset: u64, length_byt
     // A compact descriptor holds 32 bits: ask for no more than fits.
     let length_bytes = match style {
         HeaderStyle::Extended => length_bytes,
-        _ => length_bytes.min(u64::from(u32::MAX & !(align - 1))),
+        _ => length_bytes.min(u64::from(!(align - 1))),
     };
     let mut out = Vec::new();
     let contexts: &[MetaContext] = &context.selected.contexts;
@@ -463,13 +464,14 @@ async fn write_replies(socket: Socket, shared: Rc<RefCell<Shared>>, pool: BufPoo
         let batch = NextReplies { shared: &shared }.await;
         let Some(batch) = batch else { return Ok(()) };
         if let Err(e) = send_batch(&socket, &pool, batch).await {
-            let mut state = shared.borrow_mut();
-            state.writer_failed = true;
-            state.replies.clear();
-            if let Some(waker) = state.reader_waker.take() {
-                waker.wake();
+            {
+                let mut state = shared.borrow_mut();
+                state.writer_failed = true;
+                state.replies.clear();
+                if let Some(waker) = state.reader_waker.take() {
+                    waker.wake();
+                }
             }
-            drop(state);
             socket.shutdown();
             // Keep draining until every request has finished, so none is left waiting.
             while (NextReplies { shared: &shared }).await.is_some() {}

@@ -18,6 +18,7 @@ mod finish;
 mod join;
 mod local;
 pub mod op;
+mod sockets;
 mod threads;
 mod time;
 mod uring;
@@ -86,7 +87,8 @@ pub struct Config {
     pub backend: BackendChoice,
     /// Cap on io_uring's io-wq worker threads per ring (bounded and unbounded each).
     pub io_workers_max: u32,
-    /// Threads of the thread-pool backend (its queue depth is one operation per thread).
+    /// Threads of the thread-pool backend (its queue depth is one operation per thread). They
+    /// do disk I/O only: socket operations wait on one readiness thread (epoll) per runtime.
     pub thread_pool_workers: usize,
     /// A core hands queued operations to the kernel as soon as this many are queued (and at
     /// the end of every turn). 1, like fio's default, gives the device each request at once:
@@ -164,7 +166,8 @@ pub struct RuntimeHandle {
 /// The reactor: owns the worker threads. Dropping it shuts them down after draining the I/O
 /// the kernel still holds. Disk I/O runs to its end; a socket operation that could wait on an
 /// idle peer forever (accept, recv, send) is ended instead: cancelled on io_uring after a short
-/// grace period (`-ECANCELED`), its socket shut down on the thread pool.
+/// grace period (`-ECANCELED`), at once on the thread pool (`-ECANCELED`, unless it can finish
+/// without waiting; the socket itself is left alone).
 pub struct Runtime {
     handle: RuntimeHandle,
     threads: Vec<ThreadHandle<()>>,
@@ -433,7 +436,7 @@ fn start_core(
         value: config.cores.to_string(),
         reason: "eventfd creation failed",
     })?;
-    let sender = pool.map(|p| p.sender());
+    let threads_backend = pool.map(|p| p.backend());
     let (queue_depth, io_workers_max) = (config.queue_depth, config.io_workers_max);
     let submit_batch_count = config.submit_batch_count;
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
@@ -444,8 +447,8 @@ fn start_core(
             if let Some(cpu) = cpu {
                 pin_to_cpu(cpu);
             }
-            let backend = match sender {
-                Some(sender) => Ok(Backend::Threads(threads::ThreadsBackend::new(sender))),
+            let backend = match threads_backend {
+                Some(threads_backend) => Ok(Backend::Threads(threads_backend)),
                 None => uring::UringBackend::new(queue_depth, Core::wake_fd(&thread_shared), io_workers_max).map(
                     |mut ring| {
                         if let Err(e) = ring.register_pool(&register_pool) {

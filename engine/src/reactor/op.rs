@@ -43,7 +43,7 @@ pub enum OpKind {
     Accept { fd: SharedFd },
     /// recv into the whole buffer; `waitall` adds MSG_WAITALL. Result: bytes received (0: the
     /// peer closed) or `-errno`. MSG_WAITALL may still return fewer bytes (a signal, a
-    /// non-blocking socket on the thread pool, a shutdown): callers loop.
+    /// shutdown, an error after some bytes): callers loop.
     Recv { fd: SharedFd, waitall: bool },
     /// One sendmsg of `prefix` then the buffer (none: prefix only), with MSG_NOSIGNAL (a closed
     /// peer is `-EPIPE`, not SIGPIPE) and MSG_WAITALL. Result: bytes sent (may be short:
@@ -300,6 +300,11 @@ impl OpShared {
             }
             None => Arc::new(OpShared { state: Mutex::new(state) }),
         }
+    }
+
+    /// Whether this is a socket operation (one that may wait on a peer forever).
+    pub(crate) fn is_socket(&self) -> bool {
+        matches!(self.state.lock().kind, OpKind::Accept { .. } | OpKind::Recv { .. } | OpKind::Send { .. })
     }
 
     /// The operation's description plus the buffer's address and length, for a backend to

@@ -1,6 +1,7 @@
 //! Socket operations on real sockets, on both backends: accept, recv with MSG_WAITALL, one-shot
 //! prefix + buffer sends, a closed peer, an abandoned accept, and shutdown with a recv or an
-//! accept waiting on an idle socket.
+//! accept waiting on an idle socket. On the thread pool: waiting socket operations leave the
+//! disk workers free, sends on one socket keep their order, and a waitall recv fills up.
 
 use super::*;
 use crate::buf::AlignedBuf;
@@ -235,4 +236,119 @@ fn send_prefix_holds_up_to_64_bytes() {
     assert_eq!(format!("{:?}", SendPrefix::new(&[1, 0xab])), "SendPrefix([01, ab])");
     let refused = std::panic::catch_unwind(|| SendPrefix::new(&[0; SEND_PREFIX_BYTES_MAX + 1]));
     assert!(refused.is_err(), "65 bytes refused");
+}
+
+/// A file of `len` pattern bytes under the target directory, open for reading.
+fn temp_file(len: usize) -> (tempfile::TempDir, SharedFd) {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/tmp");
+    std::fs::create_dir_all(root).unwrap();
+    let dir = tempfile::tempdir_in(root).unwrap();
+    let path = dir.path().join("disk");
+    std::fs::write(&path, pattern(len)).unwrap();
+    (dir, SharedFd::new(OwnedFd::from(std::fs::File::open(&path).unwrap())))
+}
+
+/// Idle sockets must not hold the thread pool's disk workers: with 2 workers, 8 recvs on
+/// sockets nobody writes to and 4 sends larger than the socket buffers nobody reads wait
+/// while a disk read completes; then the peers talk and every socket operation finishes.
+#[test]
+fn waiting_socket_ops_leave_the_disk_workers_free_threads() {
+    const RECVS: usize = 8;
+    const SENDS: usize = 4;
+    let config = Config { cores: 1, pin: false, queue_depth: 64, backend: BackendChoice::Threads, ..Config::default() };
+    let runtime = Runtime::new(Config { thread_pool_workers: 2, ..config }).unwrap();
+    let (_dir, file) = temp_file(4096);
+    let mut recv_peers = Vec::new();
+    let mut recvs = Vec::new();
+    for _ in 0..RECVS {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (fd, handle) = (SharedFd::new(ours.into()), runtime.handle());
+        recvs.push(runtime.spawn(move || async move {
+            let buf = AlignedBuf::zeroed(4096, 4096).ok();
+            let output = handle.submit(op(OpKind::Recv { fd, waitall: false }, buf)).await;
+            (output.result, output.buf.unwrap().as_slice()[..8].to_vec())
+        }));
+        recv_peers.push(theirs);
+    }
+    let mut send_peers = Vec::new();
+    let mut sends = Vec::new();
+    for i in 0..SENDS {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (fd, handle) = (SharedFd::new(ours.into()), runtime.handle());
+        sends.push(runtime.spawn(move || async move {
+            let mut buf = AlignedBuf::zeroed(PAYLOAD_BYTES, 4096).unwrap();
+            buf.as_mut_slice().copy_from_slice(&pattern(PAYLOAD_BYTES));
+            let send = OpKind::Send { fd, prefix: SendPrefix::new(&[i as u8; 4]) };
+            handle.submit(op(send, Some(buf))).await.result
+        }));
+        send_peers.push(theirs);
+    }
+    std::thread::sleep(Duration::from_millis(100)); // every socket operation reaches the pool
+
+    let handle = runtime.handle();
+    let read = returns("a disk read behind waiting socket operations", move || {
+        block_on(handle.submit(op(OpKind::Read { fd: file, offset: 0 }, AlignedBuf::zeroed(4096, 4096).ok())))
+    });
+    assert_eq!(read.result, 4096);
+    assert!(read.buf.unwrap().as_slice() == &pattern(4096)[..], "the read's bytes");
+
+    for (i, peer) in recv_peers.iter_mut().enumerate() {
+        peer.write_all(&(i as u64).to_le_bytes()).unwrap();
+    }
+    let readers: Vec<_> = send_peers
+        .into_iter()
+        .map(|mut peer| {
+            std::thread::spawn(move || {
+                let mut got = vec![0; 4 + PAYLOAD_BYTES];
+                peer.read_exact(&mut got).unwrap();
+                got
+            })
+        })
+        .collect();
+    for (i, recv) in recvs.into_iter().enumerate() {
+        let (result, bytes) = returns("a recv", move || recv.join().unwrap());
+        assert_eq!((result, bytes), (8, (i as u64).to_le_bytes().to_vec()), "recv {i}");
+    }
+    for (i, (send, reader)) in sends.into_iter().zip(readers).enumerate() {
+        assert_eq!(returns("a send", move || send.join().unwrap()), (4 + PAYLOAD_BYTES) as i32, "send {i}");
+        let got = reader.join().unwrap();
+        assert_eq!(got[..4], [i as u8; 4]);
+        assert!(got[4..] == pattern(PAYLOAD_BYTES)[..], "send {i}'s payload");
+    }
+}
+
+/// Two sends on one socket, both larger than its buffer and submitted together, go out one
+/// after the other: the second's bytes never land inside the first's. And a waitall recv
+/// fed in small pieces waits until its buffer is full.
+#[test]
+fn sends_on_one_socket_keep_their_order_and_waitall_fills_threads() {
+    let runtime = runtime(BackendChoice::Threads, 1);
+    let (ours, mut theirs) = UnixStream::pair().unwrap();
+    theirs.set_read_timeout(Some(HANG)).unwrap(); // a hang fails the read_exact
+    let (fd, handle) = (SharedFd::new(ours.into()), runtime.handle());
+    let sends = runtime.spawn(move || async move {
+        let filled = |byte| {
+            let mut buf = AlignedBuf::zeroed(PAYLOAD_BYTES, 4096).unwrap();
+            buf.as_mut_slice().fill(byte);
+            Some(buf)
+        };
+        let first = handle.submit(op(OpKind::Send { fd: fd.clone(), prefix: SendPrefix::new(b"1") }, filled(b'a')));
+        let second = handle.submit(op(OpKind::Send { fd: fd.clone(), prefix: SendPrefix::new(b"2") }, filled(b'b')));
+        let sent = (first.await.result, second.await.result);
+        let recv = handle.submit(op(OpKind::Recv { fd, waitall: true }, AlignedBuf::zeroed(4096, 4096).ok())).await;
+        (sent, recv.result, recv.buf.unwrap().as_slice().to_vec())
+    });
+    let mut got = vec![0; 2 * (1 + PAYLOAD_BYTES)];
+    theirs.read_exact(&mut got).unwrap();
+    let (first, second) = got.split_at(1 + PAYLOAD_BYTES);
+    assert!(first[0] == b'1' && first[1..].iter().all(|&b| b == b'a'), "the first send, whole");
+    assert!(second[0] == b'2' && second[1..].iter().all(|&b| b == b'b'), "then the second");
+    for piece in pattern(4096).chunks(1000) {
+        theirs.write_all(piece).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (sent, received, bytes) = returns("the sends and the recv", move || sends.join().unwrap());
+    assert_eq!(sent, ((1 + PAYLOAD_BYTES) as i32, (1 + PAYLOAD_BYTES) as i32));
+    assert_eq!(received, 4096, "waitall: the whole buffer");
+    assert!(bytes == pattern(4096), "in order");
 }

@@ -359,7 +359,7 @@ pub fn encode_block_status(
         }
         return;
     }
-    let compact_max = u64::from(!(align_bytes - 1));
+    let compact_max = u64::from(!(align_bytes - 1)); // u32::MAX rounded down to the alignment
     for d in descriptors {
         assert!(d.length > 0, "descriptors are nonzero");
         out.extend_from_slice(&(d.length.min(compact_max) as u32).to_be_bytes());
