@@ -1,4 +1,5 @@
-//! `--pidfile`: checked before anything starts (a live daemon's pidfile is never taken over),
+//! `--pidfile`: checked before anything starts (a live daemon's pidfile, or a file that is not
+//! a pidfile, is never taken over),
 //! written once the daemon serves, removed at exit by the guard that wrote it.
 
 use std::path::{Path, PathBuf};
@@ -9,16 +10,22 @@ pub(crate) struct Planned(PathBuf);
 /// The written pidfile; dropping it removes the file.
 pub(crate) struct Written(PathBuf);
 
-/// Refuse a pidfile that names a live process: another daemon owns it.
+/// Refuse a pidfile that names a live process (another daemon owns it) and any existing file
+/// that is not a pidfile at all (a mistyped path must not overwrite someone's data). A stale
+/// pidfile, naming a process that is gone, is taken over.
 pub(crate) fn check(path: &Path) -> Result<Planned, String> {
-    if let Ok(text) = std::fs::read_to_string(path) {
-        if let Ok(pid) = text.trim().parse::<libc::pid_t>() {
-            // SAFETY: kill with signal 0 only checks that the process exists.
-            let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
-            if alive {
-                return Err(format!("--pidfile {}: process {pid} is running and owns it", path.display()));
-            }
-        }
+    let text = match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Planned(path.to_path_buf())),
+        Err(e) => return Err(format!("--pidfile {}: {e}", path.display())),
+        Ok(bytes) => String::from_utf8(bytes).unwrap_or_default(),
+    };
+    let Ok(pid) = text.trim().parse::<libc::pid_t>() else {
+        return Err(format!("--pidfile {}: the file exists and is not a pidfile; not overwriting it", path.display()));
+    };
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+    if alive {
+        return Err(format!("--pidfile {}: process {pid} is running and owns it", path.display()));
     }
     Ok(Planned(path.to_path_buf()))
 }

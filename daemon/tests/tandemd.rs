@@ -152,3 +152,19 @@ fn an_existing_socket_path_is_refused_and_kept() {
     assert_eq!(std::fs::read(&socket).unwrap(), b"someone else's");
     assert!(!pidfile.exists());
 }
+
+#[test]
+fn a_pidfile_path_holding_other_data_or_a_live_pid_is_refused_and_kept() {
+    let dir = scratch_dir();
+    let (image, socket, pidfile) = (dir.path().join("d.img"), dir.path().join("s.sock"), dir.path().join("pid"));
+    make_file(&image, MIB, 0);
+    for content in ["precious data, not a pid\n".to_string(), format!("{}\n", std::process::id())] {
+        std::fs::write(&pidfile, &content).unwrap();
+        let output =
+            Command::new(env!("CARGO_BIN_EXE_tandemd")).args(qsd_line(&image, &socket, &pidfile)).output().unwrap();
+        assert!(!output.status.success(), "{content:?} must be refused");
+        assert!(String::from_utf8_lossy(&output.stderr).contains("--pidfile"));
+        assert_eq!(std::fs::read_to_string(&pidfile).unwrap(), content, "the file is kept as it was");
+        assert!(!socket.exists(), "nothing was started");
+    }
+}
