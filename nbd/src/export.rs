@@ -34,6 +34,12 @@ pub struct ExportOptions {
     /// Advertise NBD_FLAG_CAN_MULTI_CONN: a flush on one connection covers writes completed on
     /// every other. True of every Tandem disk (a flush is the device's), so on by default.
     pub multi_conn: bool,
+    /// Make every write durable before its reply (QEMU's `writethrough=on`): writes go out
+    /// with FUA.
+    pub writethrough: bool,
+    /// Let trims and zeroing deallocate (QEMU's node option `discard=unmap`); off, a trim
+    /// succeeds without touching the disk and zeroes stay allocated (`discard=ignore`).
+    pub unmap: bool,
 }
 
 impl ExportOptions {
@@ -45,6 +51,8 @@ impl ExportOptions {
             bitmaps: Vec::new(),
             request_bytes_max: REQUEST_BYTES_MAX_DEFAULT,
             multi_conn: true,
+            writethrough: false,
+            unmap: true,
         }
     }
 }

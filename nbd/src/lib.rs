@@ -13,7 +13,9 @@ pub mod request;
 pub mod status;
 
 pub use export::{Export, ExportError, ExportOptions, ExportTable, MetaContext};
+mod commands;
 mod connection;
+mod flow;
 pub mod server;
 mod socket;
 

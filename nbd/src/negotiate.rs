@@ -102,6 +102,8 @@ impl Negotiation {
         }
         let request = match opt::parse_option(option, data) {
             Ok(request) => request,
+            // EXPORT_NAME has no option reply to carry an error: the spec says close.
+            Err(_) if option == opt::OPT_EXPORT_NAME => return Outcome::Close,
             Err(e) => {
                 opt::encode_error_reply(option, opt::REP_ERR_INVALID, &e.to_string(), out);
                 return Outcome::Continue;
@@ -210,8 +212,9 @@ impl Negotiation {
             _ => offered.into_iter().filter(|c| queries.iter().any(|q| c.matches(q, !set))).collect(),
         };
         for (index, context) in chosen.iter().enumerate() {
-            // Ids are 1-based positions in the selection; a LIST's ids mean nothing later.
-            let data = opt::encode_meta_context_reply(index as u32 + 1, &context.name());
+            // A SET's ids are 1-based positions in the selection; a LIST's SHOULD be 0.
+            let id = if set { index as u32 + 1 } else { 0 };
+            let data = opt::encode_meta_context_reply(id, &context.name());
             opt::encode_option_reply(option, opt::REP_META_CONTEXT, &data, out);
         }
         opt::encode_option_reply(option, opt::REP_ACK, &[], out);
@@ -310,6 +313,9 @@ mod tests {
         assert!(matches!(n.handle(opt::OPT_GO, &data, &table, &mut out), Outcome::Continue));
         assert_eq!(replies(&out)[0].0, opt::REP_ERR_UNKNOWN);
         assert!(matches!(n.handle(opt::OPT_EXPORT_NAME, b"nope", &table, &mut out), Outcome::Close));
+        let before = out.len();
+        assert!(matches!(n.handle(opt::OPT_EXPORT_NAME, b"bad\0name", &table, &mut out), Outcome::Close));
+        assert_eq!(out.len(), before, "EXPORT_NAME never gets an option reply");
     }
 
     #[test]
@@ -326,6 +332,7 @@ mod tests {
         n.handle(opt::OPT_SET_META_CONTEXT, &set, &table, &mut out);
         let names: Vec<_> =
             replies(&out).iter().filter_map(|r| opt::parse_meta_context_reply(&r.1).filter(|_| r.0 == 4)).collect();
+        assert!(names.iter().all(|(id, _)| *id != 0), "a SET gives real ids");
         assert_eq!(names, [(1, "base:allocation".to_string()), (2, "qemu:dirty-bitmap:b0".to_string())]);
         let go = opt::encode_info_request("disk", &[]);
         let Outcome::Transmission(selected) = n.handle(opt::OPT_GO, &go, &table, &mut out) else { panic!() };

@@ -65,10 +65,12 @@ pub enum Verdict {
 fn allowed_flags(kind: u16, style: HeaderStyle) -> u16 {
     let payload =
         if style == HeaderStyle::Extended && kind == proto::CMD_WRITE { proto::CMD_FLAG_PAYLOAD_LEN } else { 0 };
+    // DF is advertised (and so allowed) only with structured replies.
+    let df = if style.structured() { proto::CMD_FLAG_DF } else { 0 };
     proto::CMD_FLAG_FUA
         | payload
         | match kind {
-            proto::CMD_READ => proto::CMD_FLAG_DF,
+            proto::CMD_READ => df,
             proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO,
             proto::CMD_BLOCK_STATUS => proto::CMD_FLAG_REQ_ONE,
             _ => 0,

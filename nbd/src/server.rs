@@ -47,8 +47,16 @@ pub struct ServerConfig {
     pub connections_max: usize,
     /// A client must choose an export within this (QEMU's `handshake-max-seconds`: 10 s).
     pub handshake_timeout: Duration,
-    /// Requests one connection has under way at most; the next is not read until one ends.
+    /// Requests one connection has under way at most, counted until their reply has left;
+    /// the next is not read until one ends.
     pub requests_in_flight_max: usize,
+    /// Buffer bytes (read data, write payloads) one connection's requests hold at most before
+    /// the next request is read (one request may go past it by its own size).
+    pub connection_bytes_max: u64,
+    /// A write payload slower to arrive, or replies left unread for longer, end the connection.
+    pub stall_timeout: Duration,
+    /// At shutdown, connections get this long to finish what is under way; then they are cut.
+    pub shutdown_grace: Duration,
 }
 
 pub const CONNECTIONS_MAX_LIMIT: usize = 65536;
@@ -61,6 +69,9 @@ impl ServerConfig {
             connections_max: 100,
             handshake_timeout: Duration::from_secs(10),
             requests_in_flight_max: 64,
+            connection_bytes_max: 64 << 20,
+            stall_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 
@@ -73,8 +84,18 @@ impl ServerConfig {
         if self.requests_in_flight_max == 0 || self.requests_in_flight_max > REQUESTS_IN_FLIGHT_LIMIT {
             return bad("requests_in_flight_max", self.requests_in_flight_max.to_string(), "must be 1..=4096");
         }
-        if self.handshake_timeout.is_zero() || self.handshake_timeout > Duration::from_secs(3600) {
+        let hour = Duration::from_secs(3600);
+        if self.handshake_timeout.is_zero() || self.handshake_timeout > hour {
             return bad("handshake_timeout", format!("{:?}", self.handshake_timeout), "must be 1 ns..=1 h");
+        }
+        if self.connection_bytes_max < 1 << 20 || self.connection_bytes_max > 1 << 40 {
+            return bad("connection_bytes_max", self.connection_bytes_max.to_string(), "must be 1 MiB..=1 TiB");
+        }
+        if self.stall_timeout.is_zero() || self.stall_timeout > hour {
+            return bad("stall_timeout", format!("{:?}", self.stall_timeout), "must be 1 ns..=1 h");
+        }
+        if self.shutdown_grace > hour {
+            return bad("shutdown_grace", format!("{:?}", self.shutdown_grace), "must be at most 1 h");
         }
         Ok(())
     }
@@ -174,9 +195,17 @@ impl Server {
         self.shared.closing.store(true, Ordering::SeqCst);
         shutdown_fd(&self.listener, libc::SHUT_RDWR);
         let _ = accept.join();
-        // Reading stops; replies for what is under way still go out.
+        // Reading stops; replies for what is under way still go out, for a grace period. A
+        // client that does not read them is then cut off, so shutdown never waits on a peer.
         for fd in self.shared.connections.lock().values() {
             shutdown_fd(fd, libc::SHUT_RD);
+        }
+        let deadline = std::time::Instant::now() + self.shared.config.shutdown_grace;
+        while !self.shared.connections.lock().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for fd in self.shared.connections.lock().values() {
+            shutdown_fd(fd, libc::SHUT_RDWR);
         }
         let tasks = std::mem::take(&mut *self.tasks.lock());
         for task in tasks {
@@ -193,6 +222,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         if !tandem::reactor::on_any_core() {
             self.stop();
+        } else if self.accept.is_some() {
+            // Stopping waits for the cores, which this thread is one of.
+            tandem::log::line("nbd: a Server dropped on a reactor core keeps serving until its runtime stops");
         }
     }
 }
@@ -280,6 +312,8 @@ async fn run_connection(shared: Arc<Shared>, runtime: RuntimeHandle, fd: SharedF
     let limits = Limits {
         handshake_timeout: shared.config.handshake_timeout,
         requests_in_flight_max: shared.config.requests_in_flight_max,
+        connection_bytes_max: shared.config.connection_bytes_max,
+        stall_timeout: shared.config.stall_timeout,
     };
     let end = connection::serve(socket, pool, &shared.exports, limits).await;
     match end {

@@ -4,12 +4,36 @@
 //! small headers cost one receive; payloads are handed out in pool buffers the disk can use.
 
 use std::io;
+use std::time::Duration;
 use tandem::buf::{AlignedBuf, BufPool};
 use tandem::reactor::{Op, OpKind, RuntimeHandle, SendPrefix, SharedFd};
 use tandem::IoPriority;
 
 /// Bytes one receive asks for: a burst of pipelined requests, or a good part of a payload.
 const RECV_BYTES: usize = 256 << 10;
+/// How long a connection waits for its core's buffer pool to have room before it gives up.
+const POOL_WAIT: Duration = Duration::from_secs(30);
+/// Poll interval while waiting for the pool.
+const POOL_RETRY: Duration = Duration::from_millis(1);
+
+/// A buffer from the core's pool, waiting while the pool is spent by other connections instead
+/// of failing at once: a burst on one connection slows its neighbours, never fails them (each
+/// connection's own share is bounded by its flow limits, and a stalled client is cut off).
+pub(crate) async fn buffer(pool: &BufPool, len: usize) -> tandem::Result<AlignedBuf> {
+    let deadline = std::time::Instant::now() + POOL_WAIT;
+    loop {
+        match pool.get(len) {
+            Err(tandem::Error::BufferLimit { .. }) if std::time::Instant::now() < deadline => {
+                tandem::reactor::sleep(POOL_RETRY).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn out_of_memory(e: tandem::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::OutOfMemory, e.to_string())
+}
 
 #[derive(Clone)]
 pub(crate) struct Socket {
@@ -112,7 +136,7 @@ impl Reader {
                 self.start = 0;
             }
             let want = RECV_BYTES.max(count - self.pending.len());
-            let buf = self.pool.get(want).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+            let buf = buffer(&self.pool, want).await.map_err(out_of_memory)?;
             let (outcome, buf) = self.socket.recv(buf, false).await;
             match outcome? {
                 0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
@@ -124,7 +148,7 @@ impl Reader {
 
     /// `length` payload bytes in a buffer aligned for the disk.
     pub async fn payload(&mut self, length: usize) -> io::Result<AlignedBuf> {
-        let mut buf = self.pool.get(length).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let mut buf = buffer(&self.pool, length).await.map_err(out_of_memory)?;
         let have = self.buffered().len().min(length);
         buf.as_mut_slice()[..have].copy_from_slice(&self.buffered()[..have]);
         self.consume(have);
@@ -132,7 +156,7 @@ impl Reader {
             return Ok(buf);
         }
         // The rest goes into a buffer of its own with one receive, then behind what we had.
-        let rest = self.pool.get(length - have).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let rest = buffer(&self.pool, length - have).await.map_err(out_of_memory)?;
         let (outcome, rest) = self.socket.recv(rest, true).await;
         match outcome? {
             received if received == length - have => {
