@@ -108,12 +108,51 @@ pub fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
+/// Each export's options against the catalog, checked before the server binds anything.
+fn export_options(
+    exports: &[ExportSpec],
+    catalog: &Catalog,
+) -> Result<Vec<(tandem::block::Disk, ExportOptions)>, String> {
+    let mut names: Vec<&str> = exports.iter().map(|e| e.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(format!("--export name={}: two exports have this name", pair[0]));
+    }
+    exports
+        .iter()
+        .map(|export| {
+            let bad = |message: String| format!("--export id={}: {message}", export.id);
+            let node = catalog.get(&export.node_name).map_err(|e| bad(e.to_string()))?;
+            if export.writable && node.read_only {
+                return Err(bad(format!("writable=on, but node '{}' is read-only", export.node_name)));
+            }
+            if let Some(bitmap) = export.bitmaps.iter().find(|b| node.disk.bitmaps().get(b).is_err()) {
+                // Bitmaps are created over QMP (block-dirty-bitmap-add), which tandemd does not
+                // have yet; the library exports them today.
+                return Err(bad(format!("bitmaps: node '{}' has no bitmap '{bitmap}' (tandemd cannot create bitmaps before its QMP monitor exists)", export.node_name)));
+            }
+            let mut options = ExportOptions::new(&export.name);
+            options.description = export.description.clone();
+            options.writable = export.writable;
+            options.bitmaps = export.bitmaps.clone();
+            options.writethrough = export.writethrough;
+            options.unmap = node.unmap;
+            if let Some(multi_conn) = export.multi_conn {
+                options.multi_conn = multi_conn;
+            }
+            tandem_nbd::Export::new(node.disk.clone(), options.clone()).map_err(|e| bad(e.to_string()))?;
+            Ok((node.disk.clone(), options))
+        })
+        .collect()
+}
+
 fn start_server(
     runtime: &Runtime,
     spec: &NbdServerSpec,
     exports: &[ExportSpec],
     catalog: &Catalog,
 ) -> Result<Server, String> {
+    let exports = export_options(exports, catalog)?;
     let mut config = ServerConfig::new(spec.listen.clone());
     if let Some(max) = spec.connections_max {
         config.connections_max = max;
@@ -122,23 +161,9 @@ fn start_server(
         config.handshake_timeout = timeout;
     }
     let server = Server::start(runtime.handle(), config).map_err(|e| e.to_string())?;
-    for export in exports {
-        let node = catalog.get(&export.node_name).map_err(|e| format!("--export id={}: {e}", export.id))?;
-        let mut options = ExportOptions::new(&export.name);
-        options.description = export.description.clone();
-        options.writable = export.writable;
-        options.bitmaps = export.bitmaps.clone();
-        if let Some(multi_conn) = export.multi_conn {
-            options.multi_conn = multi_conn;
-        }
-        if export.writable && node.read_only {
-            return Err(format!(
-                "--export id={}: writable=on, but node '{}' is read-only",
-                export.id, export.node_name
-            ));
-        }
-        // On an error `server` is dropped: it stops and removes the socket it created.
-        server.add_export(node.disk.clone(), options).map_err(|e| format!("--export id={}: {e}", export.id))?;
+    for (disk, options) in exports {
+        // Checked above; on an error anyway `server` is dropped, removing the socket it made.
+        server.add_export(disk, options).map_err(|e| e.to_string())?;
     }
     tandem::log::line(&format!("NBD server listening on {}", spec.listen));
     Ok(server)

@@ -26,6 +26,8 @@ pub struct Node {
     pub disk: Disk,
     pub driver: &'static str,
     pub read_only: bool,
+    /// Trims and zeroing may deallocate (`discard=unmap`).
+    pub unmap: bool,
 }
 
 #[derive(Default)]
@@ -45,7 +47,7 @@ impl Catalog {
             DriverSpec::File { filename, direct } => {
                 let options = FileOptions { read_only: spec.read_only, buffered: !direct, ..FileOptions::default() };
                 let driver = FileDriver::open(runtime, filename, &options).map_err(open_error)?;
-                Node { disk: Disk::new(Arc::new(driver)), driver: "file", read_only: spec.read_only }
+                Node { disk: Disk::new(Arc::new(driver)), driver: "file", read_only: spec.read_only, unmap: spec.unmap }
             }
             DriverSpec::Raw { file } => {
                 let below = self
@@ -54,12 +56,18 @@ impl Catalog {
                     .ok_or_else(|| NodeError::NoSuchFile { name: name.clone(), file: file.clone() })?;
                 // raw over a node is the node's bytes as they are: the same disk, so a bitmap or
                 // job on either sees every write.
-                Node { disk: below.disk.clone(), driver: "raw", read_only: spec.read_only || below.read_only }
+                Node {
+                    disk: below.disk.clone(),
+                    driver: "raw",
+                    read_only: spec.read_only || below.read_only,
+                    unmap: spec.unmap && below.unmap,
+                }
             }
             DriverSpec::NullCo { size_bytes } => Node {
                 disk: Disk::new(Arc::new(NullDriver::new(*size_bytes))),
                 driver: "null-co",
                 read_only: spec.read_only,
+                unmap: spec.unmap,
             },
         };
         Ok(self.nodes.entry(name).or_insert(node))

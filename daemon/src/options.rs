@@ -111,6 +111,9 @@ impl Fields {
 pub struct BlockdevSpec {
     pub node_name: String,
     pub read_only: bool,
+    /// QEMU's `discard=unmap`: trims and zeroing may deallocate. Its default, `ignore`, keeps
+    /// everything allocated, and so does Tandem's.
+    pub unmap: bool,
     pub driver: DriverSpec,
 }
 
@@ -148,10 +151,11 @@ pub fn parse_blockdev(text: &str) -> Result<BlockdevSpec, OptionError> {
     let node_name = node_name(&f, "node-name", name)?;
     let read_only = f.bool("read-only")?.unwrap_or(false);
     let _ = f.bool("auto-read-only")?; // Tandem opens what it is asked for; nothing to relax
-    let discard = f.string("discard")?;
-    if let Some(discard) = discard.filter(|d| d != "unmap" && d != "ignore") {
-        return Err(f.bad("discard", &Value::String(discard), "expected unmap or ignore"));
-    }
+    let unmap = match f.string("discard")?.as_deref() {
+        None | Some("ignore" | "off") => false,
+        Some("unmap" | "on") => true,
+        Some(other) => return Err(f.bad("discard", &Value::String(other.into()), "expected unmap or ignore")),
+    };
     let driver = match driver.as_str() {
         "file" | "host_device" => file_driver(&mut f)?,
         "raw" => DriverSpec::Raw { file: f.required("file")? },
@@ -162,7 +166,7 @@ pub fn parse_blockdev(text: &str) -> Result<BlockdevSpec, OptionError> {
         }
     };
     f.finish("", "")?;
-    Ok(BlockdevSpec { node_name, read_only, driver })
+    Ok(BlockdevSpec { node_name, read_only, unmap, driver })
 }
 
 fn file_driver(f: &mut Fields) -> Result<DriverSpec, OptionError> {
@@ -218,7 +222,9 @@ pub fn parse_nbd_server(text: &str) -> Result<NbdServerSpec, OptionError> {
     let connections_max = f.number("max-connections", tandem_nbd::server::CONNECTIONS_MAX_LIMIT as u64)?;
     let connections_max =
         connections_max.map(|n| if n == 0 { tandem_nbd::server::CONNECTIONS_MAX_LIMIT } else { n as usize });
-    let handshake_timeout = f.number("handshake-max-seconds", 3600)?.filter(|s| *s > 0).map(Duration::from_secs);
+    // QEMU's 0 means no limit; ours is bounded, so 0 is the longest allowed: one hour.
+    let handshake_timeout =
+        f.number("handshake-max-seconds", 3600)?.map(|s| Duration::from_secs(if s == 0 { 3600 } else { s }));
     f.finish("", "tls-creds and tls-authz: TLS is not supported yet")?;
     Ok(NbdServerSpec { listen, connections_max, handshake_timeout })
 }
@@ -238,6 +244,8 @@ pub struct ExportSpec {
     pub writable: bool,
     pub bitmaps: Vec<String>,
     pub multi_conn: Option<bool>,
+    /// QEMU's `writethrough=on`: every write is durable before its reply.
+    pub writethrough: bool,
 }
 
 pub fn parse_export(text: &str) -> Result<ExportSpec, OptionError> {
@@ -251,7 +259,7 @@ pub fn parse_export(text: &str) -> Result<ExportSpec, OptionError> {
     let name = f.string("name")?.unwrap_or_else(|| node_name.clone());
     let description = f.string("description")?;
     let writable = f.bool("writable")?.unwrap_or(false);
-    let _ = f.bool("writethrough")?; // every acknowledged write is on the disk already
+    let writethrough = f.bool("writethrough")?.unwrap_or(false);
     let multi_conn = match f.string("multi-conn")?.as_deref() {
         None | Some("auto") => None,
         Some("on") => Some(true),
@@ -260,7 +268,7 @@ pub fn parse_export(text: &str) -> Result<ExportSpec, OptionError> {
     };
     let bitmaps = bitmap_list(&mut f)?;
     f.finish("", "")?;
-    Ok(ExportSpec { id, node_name, name, description, writable, bitmaps, multi_conn })
+    Ok(ExportSpec { id, node_name, name, description, writable, bitmaps, multi_conn, writethrough })
 }
 
 /// `bitmaps` as a JSON array, or keyval's `bitmaps.0=a,bitmaps.1=b`.
@@ -295,6 +303,8 @@ mod tests {
     fn qsd_lines_parse() {
         let file = parse_blockdev("driver=file,node-name=f,filename=/d.img,cache.direct=on,aio=io_uring").unwrap();
         assert_eq!(file.driver, DriverSpec::File { filename: "/d.img".into(), direct: true });
+        assert!(!file.unmap, "QEMU's default is discard=ignore");
+        assert!(parse_blockdev("driver=file,node-name=f,filename=/d.img,discard=unmap").unwrap().unmap);
         let raw = parse_blockdev("driver=raw,node-name=r,file=f").unwrap();
         assert_eq!(raw.driver, DriverSpec::Raw { file: "f".into() });
         let server = parse_nbd_server("addr.type=unix,addr.path=/s.sock,max-connections=8").unwrap();

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-/// A pidfile path that is free to write.
-pub(crate) struct Planned(PathBuf);
+/// A pidfile path that is free to write, and the stale pidfile found there, if any.
+pub(crate) struct Planned(PathBuf, Option<String>);
 
 /// The written pidfile; dropping it removes the file.
 pub(crate) struct Written(PathBuf);
@@ -15,7 +15,7 @@ pub(crate) struct Written(PathBuf);
 /// pidfile, naming a process that is gone, is taken over.
 pub(crate) fn check(path: &Path) -> Result<Planned, String> {
     let text = match std::fs::read(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Planned(path.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Planned(path.to_path_buf(), None)),
         Err(e) => return Err(format!("--pidfile {}: {e}", path.display())),
         Ok(bytes) => String::from_utf8(bytes).unwrap_or_default(),
     };
@@ -27,13 +27,33 @@ pub(crate) fn check(path: &Path) -> Result<Planned, String> {
     if alive {
         return Err(format!("--pidfile {}: process {pid} is running and owns it", path.display()));
     }
-    Ok(Planned(path.to_path_buf()))
+    Ok(Planned(path.to_path_buf(), Some(text)))
 }
 
 impl Planned {
+    /// Write our pid. The file is created fresh (never through a symlink): a stale pidfile is
+    /// removed first only if it still holds what `check` saw, and a file that appeared since is
+    /// left alone and refused.
     pub(crate) fn write(self) -> Result<Written, String> {
-        std::fs::write(&self.0, format!("{}\n", std::process::id()))
-            .map_err(|e| format!("--pidfile {}: {e}", self.0.display()))?;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let error = |e: std::io::Error| format!("--pidfile {}: {e}", self.0.display());
+        if let Some(stale) = &self.1 {
+            if std::fs::read_to_string(&self.0).ok().as_ref() != Some(stale) {
+                return Err(format!(
+                    "--pidfile {}: it changed while the daemon started; not overwriting it",
+                    self.0.display()
+                ));
+            }
+            std::fs::remove_file(&self.0).map_err(error)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.0)
+            .map_err(error)?;
+        file.write_all(format!("{}\n", std::process::id()).as_bytes()).map_err(error)?;
         Ok(Written(self.0))
     }
 }

@@ -168,3 +168,34 @@ fn a_pidfile_path_holding_other_data_or_a_live_pid_is_refused_and_kept() {
         assert!(!socket.exists(), "nothing was started");
     }
 }
+
+#[test]
+fn exports_are_checked_against_the_nodes_before_the_socket_is_bound() {
+    let dir = scratch_dir();
+    let (image, socket, pidfile) = (dir.path().join("d.img"), dir.path().join("s.sock"), dir.path().join("pid"));
+    make_file(&image, MIB, 0);
+    let mut args = qsd_line(&image, &socket, &pidfile);
+    args[1] += ",read-only=on";
+    let cases = [
+        ("type=nbd,id=e,node-name=r,writable=on", "read-only"),
+        ("type=nbd,id=e,node-name=r,bitmaps.0=b0", "no bitmap 'b0'"),
+        ("type=nbd,id=e,node-name=nosuch", "node 'nosuch' not found"),
+    ];
+    for (export, expected) in cases {
+        args[7] = export.to_string();
+        // Watch the socket path while the daemon runs: it must never appear.
+        let mut child = start(env!("CARGO_BIN_EXE_tandemd"), &args);
+        let mut socket_seen = false;
+        let status = loop {
+            socket_seen |= socket.exists();
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success() && stderr.contains(expected), "{export}: {stderr}");
+        assert!(!socket_seen, "{export}: the socket was bound before the export was checked");
+    }
+}
