@@ -17,6 +17,7 @@ mod dial;
 mod error;
 mod handshake;
 mod reader;
+mod replies;
 mod table;
 mod watchdog;
 mod writer;
