@@ -384,3 +384,27 @@ fn a_data_chunk_whose_offset_wraps_fails_the_read_instead_of_hanging_it() {
         assert!(buf.as_slice().iter().all(|&b| b == 0x11), "{name}: the caller's buffer came back untouched");
     }
 }
+
+#[test]
+fn a_simple_success_reply_to_a_read_or_block_status_in_structured_mode_is_a_protocol_error() {
+    // A simple reply may only answer a request that has no data in its reply.
+    let scratch = common::scratch_dir();
+    let rt = runtime(BackendChoice::Auto, 2);
+    let simple: fn(&proto::Request) -> Vec<u8> = |request| {
+        let mut out = Vec::new();
+        proto::encode_simple_reply(0, request.cookie, &mut out);
+        out
+    };
+    let dir = scratch.path().join("status");
+    std::fs::create_dir(&dir).unwrap();
+    let disk = hostile_disk(&rt, &dir, simple);
+    assert!(disk.capabilities().block_status);
+    let error = within_15s("block status", move || disk.block_status_blocking(0, 65536)).unwrap_err();
+    assert_eq!(errno(&error), Some(libc::EPROTO), "block status: {error}");
+    let dir = scratch.path().join("read");
+    std::fs::create_dir(&dir).unwrap();
+    let disk = hostile_disk(&rt, &dir, simple);
+    let (result, _) = within_15s("read", move || disk.read_blocking(0, AlignedBuf::zeroed(4096, 4096).unwrap(), G));
+    let error = result.unwrap_err();
+    assert_eq!(errno(&error), Some(libc::EPROTO), "read: {error}");
+}

@@ -56,8 +56,9 @@ pub fn simple(style: HeaderStyle, request: Outstanding, error: u32) -> Checked<S
     if error != 0 {
         return Ok(Simple::Done(Err(p::local_errno(error))));
     }
-    let _ = style;
     match request.kind {
+        p::CMD_BLOCK_STATUS => Err(Violation("a simple success reply to BLOCK_STATUS")),
+        p::CMD_READ if style != HeaderStyle::Simple => Err(Violation("a simple success reply to READ")),
         p::CMD_READ => Ok(Simple::Data { bytes: request.length }),
         _ => Ok(Simple::Done(Ok(()))),
     }
@@ -194,5 +195,19 @@ mod tests {
         assert!(chunk_head_bytes(huge, 0, p::REPLY_TYPE_OFFSET_DATA, 16).is_err());
         assert_eq!(cover(READ, 4000, 96), Ok(4096));
         assert!(cover(READ, 4000, 97).is_err() && cover(READ, u64::MAX, 1).is_err());
+    }
+
+    #[test]
+    fn simple_success_replies_carry_no_data_once_chunks_are_agreed() {
+        let status = Outstanding { kind: p::CMD_BLOCK_STATUS, ..READ };
+        for style in [HeaderStyle::Simple, HeaderStyle::Structured, HeaderStyle::Extended] {
+            assert!(simple(style, status, 0).is_err());
+            assert_eq!(simple(style, status, p::EINVAL), Ok(Simple::Done(Err(libc::EINVAL))));
+        }
+        assert_eq!(simple(HeaderStyle::Simple, READ, 0), Ok(Simple::Data { bytes: 4096 }));
+        assert!(simple(HeaderStyle::Structured, READ, 0).is_err());
+        let flush = Outstanding { kind: p::CMD_FLUSH, offset: 0, length: 0 };
+        assert_eq!(simple(HeaderStyle::Structured, flush, 0), Ok(Simple::Done(Ok(()))));
+        assert!(done(status, None, 0, false).is_err() && done(READ, None, 4095, false).is_err());
     }
 }
