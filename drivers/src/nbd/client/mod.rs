@@ -15,6 +15,8 @@ mod config;
 mod connection;
 mod dial;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod reader;
 mod replies;
