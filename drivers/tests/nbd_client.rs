@@ -241,7 +241,8 @@ fn our_own_server_negotiates_everything_the_client_asks_for() {
     assert_eq!(read(&disk, 0, 65536).unwrap().as_slice(), pattern(65536, 9).as_slice());
 }
 
-/// A server that negotiates correctly (structured replies, no extended headers), then answers
+/// A server that negotiates correctly (structured replies and `base:allocation`, no extended
+/// headers), then answers
 /// the first request with whatever `reply` makes of it: a peer breaking the protocol on
 /// purpose, to check the client hangs up instead of trusting the stream.
 fn hostile_server(dir: &std::path::Path, reply: fn(&proto::Request) -> Vec<u8>) -> String {
@@ -265,8 +266,11 @@ fn hostile_server(dir: &std::path::Path, reply: fn(&proto::Request) -> Vec<u8>) 
             stream.read_exact(&mut data).unwrap();
             let mut out = Vec::new();
             match option {
-                opt::OPT_STRUCTURED_REPLY | opt::OPT_SET_META_CONTEXT => {
-                    opt::encode_option_reply(option, opt::REP_ACK, &[], &mut out)
+                opt::OPT_STRUCTURED_REPLY => opt::encode_option_reply(option, opt::REP_ACK, &[], &mut out),
+                opt::OPT_SET_META_CONTEXT => {
+                    let context = opt::encode_meta_context_reply(1, "base:allocation");
+                    opt::encode_option_reply(option, opt::REP_META_CONTEXT, &context, &mut out);
+                    opt::encode_option_reply(option, opt::REP_ACK, &[], &mut out);
                 }
                 opt::OPT_GO => {
                     let flags = proto::FLAG_HAS_FLAGS | proto::FLAG_SEND_FLUSH;
@@ -308,14 +312,99 @@ fn a_server_breaking_the_protocol_is_hung_up_on() {
         out
     };
     let rt = runtime(BackendChoice::Auto, 2);
-    for (name, reply) in [("too long", too_long), ("unknown cookie", unknown_cookie)] {
+    // A reply naming the request fails it as a protocol error; one naming nothing of ours
+    // only loses the connection under it.
+    let cases = [("too long", too_long, libc::EPROTO), ("unknown cookie", unknown_cookie, libc::ENOTCONN)];
+    for (name, reply, expected) in cases {
         let dir = scratch.path().join(name.replace(' ', "-"));
         std::fs::create_dir(&dir).unwrap();
         let uri = hostile_server(&dir, reply);
         let disk = Disk::new(Arc::new(open_uri(&rt.handle(), &uri, &NbdConfig::default()).unwrap()));
         let (result, buf) = disk.read_blocking(0, AlignedBuf::zeroed(4096, 4096).unwrap(), G);
         let error = result.unwrap_err();
-        assert_eq!(errno(&error), Some(libc::ENOTCONN), "{name}: {error}");
+        assert_eq!(errno(&error), Some(expected), "{name}: {error}");
         assert!(buf.is_all_zero(), "{name}: nothing of the bad reply reached the caller's buffer");
     }
+}
+
+/// Run `io` on its own thread: a request the client never ends would hang the test instead
+/// of failing it. Request deadlines are 2 s; 15 s is plenty.
+fn within_15s<T: Send + 'static>(what: &str, io: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(io)));
+    });
+    match rx.recv_timeout(Duration::from_secs(15)) {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => panic!("{what}: the caller panicked"),
+        Err(_) => panic!("{what}: no answer within 15 s though requests time out after 2 s"),
+    }
+}
+
+fn hostile_disk(rt: &Runtime, dir: &std::path::Path, reply: fn(&proto::Request) -> Vec<u8>) -> Disk {
+    let uri = hostile_server(dir, reply);
+    let config = NbdConfig { request_timeout: Duration::from_secs(2), ..NbdConfig::default() };
+    Disk::new(Arc::new(open_uri(&rt.handle(), &uri, &config).unwrap()))
+}
+
+#[test]
+fn a_data_chunk_whose_offset_wraps_fails_the_read_instead_of_hanging_it() {
+    // The chunk's offset is chosen so that offset - request + length wraps past 2^64: a bounds
+    // check done in wrapping arithmetic passes, and the data would land outside the buffer.
+    let scratch = common::scratch_dir();
+    let rt = runtime(BackendChoice::Auto, 2);
+    let wrap: fn(&proto::Request) -> Vec<u8> = |request| {
+        let mut out = Vec::new();
+        let length = 8 + 4096u64;
+        let (flags, kind) = (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA);
+        proto::encode_chunk_header(HeaderStyle::Structured, flags, kind, request.cookie, 0, length, &mut out);
+        out.extend_from_slice(&(request.offset.wrapping_add(u64::MAX - 5)).to_be_bytes());
+        out.resize(out.len() + 4096, 0xab);
+        out
+    };
+    let hole_wrap: fn(&proto::Request) -> Vec<u8> = |request| {
+        let mut out = Vec::new();
+        let (flags, kind) = (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_HOLE);
+        proto::encode_chunk_header(HeaderStyle::Structured, flags, kind, request.cookie, 0, 12, &mut out);
+        out.extend_from_slice(&(request.offset.wrapping_add(u64::MAX - 5)).to_be_bytes());
+        out.extend_from_slice(&4096u32.to_be_bytes());
+        out
+    };
+    for (name, reply) in [("data", wrap), ("hole", hole_wrap)] {
+        let dir = scratch.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let disk = hostile_disk(&rt, &dir, reply);
+        let (result, buf) = within_15s(name, move || {
+            let mut buf = AlignedBuf::zeroed(4096, 4096).unwrap();
+            buf.as_mut_slice().fill(0x11);
+            disk.read_blocking(0, buf, G)
+        });
+        let error = result.unwrap_err();
+        assert_eq!(errno(&error), Some(libc::EPROTO), "{name}: {error}");
+        assert!(buf.as_slice().iter().all(|&b| b == 0x11), "{name}: the caller's buffer came back untouched");
+    }
+}
+
+#[test]
+fn a_simple_success_reply_to_a_read_or_block_status_in_structured_mode_is_a_protocol_error() {
+    // A simple reply may only answer a request that has no data in its reply.
+    let scratch = common::scratch_dir();
+    let rt = runtime(BackendChoice::Auto, 2);
+    let simple: fn(&proto::Request) -> Vec<u8> = |request| {
+        let mut out = Vec::new();
+        proto::encode_simple_reply(0, request.cookie, &mut out);
+        out
+    };
+    let dir = scratch.path().join("status");
+    std::fs::create_dir(&dir).unwrap();
+    let disk = hostile_disk(&rt, &dir, simple);
+    assert!(disk.capabilities().block_status);
+    let error = within_15s("block status", move || disk.block_status_blocking(0, 65536)).unwrap_err();
+    assert_eq!(errno(&error), Some(libc::EPROTO), "block status: {error}");
+    let dir = scratch.path().join("read");
+    std::fs::create_dir(&dir).unwrap();
+    let disk = hostile_disk(&rt, &dir, simple);
+    let (result, _) = within_15s("read", move || disk.read_blocking(0, AlignedBuf::zeroed(4096, 4096).unwrap(), G));
+    let error = result.unwrap_err();
+    assert_eq!(errno(&error), Some(libc::EPROTO), "read: {error}");
 }

@@ -15,8 +15,11 @@ mod config;
 mod connection;
 mod dial;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod reader;
+mod replies;
 mod table;
 mod watchdog;
 mod writer;
@@ -328,7 +331,10 @@ impl BlockDriver for NbdDriver {
         IoFuture::boxed(async move {
             let reply = call.await;
             outcome("block_status", offset, &reply)?;
-            let (extent_bytes, flags) = reply.status.expect("a status reply has an extent");
+            // The reader ends a status request without our extent as a protocol error; should
+            // one come through anyway, the caller gets that error, not a panic.
+            let protocol = Error::Io { op: "block_status", offset, errno: libc::EPROTO };
+            let (extent_bytes, flags) = reply.status.ok_or(protocol)?;
             Ok(Extent { status: status_of(flags), offset, length_bytes: extent_bytes.min(length) })
         })
     }

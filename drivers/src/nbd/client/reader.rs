@@ -4,12 +4,17 @@
 //! longer than its request could need, a reply in the wrong header style) is a hard
 //! disconnect: the stream can no longer be trusted.
 //!
+//! Every rule about what a reply may say is in `replies` (no I/O there, so the fuzz target
+//! runs the same checks); this file receives and applies. A reply that breaks one fails its
+//! request with EPROTO. A read's buffer lent out for receiving comes home on every path.
+//!
 //! Replies arrive through a receive buffer (many small replies per recv, one syscall for a
 //! burst); their payloads are copied from it to the caller's buffer.
 
 use super::connection::Connection;
+use super::replies::{self, Chunk, Outstanding, Simple, Violation};
 use super::table::Phase;
-use crate::nbd::proto::{self as p, HeaderStyle, ReplyHeader};
+use crate::nbd::proto::{self as p, ReplyHeader};
 use std::sync::Arc;
 use tandem::buf::AlignedBuf;
 use tandem::reactor::{Op, OpKind, RuntimeHandle, SharedFd};
@@ -17,19 +22,49 @@ use tandem::IoPriority;
 
 /// Bytes one receive may bring in.
 const RECV_BYTES: usize = 256 << 10;
-/// Payload of a reply chunk that carries no read data (status, errors) at most.
-const CHUNK_BYTES_MAX: u64 = 1 << 20;
 
-/// Why the reader stops: the socket failed, or the server broke the protocol.
-type Broken = ();
+/// Why the reader stops: the socket failed or closed, or the server broke the protocol (the
+/// request the reply named, if any, fails with EPROTO rather than ENOTCONN).
+enum Broken {
+    Socket,
+    Protocol { cookie: Option<u64>, violation: Violation },
+}
+
+/// A violation by the reply for `cookie` (`None`: the reply named no request of ours).
+fn violation(cookie: Option<u64>) -> impl Fn(Violation) -> Broken + Copy {
+    move |violation| Broken::Protocol { cookie, violation }
+}
 
 pub(crate) async fn run(connection: Arc<Connection>, epoch: u64, fd: SharedFd) {
+    // Whatever way the reader ends, a panic included, the socket dies and its requests end.
+    let _hang_up = HangUp { connection: connection.clone(), epoch };
     let runtime = connection.params.runtime.clone();
-    if let Ok(buf) = AlignedBuf::zeroed(RECV_BYTES, 64) {
-        let mut stream = Stream { runtime, fd, buf: Some(buf), start: 0, end: 0 };
-        while reply(&connection, epoch, &mut stream).await.is_ok() {}
+    let Ok(buf) = AlignedBuf::zeroed(RECV_BYTES, 64) else { return };
+    let mut stream = Stream { runtime, fd, buf: Some(buf), start: 0, end: 0 };
+    let broken = loop {
+        if let Err(broken) = reply(&connection, epoch, &mut stream).await {
+            break broken;
+        }
+    };
+    if let Broken::Protocol { cookie, violation } = broken {
+        eprintln!("tandem: the NBD server at {} broke the protocol ({violation}): hanging up", connection.params.uri);
+        let mut state = connection.state.lock();
+        if let Some(cookie) = cookie.filter(|_| state.epoch == epoch) {
+            state.table.finish(cookie, Err(libc::EPROTO));
+        }
     }
-    connection.kill(epoch);
+}
+
+/// Kills the reader's socket when the reader ends.
+struct HangUp {
+    connection: Arc<Connection>,
+    epoch: u64,
+}
+
+impl Drop for HangUp {
+    fn drop(&mut self) {
+        self.connection.kill(self.epoch);
+    }
 }
 
 /// The socket's bytes, through the receive buffer.
@@ -51,7 +86,7 @@ impl Stream {
                 self.fill().await?;
             }
             let n = (out.len() - done).min(self.end - self.start);
-            let buf = self.buf.as_ref().expect("the receive buffer is home between recvs");
+            let buf = self.buf.as_ref().ok_or(Broken::Socket)?; // home between recvs
             out[done..done + n].copy_from_slice(&buf.as_slice()[self.start..self.start + n]);
             (done, self.start) = (done + n, self.start + n);
         }
@@ -61,7 +96,7 @@ impl Stream {
     /// Receive more; only called once every buffered byte is consumed.
     async fn fill(&mut self) -> Result<(), Broken> {
         assert_eq!(self.start, self.end, "a recv overwrites the buffer from its start");
-        let buf = self.buf.take().expect("one recv at a time");
+        let buf = self.buf.take().ok_or(Broken::Socket)?; // one recv at a time
         let kind = OpKind::Recv { fd: self.fd.clone(), waitall: false };
         let out = self.runtime.submit(Op { kind, buf: Some(buf), priority: IoPriority::GUEST }).await;
         self.buf = out.buf;
@@ -69,23 +104,23 @@ impl Stream {
         self.end = 0;
         match out.result {
             r if r > 0 && self.buf.is_some() => {
-                self.end = r as usize;
+                self.end = (r as usize).min(RECV_BYTES);
                 Ok(())
             }
-            _ => Err(()), // 0: the server closed; negative: the socket failed or was shut
+            _ => Err(Broken::Socket), // 0: the server closed; negative: the socket failed or was shut
         }
     }
 }
 
-/// The request a reply names: kind, offset, length. A cookie that names nothing on the wire
-/// breaks the stream.
-fn request_of(connection: &Connection, epoch: u64, cookie: u64) -> Result<(u16, u64, u64), Broken> {
+/// The request a reply names. A cookie that names nothing on the wire breaks the stream.
+fn request_of(connection: &Connection, epoch: u64, cookie: u64) -> Result<Outstanding, Broken> {
     let mut state = connection.state.lock();
     if state.epoch != epoch {
-        return Err(()); // this socket is dead already
+        return Err(Broken::Socket); // this socket is dead already
     }
-    let slot = state.table.get(cookie).filter(|slot| slot.phase == Phase::Sent).ok_or(())?;
-    Ok((slot.request.kind, slot.request.offset, slot.request.length))
+    let slot = state.table.get(cookie).filter(|slot| slot.phase == Phase::Sent);
+    let slot = slot.ok_or(Broken::Protocol { cookie: None, violation: Violation("a reply for no request") })?;
+    Ok(Outstanding { kind: slot.request.kind, offset: slot.request.offset, length: slot.request.length })
 }
 
 /// Run `apply` on `cookie`'s slot, looked up again after an await: a timeout may have killed
@@ -98,9 +133,9 @@ fn with_slot<R>(
 ) -> Result<R, Broken> {
     let mut state = connection.state.lock();
     if state.epoch != epoch {
-        return Err(());
+        return Err(Broken::Socket);
     }
-    state.table.get(cookie).map(apply).ok_or(())
+    state.table.get(cookie).map(apply).ok_or(Broken::Socket)
 }
 
 /// Receive one reply (a simple reply or one chunk) and apply it.
@@ -108,21 +143,20 @@ async fn reply(connection: &Connection, epoch: u64, stream: &mut Stream) -> Resu
     let style = connection.params.style;
     let mut head = [0u8; p::REPLY_HEADER_BYTES_MAX];
     stream.take(&mut head[..4]).await?;
-    let magic = u32::from_be_bytes(head[..4].try_into().expect("4 bytes"));
-    let allowed = match style {
-        HeaderStyle::Simple => magic == p::SIMPLE_REPLY_MAGIC,
-        HeaderStyle::Structured => magic == p::SIMPLE_REPLY_MAGIC || magic == p::STRUCTURED_REPLY_MAGIC,
-        HeaderStyle::Extended => magic == p::EXTENDED_REPLY_MAGIC,
-    };
-    let bytes = p::reply_header_bytes(magic).filter(|_| allowed).ok_or(())?;
+    let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    let bytes = replies::header_bytes(style, magic).map_err(violation(None))?;
     stream.take(&mut head[4..bytes]).await?;
-    match p::parse_reply_header(&head[..bytes]).ok_or(())? {
+    let header = p::parse_reply_header(&head[..bytes]);
+    match header.ok_or(Broken::Protocol { cookie: None, violation: Violation("a short reply header") })? {
         ReplyHeader::Simple { error, cookie } => {
-            let (kind, _, length) = request_of(connection, epoch, cookie)?;
-            if error == 0 && kind == p::CMD_READ {
-                into_buf(connection, epoch, stream, cookie, 0, length).await?;
-            }
-            let outcome = if error == 0 { Ok(()) } else { Err(p::local_errno(error)) };
+            let request = request_of(connection, epoch, cookie)?;
+            let outcome = match replies::simple(style, request, error).map_err(violation(Some(cookie)))? {
+                Simple::Done(outcome) => outcome,
+                Simple::Data { bytes } => {
+                    into_buf(connection, epoch, stream, cookie, 0, bytes).await?;
+                    Ok(())
+                }
+            };
             with_slot(connection, epoch, cookie, |_| ())?;
             connection.state.lock().table.finish(cookie, outcome);
             Ok(())
@@ -143,73 +177,42 @@ async fn chunk(
     cookie: u64,
     length: u64,
 ) -> Result<(), Broken> {
-    let (command, offset, request_length) = request_of(connection, epoch, cookie)?;
-    match kind {
-        p::REPLY_TYPE_NONE if length == 0 && flags & p::REPLY_FLAG_DONE != 0 => {}
-        p::REPLY_TYPE_OFFSET_DATA if command == p::CMD_READ && (8..=8 + request_length).contains(&length) => {
-            let mut at = [0u8; 8];
-            stream.take(&mut at).await?;
-            let (start, bytes) = (u64::from_be_bytes(at), length - 8);
-            let relative = start.checked_sub(offset).filter(|r| r + bytes <= request_length).ok_or(())?;
-            into_buf(connection, epoch, stream, cookie, relative, bytes).await?;
-        }
-        p::REPLY_TYPE_OFFSET_HOLE if command == p::CMD_READ && length == 12 => {
-            let mut hole = [0u8; 12];
-            stream.take(&mut hole).await?;
-            let start = u64::from_be_bytes(hole[..8].try_into().expect("8 bytes"));
-            let bytes = u64::from(u32::from_be_bytes(hole[8..].try_into().expect("4 bytes")));
-            let relative = start.checked_sub(offset).filter(|r| r + bytes <= request_length).ok_or(())?;
-            with_slot(connection, epoch, cookie, |slot| {
-                let buf = slot.buf.as_mut().expect("a read's buffer is home between chunks");
-                buf.as_mut_slice()[relative as usize..(relative + bytes) as usize].fill(0);
-                slot.covered_bytes += bytes;
-            })?;
-        }
-        p::REPLY_TYPE_BLOCK_STATUS | p::REPLY_TYPE_BLOCK_STATUS_EXT
-            if command == p::CMD_BLOCK_STATUS && length <= CHUNK_BYTES_MAX =>
-        {
-            let payload = small_payload(stream, length).await?;
-            let (context, descriptors) = p::parse_block_status(kind, &payload).ok_or(())?;
-            let ours = connection.state.lock().context == Some(context);
-            let first = (descriptors[0].length, descriptors[0].flags);
-            with_slot(connection, epoch, cookie, |slot| {
-                if ours {
-                    slot.status.get_or_insert(first);
-                }
-            })?;
-        }
-        k if k & (1 << 15) != 0 && (6..=CHUNK_BYTES_MAX).contains(&length) => {
-            // ERROR, ERROR_OFFSET, and error types we do not know: the errno comes first.
-            let payload = small_payload(stream, length).await?;
-            let error = p::parse_error_payload(&payload).map_or(p::EIO, |(error, _)| error);
-            let errno = if error == 0 { libc::EIO } else { p::local_errno(error) };
-            with_slot(connection, epoch, cookie, |slot| {
-                slot.chunk_error.get_or_insert(errno);
-            })?;
-        }
-        _ => return Err(()), // a type we do not know, for the wrong command, or too long
+    let request = request_of(connection, epoch, cookie)?;
+    let broke = violation(Some(cookie));
+    let head_bytes = replies::chunk_head_bytes(request, flags, kind, length).map_err(broke)?;
+    let mut head = vec![0u8; head_bytes];
+    stream.take(&mut head).await?;
+    let context = connection.state.lock().context;
+    match replies::chunk(request, kind, length, &head, context).map_err(broke)? {
+        Chunk::Nothing => {}
+        Chunk::Data { relative, bytes } => into_buf(connection, epoch, stream, cookie, relative, bytes).await?,
+        Chunk::Hole { relative, bytes } => with_slot(connection, epoch, cookie, |slot| {
+            let covered = replies::cover(request, slot.covered_bytes, bytes)?;
+            slice(slot.buf.as_mut(), relative, bytes).ok_or(Violation("a hole outside the read's buffer"))?.fill(0);
+            slot.covered_bytes = covered;
+            Ok(())
+        })?
+        .map_err(broke)?,
+        Chunk::Status(extent_bytes, extent_flags) => with_slot(connection, epoch, cookie, |slot| {
+            slot.status.get_or_insert((extent_bytes, extent_flags));
+        })?,
+        Chunk::Error(errno) => with_slot(connection, epoch, cookie, |slot| {
+            slot.chunk_error.get_or_insert(errno);
+        })?,
     }
     if flags & p::REPLY_FLAG_DONE != 0 {
-        let outcome = with_slot(connection, epoch, cookie, |slot| match slot.chunk_error {
-            Some(errno) => Err(errno),
-            // A successful read covers every byte; a status reply has an extent.
-            None if command == p::CMD_READ && slot.covered_bytes != request_length => Err(libc::EIO),
-            None if command == p::CMD_BLOCK_STATUS && slot.status.is_none() => Err(libc::EIO),
-            None => Ok(()),
-        })?;
+        let outcome = with_slot(connection, epoch, cookie, |slot| {
+            replies::done(request, slot.chunk_error, slot.covered_bytes, slot.status.is_some())
+        })?
+        .map_err(broke)?;
         connection.state.lock().table.finish(cookie, outcome);
     }
     Ok(())
 }
 
-async fn small_payload(stream: &mut Stream, length: u64) -> Result<Vec<u8>, Broken> {
-    let mut payload = vec![0u8; length as usize];
-    stream.take(&mut payload).await?;
-    Ok(payload)
-}
-
 /// Receive `bytes` of read data into `cookie`'s buffer at `relative`. The buffer is lent out
-/// of the slot meanwhile, so the lock is not held across receives.
+/// of the slot meanwhile, so the lock is not held across receives; it comes home on every way
+/// out (see [`Lent`]).
 async fn into_buf(
     connection: &Connection,
     epoch: u64,
@@ -218,19 +221,53 @@ async fn into_buf(
     relative: u64,
     bytes: u64,
 ) -> Result<(), Broken> {
-    let mut buf = with_slot(connection, epoch, cookie, |slot| {
-        assert!(!slot.lent, "only the reader lends a read's buffer");
-        slot.lent = true;
-        slot.buf.take().expect("a read carries its buffer")
+    let broke = violation(Some(cookie));
+    let request = request_of(connection, epoch, cookie)?;
+    let buf = with_slot(connection, epoch, cookie, |slot| match (slot.lent, slot.buf.take()) {
+        (false, Some(buf)) => {
+            slot.lent = true;
+            Some(buf)
+        }
+        (_, buf) => {
+            slot.buf = buf;
+            None // not a read, or its buffer is out already: never for a reply of ours
+        }
     })?;
-    let range = relative as usize..(relative + bytes) as usize;
-    assert!(range.end <= buf.len(), "read data fits its request ({range:?} of {})", buf.len());
-    let received = stream.take(&mut buf.as_mut_slice()[range]).await;
-    let mut state = connection.state.lock();
-    // A slot whose buffer is out is never freed (the caller waits for it), whatever the epoch.
-    let slot = state.table.get(cookie).expect("a lent slot stays live");
-    (slot.buf, slot.lent) = (Some(buf), false);
-    slot.covered_bytes += bytes;
-    state.table.settle(cookie);
-    received
+    let mut lent = Lent { connection, cookie, buf: Some(buf.ok_or(broke(Violation("read data for no buffer")))?) };
+    let covered = with_slot(connection, epoch, cookie, |slot| replies::cover(request, slot.covered_bytes, bytes))?;
+    let covered = covered.map_err(broke)?;
+    let to = slice(lent.buf.as_mut(), relative, bytes);
+    stream.take(to.ok_or(broke(Violation("read data outside the read's buffer")))?).await?;
+    with_slot(connection, epoch, cookie, |slot| slot.covered_bytes = covered)
+}
+
+/// `bytes` at `relative` in `buf`, if all inside it.
+fn slice(buf: Option<&mut AlignedBuf>, relative: u64, bytes: u64) -> Option<&mut [u8]> {
+    let from = usize::try_from(relative).ok()?;
+    let to = usize::try_from(relative.checked_add(bytes)?).ok()?;
+    buf?.as_mut_slice().get_mut(from..to)
+}
+
+/// A read's buffer out of its slot while the reader receives into it. Dropping it (on
+/// success, an error, a cancelled future or an unwind) puts the buffer back and settles the
+/// slot: the caller waits while `lent` is set, so a buffer that never came home would leave
+/// the request waiting forever, past any deadline.
+struct Lent<'a> {
+    connection: &'a Connection,
+    cookie: u64,
+    /// Always `Some` until dropped.
+    buf: Option<AlignedBuf>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        let buf = self.buf.take();
+        let mut state = self.connection.state.lock();
+        // A slot whose buffer is out is never freed (the caller waits for it), whatever the
+        // epoch.
+        if let Some(slot) = state.table.get(self.cookie) {
+            (slot.buf, slot.lent) = (buf, false);
+        }
+        state.table.settle(self.cookie);
+    }
 }
