@@ -2,7 +2,8 @@
 //! and `qemu-storage-daemon --export type=nbd`, each exporting the same scratch file with
 //! O_DIRECT over a Unix socket, driven by the same client (fio's libnbd-based nbd engine) with
 //! one and four connections. Per row: client IOPS and MiB/s, and the server's CPU per I/O read
-//! from /proc; ratios against both QEMU servers. Servers alternate order each round so drift
+//! from /proc; ratios against both QEMU servers and against fio's io_uring engine on the file
+//! itself (the device's ceiling, in the same run). Servers alternate order each round so drift
 //! on the machine hits all alike. The scratch file is created in a new directory under --dir
 //! and removed with it.
 
@@ -30,7 +31,9 @@ pub struct NbdArgs {
     pub json: bool,
 }
 
-const SERVERS: [&str; 3] = ["tandemd", "qemu-nbd", "qsd"];
+/// The servers, and "device": fio's io_uring engine on the file itself, no server at all (the
+/// ceiling: when every server reaches it, their ratios say nothing of the servers).
+const SERVERS: [&str; 4] = ["tandemd", "qemu-nbd", "qsd", "device"];
 /// (rw, block size, iodepth, connections)
 const ROWS: [(&str, &str, u32, u32); 6] = [
     ("randread", "4k", 16, 1),
@@ -66,9 +69,24 @@ pub fn compare_nbd_command(args: &NbdArgs) -> Result<(), String> {
         order.rotate_left(round as usize % SERVERS.len());
         for server in order {
             eprintln!("compare-nbd: round {}/{}: {}", round + 1, args.rounds, SERVERS[server]);
-            let mut child = serve(SERVERS[server], &tandemd, dir.path(), &image)?;
-            let cells = measure_rows(&child, dir.path(), args);
-            stop(&mut child);
+            let (cells, child) = match SERVERS[server] {
+                "device" => (
+                    measure_rows(
+                        None,
+                        &[format!("--filename={}", image.display()), "--ioengine=io_uring".into(), "--direct=1".into()],
+                        args,
+                    ),
+                    None,
+                ),
+                name => {
+                    let child = serve(name, &tandemd, dir.path(), &image)?;
+                    let uri = format!("--uri=nbd+unix:///?socket={}", dir.path().join("s.sock").display());
+                    (measure_rows(Some(&child), &["--ioengine=nbd".into(), uri], args), Some(child))
+                }
+            };
+            if let Some(mut child) = child {
+                stop(&mut child);
+            }
             for (row, cell) in cells?.into_iter().enumerate() {
                 results[server][row].push(cell);
             }
@@ -151,14 +169,16 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
-fn measure_rows(child: &Child, dir: &Path, args: &NbdArgs) -> Result<Vec<Cell>, String> {
-    let uri = format!("nbd+unix:///?socket={}", dir.join("s.sock").display());
+/// Every row through fio with `target` (its engine and where it goes); the server's CPU per
+/// I/O when there is a server.
+fn measure_rows(server: Option<&Child>, target: &[String], args: &NbdArgs) -> Result<Vec<Cell>, String> {
+    let cpu = || server.map_or(0.0, |child| cpu_s(child.id()));
     ROWS.iter()
         .map(|(rw, bs, depth, conns)| {
-            let before = cpu_s(child.id());
-            let (iops, mib_per_s, ios) = run_fio(&uri, rw, bs, *depth, *conns, args)?;
-            let cpu = cpu_s(child.id()) - before;
-            Ok(Cell { iops, mib_per_s, server_cpu_us_per_io: cpu * 1e6 / ios.max(1.0) })
+            let before = cpu();
+            let (iops, mib_per_s, ios) = run_fio(target, rw, bs, *depth, *conns, args)?;
+            let used = cpu() - before;
+            Ok(Cell { iops, mib_per_s, server_cpu_us_per_io: used * 1e6 / ios.max(1.0) })
         })
         .collect()
 }
@@ -173,9 +193,17 @@ pub fn cpu_s(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / per_s
 }
 
-fn run_fio(uri: &str, rw: &str, bs: &str, depth: u32, conns: u32, args: &NbdArgs) -> Result<(f64, f64, f64), String> {
+fn run_fio(
+    target: &[String],
+    rw: &str,
+    bs: &str,
+    depth: u32,
+    conns: u32,
+    args: &NbdArgs,
+) -> Result<(f64, f64, f64), String> {
     let output = Command::new("fio")
-        .args(["--name=j", "--ioengine=nbd", &format!("--uri={uri}"), &format!("--size={}M", args.size_mib)])
+        .args(["--name=j".to_string(), format!("--size={}M", args.size_mib)])
+        .args(target)
         .args([format!("--rw={rw}"), format!("--bs={bs}"), format!("--iodepth={depth}"), format!("--numjobs={conns}")])
         .args(["--group_reporting", "--time_based", &format!("--runtime={}", args.runtime), "--output-format=json"])
         .output()
@@ -227,6 +255,7 @@ fn report(results: &[Vec<Vec<Cell>>], args: &NbdArgs) -> Value {
                 "servers": servers,
                 "iops_ratio_qemu_nbd": ratio("qemu-nbd", "iops"),
                 "iops_ratio_qsd": ratio("qsd", "iops"),
+                "iops_ratio_device": ratio("device", "iops"),
                 "cpu_per_io_ratio_qemu_nbd": ratio("qemu-nbd", "server_cpu_us_per_io"),
             })
         })
@@ -236,7 +265,7 @@ fn report(results: &[Vec<Vec<Cell>>], args: &NbdArgs) -> Value {
 
 fn table(report: &Value) -> String {
     let mut out = String::from(
-        "job                        tandemd IOPS  qemu-nbd IOPS   qsd IOPS  x qemu-nbd  x qsd   CPU us/IO (tandemd/qemu-nbd/qsd)  CPU x qemu-nbd\n",
+        "job                        tandemd IOPS  qemu-nbd IOPS   qsd IOPS  device IOPS  x qemu-nbd  x qsd  x device   CPU us/IO (tandemd/qemu-nbd/qsd)  CPU x qemu-nbd\n",
     );
     for row in report["rows"].as_array().into_iter().flatten() {
         let mean = |server: &str, key: &str| row["servers"][server][key]["mean"].as_f64().unwrap_or(0.0);
@@ -248,12 +277,14 @@ fn table(report: &Value) -> String {
             row["connections"]
         );
         out += &format!(
-            "{label:<26} {:>12.0} {:>14.0} {:>10.0} {:>10.2}x {:>6.2}x   {:>8.1} / {:>6.1} / {:>6.1}           {:>6.2}x\n",
+            "{label:<26} {:>12.0} {:>14.0} {:>10.0} {:>12.0} {:>10.2}x {:>6.2}x {:>8.2}x   {:>8.1} / {:>6.1} / {:>6.1}           {:>6.2}x\n",
             mean("tandemd", "iops"),
             mean("qemu-nbd", "iops"),
             mean("qsd", "iops"),
+            mean("device", "iops"),
             row["iops_ratio_qemu_nbd"].as_f64().unwrap_or(0.0),
             row["iops_ratio_qsd"].as_f64().unwrap_or(0.0),
+            row["iops_ratio_device"].as_f64().unwrap_or(0.0),
             mean("tandemd", "server_cpu_us_per_io"),
             mean("qemu-nbd", "server_cpu_us_per_io"),
             mean("qsd", "server_cpu_us_per_io"),

@@ -22,6 +22,9 @@ use tandem_drivers::nbd::proto::{self, options as opt};
 
 /// Bytes of small replies gathered into one send at most.
 const GATHER_BYTES_MAX: usize = 64 << 10;
+/// Read data up to this size is gathered with other replies; larger data is sent behind its
+/// header without a copy.
+const GATHER_DATA_BYTES_MAX: usize = 16 << 10;
 
 /// Limits a connection runs under.
 #[derive(Debug, Clone, Copy)]
@@ -252,6 +255,15 @@ async fn send_batch(socket: &Socket, pool: &BufPool, batch: Vec<Reply>) -> io::R
         match reply.body {
             Body::Bytes(bytes) => {
                 gathered.extend_from_slice(&bytes);
+                if gathered.len() >= GATHER_BYTES_MAX {
+                    send_gathered(socket, pool, &mut gathered).await?;
+                }
+            }
+            // A small read's data is copied behind the other replies: one send for many
+            // replies costs less than a send each (a 4 KiB copy is ~100 ns, a send several us).
+            Body::Data { header, header_bytes, data } if data.len() <= GATHER_DATA_BYTES_MAX => {
+                gathered.extend_from_slice(&header[..header_bytes]);
+                gathered.extend_from_slice(data.as_slice());
                 if gathered.len() >= GATHER_BYTES_MAX {
                     send_gathered(socket, pool, &mut gathered).await?;
                 }
