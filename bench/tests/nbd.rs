@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{tandem, Scratch};
+use common::{small_job, tandem, Scratch};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,26 +44,12 @@ impl Drop for Export {
     }
 }
 
-fn job(uri: &str, rw: &str) -> Vec<String> {
-    [
-        "--name=n".to_string(),
-        format!("--filename={uri}"),
-        format!("--rw={rw}"),
-        "--size=16M".into(),
-        "--io_size=4M".into(),
-        "--bs=4k".into(),
-        "--iodepth=8".into(),
-        "--output-format=json".into(),
-    ]
-    .into()
-}
-
 #[test]
 fn run_writes_the_export_through_the_nbd_client() {
     let scratch = Scratch::new("nbd-run");
     let export = Export::new(&scratch, 16 << 20);
     let mut args = vec!["run".to_string()];
-    args.extend(job(&export.uri, "randwrite"));
+    args.extend(small_job(&export.uri, "randwrite"));
     let json = tandem(&args.iter().map(String::as_str).collect::<Vec<_>>()).ok().json();
     assert_eq!(json["jobs"][0]["write"]["io_bytes"].as_u64(), Some(4 << 20), "{json}");
     let data = std::fs::read(&export.file).unwrap();
@@ -76,7 +62,7 @@ fn compare_fio_runs_fio_s_nbd_engine_on_the_same_export() {
     let scratch = Scratch::new("nbd-compare");
     let export = Export::new(&scratch, 16 << 20);
     let mut args = vec!["compare-fio".to_string(), "--rounds=1".into()];
-    args.extend(job(&export.uri, "randread"));
+    args.extend(small_job(&export.uri, "randread"));
     let json = tandem(&args.iter().map(String::as_str).collect::<Vec<_>>()).ok().json();
     let command = json["fio_command"].as_str().unwrap_or_default();
     assert!(command.contains("--ioengine=nbd") && command.contains(&format!("--uri={}", export.uri)), "{command}");

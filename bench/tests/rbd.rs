@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{tandem, Scratch};
+use common::{small_job, tandem, Scratch};
 use std::process::Command;
 
 fn cluster() -> (String, String) {
@@ -40,25 +40,11 @@ impl Drop for Image {
     }
 }
 
-fn job(image: &Image, rw: &str) -> Vec<String> {
-    [
-        "--name=r".to_string(),
-        format!("--filename={}", image.spec),
-        format!("--rw={rw}"),
-        "--size=16M".into(),
-        "--io_size=4M".into(),
-        "--bs=4k".into(),
-        "--iodepth=8".into(),
-        "--output-format=json".into(),
-    ]
-    .into()
-}
-
 #[test]
 fn run_creates_the_image_and_writes_it_through_librbd() {
     let image = Image::new("run");
     let mut args = vec!["run".to_string()];
-    args.extend(job(&image, "randwrite"));
+    args.extend(small_job(&image.spec, "randwrite"));
     let json = tandem(&args.iter().map(String::as_str).collect::<Vec<_>>()).ok().json();
     let write = &json["jobs"][0]["write"];
     assert_eq!(write["io_bytes"].as_u64(), Some(4 << 20), "{write}");
@@ -69,7 +55,7 @@ fn run_creates_the_image_and_writes_it_through_librbd() {
 fn compare_fio_runs_fio_s_rbd_engine_on_the_same_image() {
     let image = Image::new("compare");
     let mut args = vec!["compare-fio".to_string(), "--rounds=1".into()];
-    args.extend(job(&image, "randread"));
+    args.extend(small_job(&image.spec, "randread"));
     let json = tandem(&args.iter().map(String::as_str).collect::<Vec<_>>()).ok().json();
     let command = json["fio_command"].as_str().unwrap_or_default();
     assert!(command.contains("--ioengine=rbd") && command.contains("--rbdname="), "{command}");

@@ -213,3 +213,19 @@ pub const BACKUP_BAD_OPTIONS: [(&str, &str); 6] = [
     ("--max-workers=0", "max-workers"),
     ("--output-format=xml", "xml"),
 ];
+
+/// A short 4k job on `filename` (16 MiB region, 4 MiB of I/O, QD8) with JSON output: what the
+/// remote-disk tests (rbd, nbd) run through `run` and `compare-fio`.
+pub fn small_job(filename: &str, rw: &str) -> Vec<String> {
+    [
+        "--name=j".to_string(),
+        format!("--filename={filename}"),
+        format!("--rw={rw}"),
+        "--size=16M".into(),
+        "--io_size=4M".into(),
+        "--bs=4k".into(),
+        "--iodepth=8".into(),
+        "--output-format=json".into(),
+    ]
+    .into()
+}
