@@ -9,6 +9,7 @@ pub mod fio;
 pub mod images;
 pub mod mirror;
 pub mod nbd_servers;
+pub mod procstat;
 pub mod progress;
 pub mod remote;
 pub mod runner;

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::procstat::cpu_s;
+
 #[derive(clap::Args, Debug)]
 pub struct NbdArgs {
     /// Directory for the scratch file (a disk filesystem: the servers use O_DIRECT).
@@ -181,16 +183,6 @@ fn measure_rows(server: Option<&Child>, target: &[String], args: &NbdArgs) -> Re
             Ok(Cell { iops, mib_per_s, server_cpu_us_per_io: used * 1e6 / ios.max(1.0) })
         })
         .collect()
-}
-
-/// CPU seconds (user + system) a process has used, from /proc.
-pub fn cpu_s(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no memory effects.
-    let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) / per_s
 }
 
 fn run_fio(

@@ -138,13 +138,7 @@ impl Daemon {
 
     /// CPU seconds the daemon has used so far (utime + stime from /proc).
     pub(crate) fn cpu_s(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) start after the last ')'.
-        let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-        // SAFETY: sysconf has no memory effects.
-        let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        (ticks(11) + ticks(12)) / per_s
+        crate::procstat::cpu_s(self.child.id())
     }
 
     pub(crate) fn quit(mut self) -> Result<(), String> {
