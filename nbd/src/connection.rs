@@ -121,7 +121,7 @@ async fn send_bytes(socket: &Socket, bytes: &[u8]) -> Result<(), End> {
         return Ok(());
     }
     let buf = AlignedBuf::from_slice(bytes, 64).map_err(|_| End::Io(io::Error::from(io::ErrorKind::OutOfMemory)))?;
-    socket.send_all(&[], Some(buf)).await.0.map_err(End::Io)
+    socket.send_all(&[], buf).await.0.map_err(End::Io)
 }
 
 /// What a request task needs, cloned cheaply into each.
@@ -270,7 +270,7 @@ async fn send_batch(socket: &Socket, pool: &BufPool, batch: Vec<Reply>) -> io::R
             }
             Body::Data { header, header_bytes, data } => {
                 send_gathered(socket, pool, &mut gathered).await?;
-                socket.send_all(&header[..header_bytes], Some(data)).await.0?;
+                socket.send_all(&header[..header_bytes], data).await.0?;
             }
         }
     }
@@ -284,7 +284,7 @@ async fn send_gathered(socket: &Socket, pool: &BufPool, gathered: &mut Vec<u8>) 
     let mut buf = buffer(pool, gathered.len()).await.map_err(|e| io::Error::other(e.to_string()))?;
     buf.as_mut_slice().copy_from_slice(gathered);
     gathered.clear();
-    socket.send_all(&[], Some(buf)).await.0
+    socket.send_all(&[], buf).await.0
 }
 
 /// `future`, or `None` if `limit` passes first.

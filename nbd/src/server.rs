@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem::block::Disk;
-use tandem::reactor::{JoinHandle, Op, OpKind, RuntimeHandle, SharedFd};
+use tandem::reactor::{stream, JoinHandle, Op, OpKind, RuntimeHandle, SharedFd};
 use tandem::IoPriority;
 
 /// Where the server listens.
@@ -193,19 +193,19 @@ impl Server {
         let Some(accept) = self.accept.take() else { return };
         assert!(!tandem::reactor::on_any_core(), "Server::shutdown waits for the cores; call it from another thread");
         self.shared.closing.store(true, Ordering::SeqCst);
-        shutdown_fd(&self.listener, libc::SHUT_RDWR);
+        stream::shutdown(&self.listener, std::net::Shutdown::Both);
         let _ = accept.join();
         // Reading stops; replies for what is under way still go out, for a grace period. A
         // client that does not read them is then cut off, so shutdown never waits on a peer.
         for fd in self.shared.connections.lock().values() {
-            shutdown_fd(fd, libc::SHUT_RD);
+            stream::shutdown(fd, std::net::Shutdown::Read);
         }
         let deadline = std::time::Instant::now() + self.shared.config.shutdown_grace;
         while !self.shared.connections.lock().is_empty() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         for fd in self.shared.connections.lock().values() {
-            shutdown_fd(fd, libc::SHUT_RDWR);
+            stream::shutdown(fd, std::net::Shutdown::Both);
         }
         let tasks = std::mem::take(&mut *self.tasks.lock());
         for task in tasks {
@@ -227,11 +227,6 @@ impl Drop for Server {
             tandem::log::line("nbd: a Server dropped on a reactor core keeps serving until its runtime stops");
         }
     }
-}
-
-fn shutdown_fd(fd: &SharedFd, how: i32) {
-    // SAFETY: shutdown(2) on a descriptor the SharedFd keeps open; no memory involved.
-    unsafe { libc::shutdown(fd.as_fd().as_raw_fd(), how) };
 }
 
 type Bound = (SharedFd, Option<PathBuf>, Option<SocketAddr>);

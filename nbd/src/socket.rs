@@ -6,7 +6,7 @@
 use std::io;
 use std::time::Duration;
 use tandem::buf::{AlignedBuf, BufPool};
-use tandem::reactor::{Op, OpKind, RuntimeHandle, SendPrefix, SharedFd};
+use tandem::reactor::{stream, Op, OpKind, RuntimeHandle, SendPrefix, SharedFd};
 use tandem::IoPriority;
 
 /// Bytes one receive asks for: a burst of pipelined requests, or a good part of a payload.
@@ -56,48 +56,17 @@ impl Socket {
         (result(out.result), out.buf.expect("a receive gives its buffer back"))
     }
 
-    /// Send `prefix` then `data`, all of it (short sends continue where they stopped).
-    pub async fn send_all(&self, prefix: &[u8], data: Option<AlignedBuf>) -> (io::Result<()>, Option<AlignedBuf>) {
-        let total = prefix.len() + data.as_ref().map_or(0, |d| d.len());
-        let kind = OpKind::Send { fd: self.fd.clone(), prefix: SendPrefix::new(prefix) };
-        let out = self.runtime.submit(Op { kind, buf: data, priority: IoPriority::GUEST }).await;
-        let data = out.buf;
-        match result(out.result) {
-            Err(e) => (Err(e), data),
-            Ok(sent) if sent == total => (Ok(()), data),
-            Ok(0) => (Err(io::Error::from(io::ErrorKind::WriteZero)), data),
-            Ok(sent) => {
-                // Rare: the socket buffer filled. Send the rest from a copy.
-                let mut rest = prefix.to_vec();
-                rest.extend_from_slice(data.as_ref().map_or(&[][..], |d| d.as_slice()));
-                let outcome = self.send_rest(&rest[sent..]).await;
-                (outcome, data)
-            }
-        }
-    }
-
-    async fn send_rest(&self, mut rest: &[u8]) -> io::Result<()> {
-        while !rest.is_empty() {
-            let buf = AlignedBuf::from_slice(rest, 64).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
-            let kind = OpKind::Send { fd: self.fd.clone(), prefix: SendPrefix::new(&[]) };
-            let out = self.runtime.submit(Op { kind, buf: Some(buf), priority: IoPriority::GUEST }).await;
-            match result(out.result)? {
-                0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-                sent => rest = &rest[sent..],
-            }
-        }
-        Ok(())
+    /// Send `prefix` (a reply header) then `data`, all of it; the buffer comes back.
+    pub async fn send_all(&self, prefix: &[u8], data: AlignedBuf) -> (io::Result<()>, AlignedBuf) {
+        let (outcome, data) = stream::send_all(&self.runtime, &self.fd, SendPrefix::new(prefix), data).await;
+        (outcome.map_err(io::Error::from_raw_os_error), data)
     }
 
     /// Stop the connection: a receive or send waiting on it completes at once.
     pub fn shutdown(&self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: shutdown(2) on a descriptor this SharedFd keeps open; no memory involved.
-        unsafe { libc::shutdown(self.fd.as_fd().as_raw_fd(), libc::SHUT_RDWR) };
+        stream::shutdown(&self.fd, std::net::Shutdown::Both);
     }
 }
-
-use std::os::fd::AsFd;
 
 /// Buffered receiving. Bytes arrive into a pool buffer and are moved to `pending`, from which
 /// headers are parsed in place; a payload that is mostly still in flight is received straight

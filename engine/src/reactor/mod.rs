@@ -19,6 +19,7 @@ mod join;
 mod local;
 pub mod op;
 mod sockets;
+pub mod stream;
 mod threads;
 mod time;
 mod uring;

@@ -16,7 +16,6 @@ use crate::nbd::uri::NbdUri;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::future::Future;
-use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
@@ -112,9 +111,8 @@ impl Connection {
                 return;
             }
             if let Link::Up(fd) = &state.link {
-                // SAFETY: shutdown on a descriptor this connection's SharedFd keeps open; it
-                // unblocks the reader's and writer's pending socket operations.
-                unsafe { libc::shutdown(fd.as_fd().as_raw_fd(), libc::SHUT_RDWR) };
+                // Unblocks the reader's and writer's pending socket operations.
+                tandem::reactor::stream::shutdown(fd, std::net::Shutdown::Both);
             }
             state.epoch += 1;
             state.link = Link::Down { since: Instant::now() };

@@ -10,8 +10,8 @@ use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::Poll;
 use tandem::buf::AlignedBuf;
-use tandem::reactor::{Op, OpKind, RuntimeHandle, SendPrefix, SharedFd, SEND_PREFIX_BYTES_MAX};
-use tandem::IoPriority;
+use tandem::reactor::stream::send_all;
+use tandem::reactor::{SendPrefix, SharedFd, SEND_PREFIX_BYTES_MAX};
 
 /// Headers sent in one batch at most: 128 requests of 32 bytes.
 const BATCH_BYTES: usize = 4096;
@@ -99,50 +99,6 @@ async fn next(connection: &Connection, epoch: u64, batch: &mut AlignedBuf, heade
         Poll::Pending
     })
     .await
-}
-
-/// Send `prefix` then all of `buf`, however short each send is; the buffer comes back.
-async fn send_all(
-    runtime: &RuntimeHandle,
-    fd: &SharedFd,
-    prefix: SendPrefix,
-    buf: AlignedBuf,
-) -> (Result<(), i32>, AlignedBuf) {
-    let mut prefix = prefix;
-    let mut current = buf;
-    let mut original = None; // the caller's buffer while a copy of its tail is being sent
-    loop {
-        let total = prefix.len() + current.len();
-        let op = Op { kind: OpKind::Send { fd: fd.clone(), prefix }, buf: Some(current), priority: IoPriority::GUEST };
-        let out = runtime.submit(op).await;
-        current = out.buf.expect("a send gives its buffer back");
-        let result = match out.result {
-            r if r < 0 => Err(-r),
-            0 if total > 0 => Err(libc::EPIPE),
-            r => Ok(r as usize),
-        };
-        let sent = match result {
-            Ok(sent) => sent,
-            Err(errno) => return (Err(errno), original.unwrap_or(current)),
-        };
-        assert!(sent <= total, "sent {sent} of {total} bytes");
-        if sent == total {
-            return (Ok(()), original.unwrap_or(current));
-        }
-        if sent < prefix.len() {
-            prefix = SendPrefix::new(&prefix.as_slice()[sent..]);
-            continue;
-        }
-        // Cut short inside the buffer (a signal, a full socket on the thread backend): rare,
-        // so the rest is copied rather than teaching sends an offset.
-        let tail = match AlignedBuf::from_slice(&current.as_slice()[sent - prefix.len()..], 64) {
-            Ok(tail) => tail,
-            Err(_) => return (Err(libc::ENOMEM), original.unwrap_or(current)),
-        };
-        prefix = SendPrefix::EMPTY;
-        let previous = std::mem::replace(&mut current, tail);
-        original.get_or_insert(previous);
-    }
 }
 
 const _: () = assert!(proto::EXTENDED_REQUEST_BYTES <= SEND_PREFIX_BYTES_MAX);
