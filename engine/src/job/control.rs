@@ -21,6 +21,30 @@ pub struct JobProgress {
     pub total_bytes: u64,
 }
 
+/// What a job has learnt or done beyond its progress, for its user and the daemon's
+/// `query-jobs`: set by the job's task as it goes, read at any time through [`Job::info`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobInfo {
+    /// Mirror: whether the job treats the target as reading zeros, and how it knows.
+    pub target_is_zero: Option<TargetZero>,
+    /// Backup: why it copied everything instead of what its bitmap marks (an inconsistent
+    /// bitmap under `on_inconsistent_bitmap = full`); also in its BLOCK_JOB_COMPLETED.
+    pub fallback: Option<String>,
+    /// Bytes compared by the job's verification (`verify`), source side.
+    pub verified_bytes: u64,
+    /// Backup with `discard_source`: bytes discarded on the source after their copy.
+    pub discarded_source_bytes: u64,
+}
+
+/// Whether a mirror's target reads as zeros before the job writes it, and how that is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetZero {
+    pub is_zero: bool,
+    /// `false`: the caller said so (`target_is_zero`); `true`: the job asked the target's
+    /// block status.
+    pub detected: bool,
+}
+
 /// A request that ends a job's main loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StopRequest {
@@ -60,6 +84,8 @@ pub(crate) struct JobCore {
     speed_bytes_per_s: AtomicU64,
     /// Mirror: every guest write reaches the target before it completes, and nothing is dirty.
     actively_synced: AtomicBool,
+    /// Rarely written (a few times a job), so a lock costs nothing; a leaf lock.
+    info: Mutex<JobInfo>,
     on_change: ChangeFn,
 }
 
@@ -96,6 +122,7 @@ impl JobCore {
             remaining_bytes: AtomicU64::new(0),
             speed_bytes_per_s: AtomicU64::new(speed_bytes_per_s),
             actively_synced: AtomicBool::new(false),
+            info: Mutex::new(JobInfo::default()),
             on_change,
         };
         let core = Arc::new(core);
@@ -229,6 +256,15 @@ impl JobCore {
         self.actively_synced.load(Ordering::Relaxed)
     }
 
+    /// Change the job's info (a leaf lock: never held across anything else).
+    pub(crate) fn update_info(&self, update: impl FnOnce(&mut JobInfo)) {
+        update(&mut self.info.lock());
+    }
+
+    pub(crate) fn info(&self) -> JobInfo {
+        self.info.lock().clone()
+    }
+
     pub(crate) fn progress(&self) -> JobProgress {
         let done_bytes = self.done_bytes.load(Ordering::Relaxed);
         JobProgress { done_bytes, total_bytes: done_bytes + self.remaining_bytes.load(Ordering::Relaxed) }
@@ -298,6 +334,11 @@ impl Job {
     /// nothing is left to copy (an active copy mode, READY, no background write in progress).
     pub fn actively_synced(&self) -> bool {
         self.core.actively_synced()
+    }
+
+    /// What the job has learnt or done beyond its progress (see [`JobInfo`]).
+    pub fn info(&self) -> JobInfo {
+        self.core.info()
     }
 
     /// Why the job failed, once it has.

@@ -17,9 +17,9 @@ pub(crate) mod pace;
 mod ratelimit;
 mod signal;
 
-pub use control::{Job, JobProgress};
+pub use control::{Job, JobInfo, JobProgress, TargetZero};
 pub(crate) use control::{JobCore, StopRequest};
-pub use options::{CopyPriority, SyncMode};
+pub use options::{CopyPriority, SyncMode, VerifyMode};
 pub(crate) use ratelimit::RateLimit;
 pub(crate) use signal::Signal;
 
@@ -296,8 +296,9 @@ pub enum JobEvent {
     StatusChange { id: String, status: JobStatus },
     /// BLOCK_JOB_READY.
     Ready { id: String, kind: JobKind, figures: JobFigures },
-    /// BLOCK_JOB_COMPLETED; `error` says why it failed, if it did.
-    Completed { id: String, kind: JobKind, figures: JobFigures, error: Option<String> },
+    /// BLOCK_JOB_COMPLETED; `error` says why it failed, if it did; `fallback` (ours) why a
+    /// backup copied everything instead of what its bitmap marks, if it did.
+    Completed { id: String, kind: JobKind, figures: JobFigures, error: Option<String>, fallback: Option<String> },
     /// BLOCK_JOB_CANCELLED.
     Cancelled { id: String, kind: JobKind, figures: JobFigures },
     /// BLOCK_JOB_ERROR.

@@ -1,5 +1,5 @@
-//! Options mirror and backup share: what a job copies (`sync`) and who goes first on a shared
-//! device (`copy-priority`).
+//! Options mirror and backup share: what a job copies (`sync`), who goes first on a shared
+//! device (`copy-priority`) and how it checks its copy (`verify`).
 
 use super::JobError;
 use crate::priority::IoPriority;
@@ -84,6 +84,37 @@ impl CopyPriority {
         match self {
             CopyPriority::Job => IoPriority::GUEST,
             CopyPriority::Guest | CopyPriority::Balanced => IoPriority::BACKGROUND,
+        }
+    }
+}
+
+/// Whether a job compares its target with what it copied before it declares success (ours:
+/// QEMU has only the offline `qemu-img compare`). The rules are in `verify.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum VerifyMode {
+    #[default]
+    Off,
+    /// A pseudo-random sample of the disk's regions (about 1/32 of it, at least one region).
+    Sample,
+    /// Every byte.
+    Full,
+}
+
+impl VerifyMode {
+    pub fn parse(text: &str) -> Result<VerifyMode, JobError> {
+        match text {
+            "off" => Ok(VerifyMode::Off),
+            "sample" => Ok(VerifyMode::Sample),
+            "full" => Ok(VerifyMode::Full),
+            _ => Err(JobError::Config { name: "verify", value: text.to_string(), reason: "off, sample or full" }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            VerifyMode::Off => "off",
+            VerifyMode::Sample => "sample",
+            VerifyMode::Full => "full",
         }
     }
 }

@@ -24,7 +24,7 @@ mod view;
 pub use view::SnapshotView;
 
 use super::copy_before_write::{CbwFilter, CbwShared, OnCbwError};
-use super::{CopyPriority, ErrorPolicy, Job, JobCore, JobError, JobKind, SyncMode};
+use super::{CopyPriority, ErrorPolicy, Job, JobCore, JobError, JobKind, SyncMode, VerifyMode};
 use crate::bitmap::{BitmapLease, DirtyBitmap, GRANULARITY_BYTES_MAX};
 use crate::block::{BlockDriver, Disk};
 use crate::reactor::RuntimeHandle;
@@ -54,6 +54,39 @@ impl BitmapMode {
                 value: text.to_string(),
                 reason: "on-success, never or always",
             }),
+        }
+    }
+}
+
+/// What an incremental (sync=bitmap) backup does when its bitmap is inconsistent: its process
+/// stopped while recording, so writes may be missing from it (ours; QEMU always fails).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum OnInconsistentBitmap {
+    /// Refuse to start, naming the bitmap (QEMU's behaviour).
+    #[default]
+    Fail,
+    /// Copy everything instead, say so in the job's info and completion event, and leave the
+    /// bitmap consistent, recording from the point in time, for the next incremental.
+    Full,
+}
+
+impl OnInconsistentBitmap {
+    pub fn parse(text: &str) -> Result<OnInconsistentBitmap, JobError> {
+        match text {
+            "fail" => Ok(OnInconsistentBitmap::Fail),
+            "full" => Ok(OnInconsistentBitmap::Full),
+            _ => Err(JobError::Config {
+                name: "on-inconsistent-bitmap",
+                value: text.to_string(),
+                reason: "fail or full",
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OnInconsistentBitmap::Fail => "fail",
+            OnInconsistentBitmap::Full => "full",
         }
     }
 }
@@ -90,6 +123,15 @@ pub struct BackupConfig {
     pub copy_priority: CopyPriority,
     pub auto_finalize: bool,
     pub auto_dismiss: bool,
+    /// QEMU 9.1's `discard-source`: discard each cluster on the source once it is on the
+    /// target (the fleecing scratch image shrinks as the backup reads it).
+    pub discard_source: bool,
+    /// QEMU 9.2's copy-before-write `min-cluster-size`: a floor on the cluster size.
+    pub min_cluster_bytes: Option<u64>,
+    /// sync=bitmap with an inconsistent bitmap: fail (QEMU) or copy everything.
+    pub on_inconsistent_bitmap: OnInconsistentBitmap,
+    /// Compare the finished target with the point in time (ours; see `job/verify.rs`).
+    pub verify: VerifyMode,
 }
 
 impl Default for BackupConfig {
@@ -112,6 +154,10 @@ impl Default for BackupConfig {
             copy_priority: CopyPriority::Guest,
             auto_finalize: true,
             auto_dismiss: true,
+            discard_source: false,
+            min_cluster_bytes: None,
+            on_inconsistent_bitmap: OnInconsistentBitmap::Fail,
+            verify: VerifyMode::Off,
         }
     }
 }

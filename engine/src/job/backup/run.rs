@@ -295,7 +295,7 @@ impl Runner {
         self.settle_bitmap(succeeded);
         let (id, kind, figures) = (core.id.clone(), core.kind, core.figures());
         match outcome {
-            Outcome::Done => core.emit(JobEvent::Completed { id, kind, figures, error: None }),
+            Outcome::Done => core.emit(JobEvent::Completed { id, kind, figures, error: None, fallback: None }),
             Outcome::Cancelled => {
                 self.to_aborting();
                 core.emit(JobEvent::Cancelled { id, kind, figures });
@@ -303,7 +303,7 @@ impl Runner {
             Outcome::Failed(message) => {
                 self.to_aborting();
                 core.set_error(message.clone());
-                core.emit(JobEvent::Completed { id, kind, figures, error: Some(message) });
+                core.emit(JobEvent::Completed { id, kind, figures, error: Some(message), fallback: None });
             }
         }
         core.set_status(JobStatus::Concluded);

@@ -28,7 +28,7 @@
 mod filter;
 mod run;
 
-pub use super::{CopyPriority, SyncMode};
+pub use super::{CopyPriority, SyncMode, VerifyMode};
 
 use super::{ErrorPolicy, Job, JobChange, JobCore, JobError, JobKind};
 use crate::bitmap::{DirtyBitmap, GRANULARITY_BYTES_MAX, GRANULARITY_BYTES_MIN};
@@ -118,6 +118,11 @@ pub struct MirrorConfig {
     pub auto_dismiss: bool,
     /// Who goes first, guest or copier; also sets the copier's I/O class.
     pub copy_priority: CopyPriority,
+    /// QEMU 10.1's `target-is-zero`: the target reads as zeros before the job, so zeros and
+    /// holes of the source need not be written. `None` (ours): ask the target's block status.
+    pub target_is_zero: Option<bool>,
+    /// Compare source and target before the switch-over (ours; see `job/verify.rs`).
+    pub verify: VerifyMode,
 }
 
 impl Default for MirrorConfig {
@@ -140,6 +145,8 @@ impl Default for MirrorConfig {
             auto_finalize: true,
             auto_dismiss: true,
             copy_priority: CopyPriority::Guest,
+            target_is_zero: None,
+            verify: VerifyMode::Off,
         }
     }
 }

@@ -495,14 +495,16 @@ impl Runner {
         drop(self.lease.take());
         let (id, kind, figures) = (core.id.clone(), core.kind, core.figures());
         match outcome {
-            Outcome::Complete { .. } => core.emit(JobEvent::Completed { id, kind, figures, error: None }),
+            Outcome::Complete { .. } => {
+                core.emit(JobEvent::Completed { id, kind, figures, error: None, fallback: None })
+            }
             Outcome::Cancelled | Outcome::Failed(_) => {
                 self.detach().await;
                 self.to_aborting();
                 match outcome {
                     Outcome::Failed(message) => {
                         core.set_error(message.clone());
-                        core.emit(JobEvent::Completed { id, kind, figures, error: Some(message) });
+                        core.emit(JobEvent::Completed { id, kind, figures, error: Some(message), fallback: None });
                     }
                     _ => core.emit(JobEvent::Cancelled { id, kind, figures }),
                 }
