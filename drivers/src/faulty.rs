@@ -62,6 +62,11 @@ pub enum Fault {
     Delay(Duration),
     /// Crash: unflushed writes are dropped and the device fails until `recover`.
     Crash,
+    /// Silent corruption, as a bad disk or a buggy layer below would do it: the write
+    /// succeeds with one byte inverted: the first byte of the rule's range inside the write
+    /// (a `Range` trigger), else the write's first byte. Writes only (`OpMask::WRITE`); other
+    /// operations ignore it.
+    FlipByte,
 }
 
 /// One injection rule.
@@ -100,6 +105,8 @@ struct Decision {
     delay: Duration,
     errno: Option<i32>,
     crash: bool,
+    /// `Fault::FlipByte`: the device offset whose byte is inverted.
+    flip_at: Option<u64>,
 }
 
 /// A driver that fails on purpose.
@@ -170,6 +177,7 @@ impl FaultyDriver {
                 Fault::Errno(errno) => decision.errno = decision.errno.or(Some(errno)),
                 Fault::Delay(delay) => decision.delay += delay,
                 Fault::Crash => decision.crash = true,
+                Fault::FlipByte => decision.flip_at = decision.flip_at.or(flip_position(entry.rule.trigger, range)),
             }
         }
         Ok(decision)
@@ -241,6 +249,51 @@ fn fires(trigger: Trigger, matched_count: u64, range: Option<(u64, u64)>, rng: &
     }
 }
 
+/// Where `Fault::FlipByte` inverts a byte of an operation on `range`.
+fn flip_position(trigger: Trigger, range: Option<(u64, u64)>) -> Option<u64> {
+    let (start, length) = range.filter(|(_, length)| *length > 0)?;
+    let at = match trigger {
+        Trigger::Range { offset, .. } => offset.max(start),
+        _ => start,
+    };
+    debug_assert!(at < start + length, "a fired range rule overlaps the operation");
+    Some(at)
+}
+
+/// `buf` (written at `offset`) with the byte at `at` inverted, in a copy: the caller's buffer
+/// may be written elsewhere too (an active mirror writes one buffer to source and target).
+fn flipped(buf: &AlignedBuf, offset: u64, at: u64) -> Result<AlignedBuf> {
+    let mut copy = AlignedBuf::from_slice(buf.as_slice(), buf.align())?;
+    let index = (at - offset) as usize;
+    assert!(index < copy.len(), "the flipped byte is inside the write");
+    copy.as_mut_slice()[index] ^= 0xff;
+    Ok(copy)
+}
+
+impl FaultyDriver {
+    /// A write whose data reaches the device with the byte at `at` inverted; the caller gets
+    /// its own buffer back, unchanged. (No crash tracking: a corrupting rule is for
+    /// verification tests, not crash tests.)
+    fn write_flipped(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        at: u64,
+        flags: WriteFlags,
+        priority: IoPriority,
+    ) -> IoFuture<BufResult<()>> {
+        let inner = self.inner.clone();
+        IoFuture::boxed(async move {
+            let copy = match flipped(&buf, offset, at) {
+                Ok(copy) => copy,
+                Err(error) => return (Err(error), buf),
+            };
+            let (result, _) = inner.write(offset, copy, flags, priority).await;
+            (result, buf)
+        })
+    }
+}
+
 async fn roll_back(inner: Arc<dyn BlockDriver>, entries: Vec<UndoEntry>) -> Result<()> {
     let mut durable = Vec::new();
     for entry in entries.into_iter().rev() {
@@ -284,6 +337,9 @@ impl BlockDriver for FaultyDriver {
     fn write(&self, offset: u64, buf: AlignedBuf, flags: WriteFlags, priority: IoPriority) -> IoFuture<BufResult<()>> {
         let length_bytes = buf.len() as u64;
         let decision = self.decide(OpMask::WRITE, Some((offset, length_bytes)));
+        if let Some(at) = decision.as_ref().ok().and_then(|d| d.flip_at) {
+            return self.write_flipped(offset, buf, at, flags, priority);
+        }
         let durable = match flags.fua {
             true => AlignedBuf::from_slice(buf.as_slice(), buf.align()).ok(),
             false => None,

@@ -152,3 +152,24 @@ fn crash_rule_fires_on_the_nth_write() {
     assert!(read(&disk, 0).unwrap().is_all_zero(), "the unflushed first write is gone");
     assert!(read(&disk, 4096).unwrap().is_all_zero());
 }
+
+#[test]
+fn flip_byte_corrupts_one_byte_silently_and_leaves_the_callers_buffer_alone() {
+    let (driver, disk) = faulty(1, false);
+    driver.add_rule(FaultRule {
+        ops: OpMask::WRITE,
+        trigger: Trigger::Range { offset: 8192 + 100, length_bytes: 1 },
+        fault: Fault::FlipByte,
+        fire_count_max: None,
+    });
+    let data = pattern(4096, 3);
+    let (result, back) = disk.write_blocking(8192, data, WriteFlags::default(), G);
+    assert!(result.is_ok(), "the write says it succeeded");
+    assert_eq!(back.as_slice(), pattern(4096, 3).as_slice(), "the caller's buffer is unchanged");
+    let stored = read(&disk, 8192).unwrap();
+    let differing: Vec<usize> = (0..4096).filter(|&index| stored.as_slice()[index] != back.as_slice()[index]).collect();
+    assert_eq!(differing, vec![100], "exactly the rule's byte");
+    assert_eq!(stored.as_slice()[100], back.as_slice()[100] ^ 0xff);
+    write(&disk, 0, 4, false).unwrap();
+    assert_eq!(read(&disk, 0).unwrap().as_slice(), pattern(4096, 4).as_slice(), "outside the range: intact");
+}

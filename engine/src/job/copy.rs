@@ -179,17 +179,21 @@ async fn write_zeroes(
     (Ok(()), buf)
 }
 
-/// Mark what `sync` copies before READY.
+/// Mark what `sync` copies before READY. With `target_zero` (the target reads as zeros
+/// before the job) full and top skip whatever the source reads as zeros too, holes and
+/// allocated zeros alike: the target already holds them, so the job moves only data and its
+/// total (QMP's `len`) is about the data.
 pub(crate) async fn fill_bitmap(
     sync: SyncMode,
     source: &Arc<dyn BlockDriver>,
     dirty: &DirtyBitmap,
     named: Option<&DirtyBitmap>,
+    target_zero: bool,
 ) -> Result<()> {
     let size_bytes = dirty.size_bytes();
     match sync {
         SyncMode::None => Ok(()),
-        SyncMode::Full => {
+        SyncMode::Full if !target_zero => {
             dirty.set(0, size_bytes).expect("whole disk is in range");
             Ok(())
         }
@@ -200,12 +204,17 @@ pub(crate) async fn fill_bitmap(
             }
             Ok(())
         }
-        SyncMode::Top => {
+        SyncMode::Full | SyncMode::Top => {
             let mut at = 0;
             while at < size_bytes {
                 let extent = source.block_status(at, size_bytes - at).await?;
                 let length = extent.length_bytes.clamp(1, size_bytes - at);
-                if extent.status != BlockStatus::Hole {
+                let skip = match extent.status {
+                    BlockStatus::Hole => true,
+                    BlockStatus::Zero => target_zero,
+                    BlockStatus::Data => false,
+                };
+                if !skip {
                     dirty.set(at, length).expect("inside the disk");
                 }
                 at += length;
@@ -213,6 +222,27 @@ pub(crate) async fn fill_bitmap(
             Ok(())
         }
     }
+}
+
+/// Block-status queries [`reads_as_zeros`] makes at most before it answers "not known".
+const ZERO_PROBE_QUERIES_MAX: u32 = 4096;
+
+/// Whether `[0, size_bytes)` of `driver` reads as zeros by its block status alone (holes and
+/// allocated zeros): a fresh sparse file, a new rbd image, an NBD export that reports holes.
+/// Reads nothing. "No" when a query fails or the map is too fragmented to walk cheaply: the
+/// answer only lets a job skip work, so doubt means doing it.
+pub(crate) async fn reads_as_zeros(driver: &Arc<dyn BlockDriver>, size_bytes: u64) -> bool {
+    let mut at = 0;
+    for _ in 0..ZERO_PROBE_QUERIES_MAX {
+        if at >= size_bytes {
+            return true;
+        }
+        match driver.block_status(at, size_bytes - at).await {
+            Ok(extent) if extent.status != BlockStatus::Data && extent.length_bytes > 0 => at += extent.length_bytes,
+            _ => return false,
+        }
+    }
+    at >= size_bytes
 }
 
 /// Run two futures concurrently in one task; both outputs once both are done.

@@ -25,7 +25,7 @@ use crate::priority::IoPriority;
 use parking_lot::Mutex;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -83,6 +83,10 @@ pub(crate) struct CbwShared {
     /// The job is ending: snapshot views refuse new reads.
     detached: AtomicBool,
     view_reads_in_progress: AtomicU64,
+    /// With `verify` on: every cluster a guest request touched since the point in time, marked
+    /// before the request reaches the source (so a comparison that read its new data finds
+    /// the mark): the source no longer holds the point in time there.
+    pub(crate) written_since: OnceLock<DirtyBitmap>,
 }
 
 /// A snapshot view's read in progress (see [`CbwShared::view_read`]).
@@ -122,6 +126,7 @@ impl CbwShared {
             guest_latency: LatencyMonitor::default(),
             detached: AtomicBool::new(false),
             view_reads_in_progress: AtomicU64::new(0),
+            written_since: OnceLock::new(),
         })
     }
 
@@ -294,7 +299,12 @@ impl CbwFilter {
         async move {
             let started = Instant::now();
             let outcome = match shared.before_write(&below, offset, length_bytes).await {
-                Ok(()) => write(below, payload).await,
+                Ok(()) => {
+                    if let Some(written) = shared.written_since.get() {
+                        written.set(offset, length_bytes).expect("the disk checked the range");
+                    }
+                    write(below, payload).await
+                }
                 Err(error) => refuse(payload, error),
             };
             shared.guest_latency.record(started.elapsed());

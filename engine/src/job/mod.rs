@@ -16,6 +16,7 @@ mod options;
 pub(crate) mod pace;
 mod ratelimit;
 mod signal;
+pub(crate) mod verify;
 
 pub use control::{Job, JobInfo, JobProgress, TargetZero};
 pub(crate) use control::{JobCore, StopRequest};

@@ -186,6 +186,20 @@ impl BackupConfig {
         if self.workers_max == 0 || self.workers_max > WORKERS_MAX {
             return Err(bad("max-workers", self.workers_max as u64, "1 to 1024"));
         }
+        if self.verify != VerifyMode::Off && self.sync == SyncMode::None {
+            return Err(JobError::Config {
+                name: "verify",
+                value: self.verify.name().to_string(),
+                reason: "sync=none never finishes on its own: there is no finished target to verify",
+            });
+        }
+        if self.verify != VerifyMode::Off && self.discard_source {
+            return Err(JobError::Config {
+                name: "verify",
+                value: self.verify.name().to_string(),
+                reason: "verify compares the target with the source, which discard-source discards as it copies",
+            });
+        }
         if self.cbw_timeout == Some(Duration::ZERO) {
             return Err(bad("cbw-timeout", 0, "more than zero, or none"));
         }
@@ -304,6 +318,11 @@ fn start_job(
     let policy = (config.on_cbw_error, config.cbw_timeout);
     let zeros = (config.sync == SyncMode::Top, config.sync == SyncMode::Bitmap);
     let shared = CbwShared::new(core.clone(), target, to_copy, policy, zeros, config.chunk_bytes_max);
+    if config.verify != VerifyMode::Off {
+        // Before the filter goes on: every guest write after the point in time is marked.
+        let written = DirtyBitmap::new(config.cluster_bytes, source.size_bytes())?;
+        assert!(shared.written_since.set(written).is_ok(), "a new job's bitmap is set once");
+    }
     let point =
         PointInTime { source: source.clone(), shared: shared.clone(), lease, new_bitmap: config.new_bitmap.clone() };
     let moved = runtime.spawn(move || point.take()).join().map_err(|error| {

@@ -12,7 +12,7 @@
 //! handed to the job's target error policy; the guest's request still succeeds, as its data is
 //! safe on the source.
 
-use super::CopyMode;
+use super::{CopyMode, VerifyMode};
 use crate::bitmap::DirtyBitmap;
 use crate::block::{BlockDriver, BufResult, Disk, IoFuture, WriteFilter, WriteFlags};
 use crate::buf::AlignedBuf;
@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -111,6 +111,19 @@ pub(crate) struct MirrorShared {
     pub(crate) runtime: RuntimeHandle,
     /// What the guest's requests take, as the filter sees them (for guest-first pacing).
     pub(crate) guest_latency: LatencyMonitor,
+    pub(crate) verify_mode: VerifyMode,
+    /// With `verify` on: what is still to compare (see `verify.rs`)...
+    pub(crate) verify_todo: Option<DirtyBitmap>,
+    /// ...marked by every change to the target once verification started.
+    pub(crate) verifying: AtomicBool,
+}
+
+/// The verification's bitmap, with `verify` on: chunks of the mirror's granularity, at most
+/// one comparison run.
+fn verify_todo(config: &super::MirrorConfig, size_bytes: u64) -> Option<DirtyBitmap> {
+    let granularity_bytes = config.granularity_bytes.min(crate::job::verify::RUN_BYTES_MAX);
+    let todo = (config.verify != VerifyMode::Off).then(|| DirtyBitmap::new(granularity_bytes, size_bytes));
+    todo.map(|todo| todo.expect("the mirror's own granularity was checked"))
 }
 
 impl MirrorShared {
@@ -123,6 +136,7 @@ impl MirrorShared {
         config: &super::MirrorConfig,
         runtime: &RuntimeHandle,
     ) -> Arc<MirrorShared> {
+        let source_size_bytes = source.size_bytes();
         Arc::new(MirrorShared {
             core,
             source,
@@ -136,7 +150,20 @@ impl MirrorShared {
             failures: Mutex::new(VecDeque::new()),
             runtime: runtime.clone(),
             guest_latency: LatencyMonitor::default(),
+            verify_mode: config.verify,
+            verify_todo: verify_todo(config, source_size_bytes),
+            verifying: AtomicBool::new(false),
         })
+    }
+
+    /// A change to the target's `[offset, offset + length_bytes)` completed: while verifying,
+    /// compare it (again).
+    pub(crate) fn verify_mark(&self, offset: u64, length_bytes: u64) {
+        if !self.verifying.load(Ordering::Acquire) {
+            return;
+        }
+        let todo = self.verify_todo.as_ref().expect("verifying only with a todo bitmap");
+        todo.set(offset, length_bytes).expect("a checked range is inside the bitmap");
     }
 
     /// Mark a range dirty (after a guest write landed, or a copy or target write failed).
@@ -302,6 +329,7 @@ async fn write_behind(
             task_shared.mark_dirty(offset, length_bytes);
             task_shared.fail(IoOperation::Write, error);
         }
+        task_shared.verify_mark(offset, length_bytes);
         drop(guard);
         drop(reservation);
     };
@@ -326,12 +354,18 @@ impl MirrorFilter {
         async move {
             let started = Instant::now();
             let request = (offset, length_bytes, op, priority);
+            let discard = matches!(request.2, GuestOp::Discard);
             let outcome = match shared.mode.in_force() {
                 CopyMode::WriteBlocking => write_blocking(&shared, &below, request).await,
                 CopyMode::WriteBehind => write_behind(&shared, &below, request).await,
                 CopyMode::Background | CopyMode::Auto => background(&shared, &below, request).await,
             };
             shared.guest_latency.record(started.elapsed());
+            if shared.verifying.load(Ordering::Acquire) && discard {
+                // A discard leaves each side's contents to its device: copy to make them equal.
+                shared.mark_dirty(offset, length_bytes);
+            }
+            shared.verify_mark(offset, length_bytes);
             outcome
         }
     }

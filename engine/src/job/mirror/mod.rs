@@ -27,6 +27,7 @@
 
 mod filter;
 mod run;
+mod verify;
 
 pub use super::{CopyPriority, SyncMode, VerifyMode};
 

@@ -4,15 +4,16 @@
 //! copies what is left and switches over (complete), or just detaches (cancel).
 
 use super::filter::MirrorShared;
-use super::{CopyMode, MirrorConfig};
+use super::verify::{Step, Verifier};
+use super::{CopyMode, MirrorConfig, VerifyMode};
 use crate::bitmap::BitmapLease;
 use crate::block::BlockDriver;
 use crate::buf::AlignedBuf;
 use crate::error::Error;
 use crate::inflight::InflightKind;
-use crate::job::copy::{copy_range, fill_bitmap, CopyOptions, CopyResult};
+use crate::job::copy::{copy_range, fill_bitmap, reads_as_zeros, CopyOptions, CopyResult};
 use crate::job::pace::{Pace, WINDOW as PACE_WINDOW};
-use crate::job::{ErrorAction, IoOperation, JobEvent, JobStatus, RateLimit, StopRequest};
+use crate::job::{ErrorAction, IoOperation, JobEvent, JobStatus, RateLimit, StopRequest, SyncMode, TargetZero};
 use crate::reactor::sleep;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -91,6 +92,8 @@ struct Runner {
     /// In the final drain every error fails the job: the guest's writes are held back, so
     /// neither retrying forever (ignore) nor waiting for a human (stop) is acceptable.
     converging: bool,
+    /// With `verify` on, once `complete` started it.
+    verifier: Option<Verifier>,
 }
 
 pub(super) async fn run(shared: Arc<MirrorShared>, config: MirrorConfig, lease: Option<BitmapLease>) {
@@ -129,6 +132,7 @@ pub(super) async fn run(shared: Arc<MirrorShared>, config: MirrorConfig, lease: 
         failure: None,
         lease,
         converging: false,
+        verifier: None,
     };
     let outcome = match runner.attach().await {
         Ok(()) => runner.main_loop().await,
@@ -145,13 +149,34 @@ impl Runner {
         let source = &self.shared.source;
         let drain = source.drain().ok_or_else(|| format!("disk {} is being drained by another job", source.name()))?;
         drop(drain.await);
+        let target_zero = self.target_zero().await;
         let named = self.lease.as_ref().map(|lease| lease.bitmap().as_ref());
-        fill_bitmap(self.config.sync, &self.source, &self.shared.dirty, named).await.map_err(|e| e.to_string())?;
+        fill_bitmap(self.config.sync, &self.source, &self.shared.dirty, named, target_zero)
+            .await
+            .map_err(|e| e.to_string())?;
         self.update_progress();
         // Auto's first window starts with the filled bitmap.
         self.auto.window_start = Instant::now();
         self.auto.dirty_at_start_bytes = self.shared.dirty.dirty_bytes();
         Ok(())
+    }
+
+    /// Whether the target reads as zeros before the job writes it: as the caller said, or
+    /// (ours) as its block status says. Only full and top copy less for it: none copies only
+    /// new writes, and bitmap's target holds an older copy of the source, not zeros.
+    async fn target_zero(&self) -> bool {
+        if !matches!(self.config.sync, SyncMode::Full | SyncMode::Top) {
+            return false;
+        }
+        let zero = match self.config.target_is_zero {
+            Some(is_zero) => TargetZero { is_zero, detected: false },
+            None => {
+                let size_bytes = self.shared.source.size_bytes();
+                TargetZero { is_zero: reads_as_zeros(&self.shared.target, size_bytes).await, detected: true }
+            }
+        };
+        self.shared.core.update_info(|info| info.target_is_zero = Some(zero));
+        zero.is_zero
     }
 
     async fn main_loop(&mut self) -> Outcome {
@@ -387,7 +412,10 @@ impl Runner {
                 self.keep_buf(buf);
             }
             match copy.result {
-                Ok(()) => self.shared.core.add_done_bytes(copy.length_bytes),
+                Ok(()) => {
+                    self.shared.core.add_done_bytes(copy.length_bytes);
+                    self.shared.verify_mark(copy.offset, copy.length_bytes);
+                }
                 Err(None) => self.shared.mark_dirty(copy.offset, copy.length_bytes),
                 Err(Some((operation, error))) => {
                     self.shared.mark_dirty(copy.offset, copy.length_bytes);
@@ -520,6 +548,11 @@ impl Runner {
     /// left and switch over or detach.
     async fn complete(&mut self, switch_over: bool) -> Outcome {
         let core = self.shared.core.clone();
+        if switch_over && self.config.verify != VerifyMode::Off {
+            if let Some(end) = self.verify_live().await {
+                return end;
+            }
+        }
         core.set_status(JobStatus::Waiting);
         core.set_status(JobStatus::Pending);
         while !core.finalize_allowed() {
@@ -556,6 +589,12 @@ impl Runner {
             source.remove_filter(&guard);
             return Outcome::Failed(message);
         }
+        if let Some(mut verifier) = self.verifier.take() {
+            if let Err(message) = verifier.finish(&self.shared).await {
+                source.remove_filter(&guard);
+                return Outcome::Failed(message);
+            }
+        }
         // The point of no return: a cancel from here on is refused, one before it is obeyed.
         let switch_over = match self.shared.core.commit() {
             Ok(()) => switch_over,
@@ -576,6 +615,39 @@ impl Runner {
                 Outcome::Failed(error.to_string())
             }
         }
+    }
+
+    /// `verify` after `complete`, while the guest writes and the copier keeps copying: passes
+    /// over what is to compare (the rules are in `verify.rs`). `Some` ends the job early (a
+    /// cancel, a failure, a read the verification could not make).
+    async fn verify_live(&mut self) -> Option<Outcome> {
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        let mut verifier = match Verifier::start(&self.shared, seed) {
+            Ok(verifier) => verifier,
+            Err(error) => return Some(Outcome::Failed(format!("verify: cannot allocate its buffers: {error}"))),
+        };
+        loop {
+            self.reap();
+            if let Some(message) = self.failure.take() {
+                return Some(Outcome::Failed(message));
+            }
+            match self.shared.core.stop_request() {
+                Some(StopRequest::Cancel { force: true }) => return Some(Outcome::Cancelled),
+                Some(StopRequest::Cancel { force: false }) => return Some(self.converge(false).await),
+                _ => {}
+            }
+            self.pace_tick();
+            self.start_copies(true).await;
+            self.update_progress();
+            match verifier.step(&self.shared).await {
+                Ok(Step::Compared) => {}
+                Ok(Step::Done) => break,
+                Err(message) => return Some(Outcome::Failed(message)),
+            }
+        }
+        self.verifier = Some(verifier);
+        None
     }
 
     /// Under the drain: every copy and active write done, nothing dirty, the target flushed.
