@@ -96,6 +96,10 @@ pub struct BackupArgs {
     /// Reactor cores.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub cores: u64,
+    /// off, sample or full: compare the finished target with the point in time where the
+    /// guest left the source alone (see docs/jobs.md).
+    #[arg(long, default_value = "off")]
+    pub verify: String,
 }
 
 impl BackupArgs {
@@ -121,6 +125,8 @@ pub struct BackupReport {
     pub cpu_s_per_gib: f64,
     pub point_in_time_ok: bool,
     pub copied_bytes: u64,
+    /// Bytes `--verify` compared (0 for QEMU, which cannot).
+    pub verified_bytes: u64,
     /// (baseline, inside the job) with a guest.
     pub guest: Option<(GuestFigures, GuestFigures)>,
     /// QEMU's figures for the same scenario (`--compare-qemu`).
@@ -143,6 +149,7 @@ impl BackupReport {
             "cpu_s_per_gib": self.cpu_s_per_gib,
             "point_in_time_ok": self.point_in_time_ok,
             "copied_bytes": self.copied_bytes,
+            "verified_bytes": self.verified_bytes,
         });
         if let Some(guest) = &self.guest {
             (value["guest"], value["ratios"]) = guest_json(guest);
@@ -180,6 +187,9 @@ impl BackupReport {
             "{label}: complete after {:.2} s, {:.0} MiB/s, {:.2} CPU s per GiB, {verdict}\n",
             self.complete_s, self.mib_per_s, self.cpu_s_per_gib
         );
+        if self.verified_bytes > 0 {
+            text += &format!("{label}: verified {} MiB against the point in time\n", self.verified_bytes >> 20);
+        }
         if let Some((baseline, job)) = &self.guest {
             text += &guest_rows(guest_title, baseline, &[("baseline", baseline), ("during the job", job)]);
         }
@@ -281,6 +291,7 @@ fn plan(args: &BackupArgs) -> Result<(BackupConfig, Option<GuestSpec>), String> 
         chunk_bytes_max: args.max_chunk,
         workers_max: args.max_workers,
         speed_bytes_per_s: args.speed,
+        verify: tandem::job::VerifyMode::parse(&args.verify).map_err(|e| e.to_string())?,
         ..BackupConfig::default()
     };
     config.validate().map_err(|e| e.to_string())?;
@@ -364,7 +375,7 @@ fn run_on(
     let job_ended = Instant::now();
     let samples = sampler.finish();
     let usage = rusage().since(&usage_before);
-    let copied_bytes = job.progress().done_bytes;
+    let (copied_bytes, verified_bytes) = (job.progress().done_bytes, job.info().verified_bytes);
     let record = guest.map(guest::Guest::join);
     if let Some(error) = job.error() {
         return Err(format!("the backup failed: {error}"));
@@ -401,6 +412,7 @@ fn run_on(
         cpu_s_per_gib: (usage.user_s + usage.system_s) / gib.max(1e-9),
         point_in_time_ok,
         copied_bytes,
+        verified_bytes,
         guest,
         qemu,
     })
@@ -445,6 +457,7 @@ fn run_qemu(
         cpu_s_per_gib: cpu_s / gib,
         point_in_time_ok: qemu_img_identical(&snapshot.path, &args.target, args.size)?,
         copied_bytes: args.size,
+        verified_bytes: 0,
         guest,
         qemu: None,
     })

@@ -361,10 +361,15 @@ fn mirror_json_has_the_issue_fields_and_the_images_match() {
         "--guest-iodepth=4",
         "--guest-rate-iops=500",
         "--guest-runtime=2",
+        "--verify=full",
         "--output-format=json",
     ])
     .ok();
     let value: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}:\n{}", run.stdout));
+    let verified_bytes = value["verified_bytes"].as_u64().expect("verified_bytes");
+    assert!(verified_bytes >= 32 * MIB, "--verify=full compares every byte: {value}");
+    assert!(value["ready_len_bytes"].as_u64().is_some_and(|len| len >= 32 * MIB), "a dense source: {value}");
+    assert_eq!(value["target_is_zero"]["detected"], Value::Bool(true), "detected without the flag: {value}");
     for key in ["ready_s", "complete_s", "mib_per_s", "cpu_s_per_gib"] {
         assert!(value[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {value}");
     }
@@ -396,6 +401,8 @@ fn mirror_bad_options_are_named_and_touch_nothing() {
         ("--granularity=3000", "3000"),
         ("--guest-rw=randtrim", "randtrim"),
         ("--output-format=xml", "xml"),
+        ("--target-is-zero=maybe", "maybe"),
+        ("--verify=twice", "twice"),
     ] {
         let run = tandem(&["mirror", &source_arg, "--size=8M", "--guest-runtime=2", option]).failed();
         assert!(run.stderr.contains(named), "{option}: {}", run.stderr);
@@ -423,10 +430,12 @@ fn backup_json_has_the_issue_fields_and_the_point_in_time_holds() {
         "--guest-iodepth=4",
         "--guest-rate-iops=500",
         "--guest-runtime=3",
+        "--verify=sample",
         "--output-format=json",
     ])
     .ok();
     let value: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}:\n{}", run.stdout));
+    assert!(value["verified_bytes"].as_u64().is_some(), "verified_bytes: {value}");
     for key in ["complete_s", "mib_per_s", "cpu_s_per_gib"] {
         assert!(value[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {value}");
     }

@@ -100,6 +100,49 @@ pub struct MirrorArgs {
     /// Reactor cores.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub cores: u64,
+    /// on: the target reads as zeros, so the job skips what the source reads as zeros
+    /// (QEMU 10.1's target-is-zero); off: copy everything; detect: ask the target's block
+    /// status. A bare --target-is-zero means on.
+    #[arg(long = "target-is-zero", default_value = "detect", default_missing_value = "on", num_args = 0..=1)]
+    pub target_is_zero: String,
+    /// off, sample or full: compare source and target before the switch-over.
+    #[arg(long, default_value = "off")]
+    pub verify: String,
+}
+
+/// `--target-is-zero`'s value as the job's option (`None`: detect).
+pub(crate) fn parse_target_is_zero(text: &str) -> Result<Option<bool>, String> {
+    match text {
+        "on" => Ok(Some(true)),
+        "off" => Ok(Some(false)),
+        "detect" => Ok(None),
+        other => Err(format!("--target-is-zero {other}: expected on, off or detect")),
+    }
+}
+
+/// The allocated bytes of a regular file by SEEK_DATA/SEEK_HOLE; `None` for anything else
+/// (a block device, an rbd image, an NBD export) or when it cannot be read.
+pub(crate) fn allocated_bytes(path: &Path) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).ok()?;
+    if !file.metadata().ok()?.file_type().is_file() {
+        return None;
+    }
+    let (mut at, mut total) = (0i64, 0u64);
+    loop {
+        // SAFETY: lseek on a file we own; no memory involved.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 {
+            return Some(total); // ENXIO: no data after `at`
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < data {
+            return None;
+        }
+        total += (hole - data) as u64;
+        at = hole;
+    }
 }
 
 impl MirrorArgs {
@@ -147,6 +190,15 @@ pub struct MirrorReport {
     pub cpu_s_per_gib: f64,
     pub identical: bool,
     pub copied_bytes: u64,
+    /// The job's total (QMP's `len`) at READY: the whole disk, or about the data when the
+    /// target reads as zeros.
+    pub ready_len_bytes: u64,
+    /// The target's allocated bytes after the job, for a file target.
+    pub target_allocated_bytes: Option<u64>,
+    /// What the job knew of the target reading as zeros, and how.
+    pub target_is_zero: Option<tandem::job::TargetZero>,
+    /// Bytes `--verify` compared.
+    pub verified_bytes: u64,
     /// (baseline, phase1, phase2) with a guest.
     pub guest: Option<(GuestFigures, GuestFigures, GuestFigures)>,
     /// QEMU's figures for the same scenario (`--compare-qemu`).
@@ -164,6 +216,10 @@ impl MirrorReport {
             "cpu_s_per_gib": self.cpu_s_per_gib,
             "identical": self.identical,
             "copied_bytes": self.copied_bytes,
+            "ready_len_bytes": self.ready_len_bytes,
+            "target_allocated_bytes": self.target_allocated_bytes,
+            "target_is_zero": self.target_is_zero.map(|z| json!({"is_zero": z.is_zero, "detected": z.detected})),
+            "verified_bytes": self.verified_bytes,
         });
         if let Some(guest) = &self.guest {
             value["guest"] = guest::phases_json(guest);
@@ -194,6 +250,7 @@ impl MirrorReport {
             self.cpu_s_per_gib,
             if self.identical { "source and target identical" } else { "SOURCE AND TARGET DIFFER" }
         );
+        text += &self.job_line();
         if let Some(guest) = &self.guest {
             text += &guest_table("guest", guest);
         }
@@ -204,6 +261,11 @@ impl MirrorReport {
                 qemu.mib_per_s,
                 qemu.cpu_s_per_gib,
                 if qemu.identical { "source and target identical" } else { "SOURCE AND TARGET DIFFER" }
+            );
+            text += &format!(
+                "qemu:   len at READY {} MiB, target allocated {}\n",
+                qemu.ready_len_bytes >> 20,
+                mib_or_unknown(qemu.target_allocated_bytes)
             );
             if let Some(guest) = &qemu.guest {
                 text += &guest_table("qemu guest (NBD)", guest);
@@ -220,6 +282,32 @@ impl MirrorReport {
         }
         text
     }
+}
+
+impl MirrorReport {
+    /// The job's own line: its len at READY, the target's allocation, what it knew of the
+    /// target reading as zeros, and what it verified.
+    fn job_line(&self) -> String {
+        let zero = match self.target_is_zero {
+            Some(z) => {
+                format!("{} ({})", if z.is_zero { "yes" } else { "no" }, if z.detected { "detected" } else { "given" })
+            }
+            None => "not asked (sync none)".to_string(),
+        };
+        let verified = match self.verified_bytes {
+            0 => String::new(),
+            bytes => format!(", verified {} MiB", bytes >> 20),
+        };
+        format!(
+            "job:    len at READY {} MiB, target allocated {}, target reads as zeros: {zero}{verified}\n",
+            self.ready_len_bytes >> 20,
+            mib_or_unknown(self.target_allocated_bytes)
+        )
+    }
+}
+
+fn mib_or_unknown(bytes: Option<u64>) -> String {
+    bytes.map_or("unknown (not a file)".to_string(), |bytes| format!("{} MiB", bytes >> 20))
 }
 
 pub(crate) fn ratio(a: f64, b: f64) -> f64 {
@@ -307,6 +395,8 @@ fn plan(args: &MirrorArgs) -> Result<Plan, String> {
         copy_bytes_max: args.copy_sizes().1,
         copy_ops_max: args.copy_sizes().2,
         speed_bytes_per_s: args.speed,
+        target_is_zero: parse_target_is_zero(&args.target_is_zero)?,
+        verify: tandem::job::VerifyMode::parse(&args.verify).map_err(|e| e.to_string())?,
         ..MirrorConfig::default()
     };
     config.validate().map_err(|e| e.to_string())?;
@@ -401,7 +491,7 @@ fn run_on(
         }
         return Err(format!("the mirror ended before READY: {}", job.error().unwrap_or_else(|| status.to_string())));
     }
-    let copied_bytes = job.progress().done_bytes;
+    let (copied_bytes, ready_len_bytes) = (job.progress().done_bytes, job.progress().total_bytes);
     let record = guest.map(guest::Guest::join);
     job.complete().map_err(|e| e.to_string())?;
     let status = job.wait_for(|s| s == JobStatus::Null, JOB_WAIT_MAX);
@@ -413,6 +503,7 @@ fn run_on(
     if status != JobStatus::Null {
         return Err(format!("the mirror did not finish (status {status})"));
     }
+    let info = job.info();
     drop(disk);
     drop(runtime);
     let identical = match &rbd_target {
@@ -452,6 +543,10 @@ fn run_on(
         cpu_s_per_gib: (usage_ready.user_s + usage_ready.system_s) / gib.max(1e-9),
         identical,
         copied_bytes,
+        ready_len_bytes,
+        target_allocated_bytes: allocated_bytes(&args.target),
+        target_is_zero: info.target_is_zero,
+        verified_bytes: info.verified_bytes,
         guest,
     })
 }

@@ -28,6 +28,10 @@ pub struct QemuReport {
     pub identical: bool,
     /// (baseline, phase1, phase2) with a guest.
     pub guest: Option<(GuestFigures, GuestFigures, GuestFigures)>,
+    /// The job's `len` in its BLOCK_JOB_READY.
+    pub ready_len_bytes: u64,
+    /// The target's allocated bytes after the job (SEEK_DATA), for a file target.
+    pub target_allocated_bytes: Option<u64>,
 }
 
 impl QemuReport {
@@ -37,6 +41,8 @@ impl QemuReport {
             "mib_per_s": self.mib_per_s,
             "cpu_s_per_gib": self.cpu_s_per_gib,
             "identical": self.identical,
+            "ready_len_bytes": self.ready_len_bytes,
+            "target_allocated_bytes": self.target_allocated_bytes,
         });
         if let Some(guest) = &self.guest {
             value["guest"] = super::guest::phases_json(guest);
@@ -127,11 +133,17 @@ impl Daemon {
 
     /// The first of `names` to arrive, with its time; a job error or end ends the wait too.
     pub(crate) fn wait_event(&mut self, names: &[&str]) -> Result<(String, Instant), String> {
+        self.wait_event_data(names).map(|(event, at, _)| (event, at))
+    }
+
+    /// As `wait_event`, with the event's `data`.
+    pub(crate) fn wait_event_data(&mut self, names: &[&str]) -> Result<(String, Instant, Value), String> {
         loop {
             let message = self.read()?;
             let Some(event) = message.get("event").and_then(Value::as_str) else { continue };
             if names.contains(&event) || event == "BLOCK_JOB_COMPLETED" || event == "BLOCK_JOB_ERROR" {
-                return Ok((event.to_string(), Instant::now()));
+                let data = message.get("data").cloned().unwrap_or(Value::Null);
+                return Ok((event.to_string(), Instant::now(), data));
             }
         }
     }
@@ -280,7 +292,7 @@ pub fn run_qemu(
         "granularity": args.granularity, "buf-size": args.copy_sizes().0, "speed": args.speed,
     });
     daemon.execute("blockdev-mirror", mirror)?;
-    let (event, ready_at) = daemon.wait_event(&["BLOCK_JOB_READY"])?;
+    let (event, ready_at, ready) = daemon.wait_event_data(&["BLOCK_JOB_READY"])?;
     if event != "BLOCK_JOB_READY" {
         return Err(format!("QEMU's mirror ended with {event} before READY"));
     }
@@ -308,5 +320,7 @@ pub fn run_qemu(
         cpu_s_per_gib: cpu_s / gib,
         identical: super::qemu_img_identical(&args.source, &args.target, args.size)?,
         guest,
+        ready_len_bytes: ready.get("len").and_then(Value::as_u64).unwrap_or(0),
+        target_allocated_bytes: super::allocated_bytes(&args.target),
     })
 }

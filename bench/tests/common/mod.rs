@@ -205,13 +205,14 @@ pub fn pattern_bytes(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Options `backup` must refuse, with the text its error must name.
-pub const BACKUP_BAD_OPTIONS: [(&str, &str); 6] = [
+pub const BACKUP_BAD_OPTIONS: [(&str, &str); 7] = [
     ("--sync=sideways", "sideways"),
     ("--sync=none", "none"),
     ("--cluster-size=3000", "3000"),
     ("--copy-priority=me", "me"),
     ("--max-workers=0", "max-workers"),
     ("--output-format=xml", "xml"),
+    ("--verify=twice", "twice"),
 ];
 
 /// A short 4k job on `filename` (16 MiB region, 4 MiB of I/O, QD8) with JSON output: what the
