@@ -85,6 +85,9 @@ pub struct Images {
     pub nbd_target: Option<String>,
     /// Leave what this run created (`--keep`).
     pub keep: bool,
+    /// Create a missing file target sparse (all holes, as `qemu-img create` makes one)
+    /// instead of preallocated (`--sparse-target`).
+    pub sparse_target: bool,
 }
 
 /// Look at source and target and refuse what the request does not allow. Touches nothing.
@@ -127,6 +130,7 @@ pub fn inspect(request: &Request, runtime: &Runtime) -> Result<Images, ImageErro
         rbd_target,
         nbd_target,
         keep: false,
+        sparse_target: false,
     })
 }
 
@@ -205,7 +209,7 @@ fn find_export(uri: &str, runtime: &Runtime) -> Result<Found, ImageError> {
 
 impl Images {
     /// Create what is missing: the source laid out with random data, the target preallocated
-    /// (a file) or new (an rbd image). An existing one is left as it is.
+    /// or sparse (a file) or new (an rbd image). An existing one is left as it is.
     /// A file or image that appeared since [`inspect`] is not ours: it is neither written nor
     /// removed (create_new / create fail on it).
     pub fn create_missing(&mut self, runtime: &Runtime, note: &dyn Fn(String)) -> Result<(), ImageError> {
@@ -229,7 +233,7 @@ impl Images {
                 Err(RbdError::Create { errno: libc::EEXIST, .. }) => Err(Created::Found(spec.image_path())),
                 other => other.map_err(|e| failed(e.to_string())),
             },
-            None => crate::mirror::new_target(&self.target, self.size_bytes, note).map_err(|e| match e.kind() {
+            None => crate::mirror::new_target(&self.target, self.size_bytes, self.sparse_target, note).map_err(|e| match e.kind() {
                 std::io::ErrorKind::AlreadyExists => Created::Found(shown(&self.target)),
                 _ => failed(e.to_string()),
             }),
@@ -247,7 +251,7 @@ impl Images {
             Some(spec) => rbd::fresh_image(spec, self.size_bytes).map_err(create_error),
             None => {
                 std::fs::remove_file(&self.target).map_err(|e| create_error(e.to_string()))?;
-                crate::mirror::new_target(&self.target, self.size_bytes, note).map_err(|e| create_error(e.to_string()))
+                crate::mirror::new_target(&self.target, self.size_bytes, self.sparse_target, note).map_err(|e| create_error(e.to_string()))
             }
         }
     }

@@ -108,6 +108,10 @@ pub struct MirrorArgs {
     /// off, sample or full: compare source and target before the switch-over.
     #[arg(long, default_value = "off")]
     pub verify: String,
+    /// Create a missing --target sparse (all holes, as `qemu-img create` makes one) instead of
+    /// preallocated: with a sparse source the job then moves only data (see --target-is-zero).
+    #[arg(long = "sparse-target")]
+    pub sparse_target: bool,
 }
 
 /// `--target-is-zero`'s value as the job's option (`None`: detect).
@@ -425,6 +429,7 @@ fn inspect_images(args: &MirrorArgs, runtime: &Runtime) -> Result<(Plan, MirrorA
     };
     let mut images = crate::images::inspect(&request, runtime).map_err(|e| e.to_string())?;
     images.keep = args.keep;
+    images.sparse_target = args.sparse_target;
     let sized = MirrorArgs { size: images.size_bytes, ..args.clone() };
     let plan = Plan { guest: sized.guest.spec(images.size_bytes)?, ..plan };
     Ok((plan, sized, images))
@@ -662,12 +667,15 @@ pub(crate) fn watch(job: &Job, label: &str, show: bool, until: impl Fn(JobStatus
 /// start unwritten, which costs the first write to each (ext4 converts it). Each system's run
 /// gets its own fresh target, so neither inherits the other's written extents. Fails with
 /// `AlreadyExists` rather than touch a file that is there.
-pub(crate) fn new_target(path: &Path, size_bytes: u64, note: &dyn Fn(String)) -> std::io::Result<()> {
+pub(crate) fn new_target(path: &Path, size_bytes: u64, sparse: bool, note: &dyn Fn(String)) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     let target = std::fs::OpenOptions::new().create_new(true).write(true).open(path)?;
     target.set_len(size_bytes)?;
+    if sparse {
+        return Ok(());
+    }
     use std::os::fd::AsRawFd;
     // SAFETY: fallocate on an fd we own.
     let rc = unsafe { libc::fallocate(target.as_raw_fd(), 0, 0, size_bytes as i64) };
