@@ -4,6 +4,7 @@
 //! filter off and concludes.
 
 use super::{BackupConfig, BitmapMode, MovedMarks};
+use crate::bitmap::DirtyBitmap;
 use crate::block::{BlockDriver, Disk};
 use crate::buf::AlignedBuf;
 use crate::error::Error;
@@ -294,8 +295,10 @@ impl Runner {
         }
         self.settle_bitmap(succeeded);
         let (id, kind, figures) = (core.id.clone(), core.kind, core.figures());
+        // Reported whatever the outcome: a failed fallback still tells why it copied it all.
+        let fallback = core.info().fallback;
         match outcome {
-            Outcome::Done => core.emit(JobEvent::Completed { id, kind, figures, error: None, fallback: None }),
+            Outcome::Done => core.emit(JobEvent::Completed { id, kind, figures, error: None, fallback }),
             Outcome::Cancelled => {
                 self.to_aborting();
                 core.emit(JobEvent::Cancelled { id, kind, figures });
@@ -303,7 +306,7 @@ impl Runner {
             Outcome::Failed(message) => {
                 self.to_aborting();
                 core.set_error(message.clone());
-                core.emit(JobEvent::Completed { id, kind, figures, error: Some(message), fallback: None });
+                core.emit(JobEvent::Completed { id, kind, figures, error: Some(message), fallback });
             }
         }
         core.set_status(JobStatus::Concluded);
@@ -316,9 +319,14 @@ impl Runner {
     /// has recorded every write since the point in time; the moved marks are what the job was
     /// to copy.
     fn settle_bitmap(&mut self, succeeded: bool) {
-        let Some(MovedMarks { lease, marks }) = self.moved.take() else { return };
+        let Some(MovedMarks { lease, marks, fallback }) = self.moved.take() else { return };
         let bitmap = lease.bitmap();
-        match (self.config.bitmap_mode.unwrap_or(BitmapMode::OnSuccess), succeeded) {
+        let mode = self.config.bitmap_mode.unwrap_or(BitmapMode::OnSuccess);
+        if fallback {
+            settle_fallback(bitmap, &marks, mode, succeeded);
+            return;
+        }
+        match (mode, succeeded) {
             (BitmapMode::OnSuccess | BitmapMode::Always, true) => {}
             (BitmapMode::Never, _) | (BitmapMode::OnSuccess, false) => {
                 bitmap.merge(&marks).expect("the marks are a copy of this bitmap");
@@ -389,4 +397,22 @@ impl Runner {
             core.set_status(JobStatus::Aborting);
         }
     }
+}
+
+/// The end of a fallback (see `Fallback` in `mod.rs`): the bitmap has recorded every write
+/// since the point in time, and is still flagged inconsistent.
+fn settle_fallback(bitmap: &DirtyBitmap, old_marks: &DirtyBitmap, mode: BitmapMode, succeeded: bool) {
+    match (mode, succeeded) {
+        // The whole disk as it was at the point in time is on the target.
+        (BitmapMode::OnSuccess | BitmapMode::Always, true) => {}
+        // "Never clear the marks", when nobody knows which writes they missed: copy it all.
+        (BitmapMode::Never, true) => bitmap.set(0, bitmap.size_bytes()).expect("the whole bitmap is in range"),
+        // As it was found, plus the writes since: untrustworthy, so the next run falls back.
+        (_, false) => {
+            bitmap.merge(old_marks).expect("the marks are a copy of this bitmap");
+            bitmap.set_inconsistent(true);
+            return;
+        }
+    }
+    bitmap.set_inconsistent(false);
 }
