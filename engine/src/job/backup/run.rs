@@ -406,7 +406,12 @@ fn settle_fallback(bitmap: &DirtyBitmap, old_marks: &DirtyBitmap, mode: BitmapMo
         // The whole disk as it was at the point in time is on the target.
         (BitmapMode::OnSuccess | BitmapMode::Always, true) => {}
         // "Never clear the marks", when nobody knows which writes they missed: copy it all.
-        (BitmapMode::Never, true) => bitmap.set(0, bitmap.size_bytes()).expect("the whole bitmap is in range"),
+        // By a merge, which a disabled bitmap takes too (its `set` records nothing).
+        (BitmapMode::Never, true) => {
+            let all = DirtyBitmap::new(bitmap.granularity_bytes(), bitmap.size_bytes()).expect("a valid geometry");
+            all.set(0, all.size_bytes()).expect("the whole bitmap is in range");
+            bitmap.merge(&all).expect("the same geometry");
+        }
         // As it was found, plus the writes since: untrustworthy, so the next run falls back.
         (_, false) => {
             bitmap.merge(old_marks).expect("the marks are a copy of this bitmap");
