@@ -233,10 +233,14 @@ impl Images {
                 Err(RbdError::Create { errno: libc::EEXIST, .. }) => Err(Created::Found(spec.image_path())),
                 other => other.map_err(|e| failed(e.to_string())),
             },
-            None => crate::mirror::new_target(&self.target, self.size_bytes, self.sparse_target, note).map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => Created::Found(shown(&self.target)),
-                _ => failed(e.to_string()),
-            }),
+            None => {
+                crate::mirror::new_target(&self.target, self.size_bytes, self.sparse_target, note).map_err(|e| match e
+                    .kind()
+                {
+                    std::io::ErrorKind::AlreadyExists => Created::Found(shown(&self.target)),
+                    _ => failed(e.to_string()),
+                })
+            }
         }
     }
 
@@ -251,7 +255,8 @@ impl Images {
             Some(spec) => rbd::fresh_image(spec, self.size_bytes).map_err(create_error),
             None => {
                 std::fs::remove_file(&self.target).map_err(|e| create_error(e.to_string()))?;
-                crate::mirror::new_target(&self.target, self.size_bytes, self.sparse_target, note).map_err(|e| create_error(e.to_string()))
+                crate::mirror::new_target(&self.target, self.size_bytes, self.sparse_target, note)
+                    .map_err(|e| create_error(e.to_string()))
             }
         }
     }

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::jobs::{open, qemu_img_identical, random_bytes, replay, write_image, Guest, Layout, DISK_BYTES, WAIT};
+use common::jobs::{
+    allocated_ranges, open, qemu_img_identical, random_bytes, replay, write_image, Guest, Layout, DISK_BYTES, WAIT,
+};
 use common::{runtime, scratch_dir};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -441,10 +443,16 @@ fn incremental_chain(cluster_bytes: u64) {
 
 /// A sync=bitmap backup whose target fails: what comes back to the bitmap per mode.
 fn bitmap_after_failure(mode: tandem::job::backup::BitmapMode) -> (u64, u64) {
+    bitmap_after_failure_enabled(mode, true)
+}
+
+/// As `bitmap_after_failure`, with the named bitmap enabled (recording) or not.
+fn bitmap_after_failure_enabled(mode: tandem::job::backup::BitmapMode, enabled: bool) -> (u64, u64) {
     let s = setup(Layout::Dense);
     let bitmap = tandem::bitmap::DirtyBitmap::new(64 << 10, DISK_BYTES).unwrap();
     bitmap.set(0, DISK_BYTES).unwrap();
     let bitmap = s.disk.bitmaps().add("b", bitmap).unwrap();
+    s.disk.bitmaps().set_enabled("b", enabled).unwrap();
     let target = faulty_target(&s);
     eio_on_writes_at(&target, 12 << 20, 4 << 20);
     let config = BackupConfig {
@@ -471,6 +479,14 @@ fn bitmap_mode_on_success_gives_every_mark_back_on_failure() {
 fn bitmap_mode_never_gives_every_mark_back() {
     let (dirty, all) = bitmap_after_failure(tandem::job::backup::BitmapMode::Never);
     assert_eq!(dirty, all);
+}
+
+#[test]
+fn bitmap_mode_always_gives_back_what_was_not_copied_to_a_disabled_bitmap_too() {
+    // A disabled bitmap records no guest writes, but the marks the job did not copy must
+    // come back all the same, or the next incremental would miss them.
+    let (dirty, all) = bitmap_after_failure_enabled(tandem::job::backup::BitmapMode::Always, false);
+    assert!(dirty > 0 && dirty < all, "the uncopied marks came back: {dirty} of {all} marked");
 }
 
 #[test]
@@ -675,4 +691,227 @@ fn a_failed_full_backup_takes_its_new_bitmap_away() {
     wait_null(&job);
     assert!(job.error().is_some());
     assert!(s.disk.bitmaps().get("chain").is_err(), "no chain may start from a full backup that failed");
+}
+
+/// A process that crashed while its chain's bitmap recorded: a full backup creates "b0" on a
+/// disk of `layout`, its sidecar records the guest's writes during and after it, and the
+/// process stops without closing the sidecar. Returns the sidecar, the source and the full
+/// backup's paths, the scratch directory, and the guest's model of the disk.
+fn crash_while_recording() -> (PathBuf, PathBuf, PathBuf, tempfile::TempDir, Vec<u8>) {
+    let s = setup(Layout::Dense);
+    let sidecar = s.source_path.with_file_name("source.img.b0.bitmap");
+    let full = BackupConfig { new_bitmap: Some("b0".into()), ..BackupConfig::default() };
+    let job = start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), full).unwrap();
+    let recording = tandem::bitmap::record(&sidecar, "b0", s.disk.bitmaps().get("b0").unwrap()).unwrap();
+    let guest = Guest::start(&s.runtime, &s.disk, &s.model, 91);
+    wait_null(&job);
+    assert_eq!(job.error(), None);
+    guest.wait_writes(20);
+    let model = guest.stop();
+    recording.checkpoint().unwrap();
+    drop(recording); // the crash: never closed, so the sidecar stays in use
+    let Setup { disk, runtime, source_path, target_path, _dir, .. } = s;
+    drop((disk, runtime));
+    (sidecar, source_path, target_path, _dir, model)
+}
+
+fn completed_fallback(job: &Job) -> Option<String> {
+    let events = events(job);
+    let completed = events.iter().find_map(|event| match event {
+        JobEvent::Completed { fallback, .. } => Some(fallback.clone()),
+        _ => None,
+    });
+    completed.expect("BLOCK_JOB_COMPLETED")
+}
+
+fn new_sparse_image(path: &Path) {
+    std::fs::File::create(path).unwrap().set_len(DISK_BYTES).unwrap();
+}
+
+fn incremental(id: &str, policy: tandem::job::backup::OnInconsistentBitmap) -> BackupConfig {
+    BackupConfig {
+        id: id.into(),
+        sync: SyncMode::Bitmap,
+        bitmap: Some("b0".into()),
+        on_inconsistent_bitmap: policy,
+        ..BackupConfig::default()
+    }
+}
+
+/// `fail`: refused by name, and nothing changed: no filter, no lease, the bitmap as it was.
+fn assert_fail_changes_nothing(runtime: &Runtime, disk: &Disk, bitmap: &tandem::bitmap::DirtyBitmap, dir: &Path) {
+    use tandem::job::backup::OnInconsistentBitmap::Fail;
+    let marks_before = bitmap.to_words();
+    let refused_path = dir.join("refused.img");
+    new_sparse_image(&refused_path);
+    let target = open(runtime, &refused_path);
+    let error = start(&runtime.handle(), disk, target, incremental("i0", Fail)).map(|_| ()).unwrap_err();
+    let named = tandem::bitmap::BitmapError::Inconsistent { name: "b0".into() };
+    assert!(matches!(&error, JobError::Bitmap(e) if *e == named), "{error}");
+    assert!(error.to_string().contains("'b0'"), "{error}");
+    assert!(!disk.has_filter(), "fail starts nothing");
+    assert!(bitmap.is_inconsistent() && bitmap.to_words() == marks_before, "fail changes nothing");
+    let again = disk.bitmaps().acquire("b0", "check").map(|_| ()).unwrap_err();
+    assert_eq!(again, named, "not busy: no lease was left behind");
+    assert_eq!(allocated_bytes(&refused_path), 0);
+}
+
+/// `full` under a guest: checks the info and the event, and returns the snapshot of the point
+/// in time, the fallback's target and the guest's model.
+fn fall_back_under_a_guest(
+    runtime: &Runtime,
+    disk: &Disk,
+    source_path: &Path,
+    model: &[u8],
+) -> (PathBuf, PathBuf, Vec<u8>) {
+    use tandem::job::backup::OnInconsistentBitmap::Full;
+    let snapshot_path = source_path.with_file_name("snapshot-fallback.img");
+    std::fs::copy(source_path, &snapshot_path).unwrap();
+    let fallback_path = source_path.with_file_name("fallback.img");
+    new_sparse_image(&fallback_path);
+    let config = BackupConfig { speed_bytes_per_s: SPEED_BYTES_PER_S, ..incremental("i1", Full) };
+    let job = start(&runtime.handle(), disk, open(runtime, &fallback_path), config).unwrap();
+    let reason = job.info().fallback.expect("the job says it falls back as soon as it starts");
+    assert!(reason.contains("'b0'") && reason.contains("inconsistent") && reason.contains("whole disk"), "{reason}");
+    let guest = Guest::start(runtime, disk, model, 92);
+    guest.wait_writes(30);
+    let model = guest.stop();
+    wait_null(&job);
+    assert_eq!(job.error(), None);
+    assert_eq!(completed_fallback(&job), Some(reason.clone()), "BLOCK_JOB_COMPLETED says the same");
+    assert_eq!(job.info().fallback, Some(reason));
+    (snapshot_path, fallback_path, model)
+}
+
+#[test]
+fn an_inconsistent_bitmap_fails_by_name_or_falls_back_to_a_full_copy_that_leaves_it_consistent() {
+    let (sidecar, source_path, full_path, dir, model) = crash_while_recording();
+    let path = |name: &str| dir.path().join(name);
+    // Process two: the sidecar loads inconsistent; a clean stop keeps it so.
+    let recording = tandem::bitmap::open_for_recording_any(&sidecar).unwrap();
+    assert!(recording.bitmap().is_inconsistent(), "the crash left the sidecar in use");
+    recording.close().unwrap();
+    assert!(tandem::bitmap::load(&sidecar).unwrap().inconsistent, "a clean stop does not make it trustworthy");
+
+    // Process three.
+    let runtime = runtime(BackendChoice::Auto, 2);
+    let disk = Disk::new(open(&runtime, &source_path));
+    let recording = tandem::bitmap::open_for_recording_any(&sidecar).unwrap();
+    let bitmap = disk.bitmaps().add_shared("b0", recording.bitmap().clone()).unwrap();
+    // Data in the full backup that is zeros now: the fallback must carry it as data, or a
+    // restore that replays the chain's data extents keeps the old data there.
+    disk.write_zeroes_blocking(2 << 20, 64 << 10, true, IoPriority::GUEST).unwrap();
+    assert_fail_changes_nothing(&runtime, &disk, &bitmap, dir.path());
+    let (snapshot_path, fallback_path, _) = fall_back_under_a_guest(&runtime, &disk, &source_path, &model);
+    assert!(!bitmap.is_inconsistent(), "a successful fallback leaves the bitmap consistent");
+    assert_changes_are_marked(&bitmap, &snapshot_path, &source_path);
+    assert!(bitmap.dirty_chunk_count() < bitmap.chunk_count(), "it records only the writes since");
+    let zeroed = |(start, end): &(u64, u64)| *start <= 2 << 20 && *end >= (2 << 20) + (64 << 10);
+    assert!(allocated_ranges(&fallback_path).iter().any(zeroed), "its zeros are data, as an incremental's");
+
+    // The next incremental trusts it (fail is enough) and copies only what changed since.
+    let zeros = AlignedBuf::zeroed(4096, 4096).unwrap();
+    disk.write_blocking(5 << 20, zeros, WriteFlags::default(), IoPriority::GUEST).0.unwrap();
+    let (snapshot2_path, next_path) = (path("snapshot-next.img"), path("next.img"));
+    std::fs::copy(&source_path, &snapshot2_path).unwrap();
+    new_sparse_image(&next_path);
+    let dirty_bytes = bitmap.dirty_bytes();
+    let config = incremental("i2", tandem::job::backup::OnInconsistentBitmap::Fail);
+    let job = start(&runtime.handle(), &disk, open(&runtime, &next_path), config).unwrap();
+    wait_null(&job);
+    assert_eq!(job.error(), None);
+    assert_eq!((job.info().fallback, completed_fallback(&job)), (None, None));
+    // By extents: st_blocks also counts the file's extent tree.
+    let data_bytes: u64 = allocated_ranges(&next_path).iter().map(|(start, end)| end - start).sum();
+    assert_eq!(data_bytes, dirty_bytes, "only what changed since the fallback");
+    assert_eq!(bitmap.dirty_chunk_count(), 0);
+    recording.close().unwrap();
+    drop((disk, runtime));
+    assert!(!tandem::bitmap::load(&sidecar).unwrap().inconsistent, "consistent on disk after a clean stop");
+    assert_chain_restores(&full_path, &[(&fallback_path, &snapshot_path), (&next_path, &snapshot2_path)]);
+}
+
+/// Replay each incremental over a copy of the full backup, in order; after each the copy
+/// must equal that incremental's snapshot.
+fn assert_chain_restores(full_path: &Path, chain: &[(&Path, &Path)]) {
+    let restored = full_path.with_file_name("restored.img");
+    std::fs::copy(full_path, &restored).unwrap();
+    for (index, (incremental, snapshot)) in chain.iter().enumerate() {
+        assert!(index > 0 || qemu_img_identical(snapshot, incremental), "the fallback is the point in time");
+        replay(incremental, &restored);
+        assert!(qemu_img_identical(snapshot, &restored), "restored up to link {index}");
+    }
+}
+
+/// Every 64 KiB cluster where `now` differs from `then` is dirty in `bitmap`.
+fn assert_changes_are_marked(bitmap: &tandem::bitmap::DirtyBitmap, then: &Path, now: &Path) {
+    let (then, now) = (std::fs::read(then).unwrap(), std::fs::read(now).unwrap());
+    let cluster = 64 << 10;
+    for start in (0..DISK_BYTES as usize).step_by(cluster) {
+        let range = start..start + cluster;
+        if then[range.clone()] != now[range] {
+            assert!(bitmap.get(start as u64).unwrap(), "the write at {start} since the point in time is not marked");
+        }
+    }
+}
+
+/// An inconsistent bitmap on the disk, marking `[1 MiB, 3 MiB)`.
+fn inconsistent_bitmap(s: &Setup) -> Arc<tandem::bitmap::DirtyBitmap> {
+    let bitmap = tandem::bitmap::DirtyBitmap::new(64 << 10, DISK_BYTES).unwrap();
+    bitmap.set(1 << 20, 2 << 20).unwrap();
+    bitmap.set_inconsistent(true);
+    s.disk.bitmaps().add("b0", bitmap).unwrap()
+}
+
+#[test]
+fn a_failed_fallback_leaves_the_bitmap_inconsistent_and_a_fallback_under_never_leaves_it_all_dirty() {
+    use tandem::job::backup::{BitmapMode, OnInconsistentBitmap};
+    let s = setup(Layout::Dense);
+    let bitmap = inconsistent_bitmap(&s);
+    let fallback = |mode| BackupConfig {
+        sync: SyncMode::Bitmap,
+        bitmap: Some("b0".into()),
+        bitmap_mode: Some(mode),
+        on_inconsistent_bitmap: OnInconsistentBitmap::Full,
+        ..BackupConfig::default()
+    };
+    let target = faulty_target(&s);
+    eio_on_writes_at(&target, 8 << 20, 1 << 20);
+    let job = start(&s.runtime.handle(), &s.disk, target, fallback(BitmapMode::Always)).unwrap();
+    wait_null(&job);
+    assert!(job.error().is_some());
+    let reason = completed_fallback(&job).expect("a failed fallback still says why it copied it all");
+    assert!(reason.contains("'b0'"), "{reason}");
+    assert!(bitmap.is_inconsistent(), "failed: the next run must fall back again");
+    assert_eq!(bitmap.next_dirty_area(0, u64::MAX), Some((1 << 20, 2 << 20)), "its old marks came back");
+
+    // Disabled (directly: the registry refuses to while it is inconsistent): "all dirty" must
+    // still reach it.
+    bitmap.set_enabled(false);
+    let job =
+        start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), fallback(BitmapMode::Never)).unwrap();
+    wait_null(&job);
+    assert_eq!(job.error(), None);
+    assert!(!bitmap.is_inconsistent());
+    assert_eq!(bitmap.dirty_bytes(), DISK_BYTES, "never: the unknown old marks mean everything, next time");
+    let Setup { disk, runtime, target_path, snapshot_path, .. } = s;
+    drop((disk, runtime));
+    assert!(qemu_img_identical(&snapshot_path, &target_path));
+}
+
+#[test]
+fn a_mirror_refuses_an_inconsistent_bitmap_by_name() {
+    let s = setup(Layout::Dense);
+    let bitmap = inconsistent_bitmap(&s);
+    let config = tandem::job::mirror::MirrorConfig {
+        sync: SyncMode::Bitmap,
+        bitmap: Some("b0".into()),
+        ..tandem::job::mirror::MirrorConfig::default()
+    };
+    let error = tandem::job::mirror::start(&s.runtime.handle(), &s.disk, open(&s.runtime, &s.target_path), config)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(&error, JobError::Bitmap(tandem::bitmap::BitmapError::Inconsistent { name }) if name == "b0"));
+    assert!(!s.disk.has_filter());
+    assert!(bitmap.is_inconsistent() && bitmap.dirty_bytes() == 2 << 20);
 }

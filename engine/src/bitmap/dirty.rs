@@ -135,6 +135,9 @@ pub struct DirtyBitmap {
     /// Dirty chunks, striped by shard index so markers on different shards rarely share a line.
     count_stripes: Box<[Padded<AtomicU64>]>,
     enabled: Padded<AtomicBool>,
+    /// Writes may be missing from the bits (their recording process stopped uncleanly): not
+    /// to be trusted by a job. Not on the write path, so not padded.
+    inconsistent: AtomicBool,
 }
 
 impl DirtyBitmap {
@@ -165,6 +168,7 @@ impl DirtyBitmap {
             top,
             count_stripes: (0..COUNT_STRIPE_COUNT).map(|_| Padded(AtomicU64::new(0))).collect(),
             enabled: Padded(AtomicBool::new(true)),
+            inconsistent: AtomicBool::new(false),
         })
     }
 
@@ -218,6 +222,18 @@ impl DirtyBitmap {
     /// A disabled bitmap records nothing (`set` is a no-op); scans, reset and merge still work.
     pub fn set_enabled(&self, enabled: bool) {
         self.enabled.0.store(enabled, Ordering::Release);
+    }
+
+    /// Whether writes may be missing from the bits (QEMU's `inconsistent`): the registry then
+    /// refuses every use that would trust them (see [`BitmapError::Inconsistent`]).
+    pub fn is_inconsistent(&self) -> bool {
+        self.inconsistent.load(Ordering::Acquire)
+    }
+
+    /// Flag the bits as untrustworthy, or as trustworthy again. Recording goes on either way:
+    /// the flag is about writes lost before, not about writes from now on.
+    pub fn set_inconsistent(&self, inconsistent: bool) {
+        self.inconsistent.store(inconsistent, Ordering::Release);
     }
 
     fn check_range(&self, offset: u64, length_bytes: u64) -> Result<(), BitmapError> {
@@ -461,7 +477,8 @@ impl DirtyBitmap {
         None
     }
 
-    /// OR `other` into this bitmap. Same geometry only.
+    /// OR `other` into this bitmap. Same geometry only. Inconsistency is not checked here:
+    /// the registry refuses a merge with an inconsistent side before it gets this far.
     pub fn merge(&self, other: &DirtyBitmap) -> Result<(), BitmapError> {
         self.check_geometry(other)?;
         for (index, other_shard) in other.shards.iter().enumerate() {
@@ -476,11 +493,12 @@ impl DirtyBitmap {
         Ok(())
     }
 
-    /// A new bitmap with the same geometry, bits and enabled state.
+    /// A new bitmap with the same geometry, bits, enabled state and inconsistency.
     pub fn copy(&self) -> DirtyBitmap {
         let copy = DirtyBitmap::new(self.granularity_bytes(), self.size_bytes).expect("geometry already valid");
         copy.merge(self).expect("same geometry");
         copy.set_enabled(self.is_enabled());
+        copy.set_inconsistent(self.is_inconsistent());
         copy
     }
 

@@ -21,4 +21,10 @@ pub enum BitmapError {
     Exists { name: String },
     #[error("bitmap name '{name}' is invalid: {reason}")]
     BadName { name: String, reason: &'static str },
+    #[error("bitmap '{name}' is inconsistent (its process stopped while recording it, so writes may be missing from it): remove it, or back up with on_inconsistent_bitmap=full to copy the whole disk and make it consistent again")]
+    Inconsistent { name: String },
+    /// The source is anonymous to the registry (any bitmap may be merged in), so the error
+    /// names the bitmap it was to be merged into.
+    #[error("cannot merge an inconsistent bitmap into '{name}' (writes may be missing from it): remove the source, or make it consistent with an on_inconsistent_bitmap=full backup first")]
+    InconsistentMergeSource { name: String },
 }

@@ -10,7 +10,7 @@ mod registry;
 pub use dirty::{DirtyBitmap, GRANULARITY_BYTES_MAX, GRANULARITY_BYTES_MIN};
 pub use error::BitmapError;
 pub use persist::{
-    clear_inconsistent, load, open_for_recording, record, save, LoadedBitmap, PersistError, RecordingBitmap,
-    FORMAT_VERSION, MAGIC,
+    clear_inconsistent, load, open_for_recording, open_for_recording_any, record, save, LoadedBitmap, PersistError,
+    RecordingBitmap, FORMAT_VERSION, MAGIC,
 };
 pub use registry::{BitmapLease, BitmapRegistry};

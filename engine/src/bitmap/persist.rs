@@ -1,6 +1,7 @@
 //! Persistent dirty bitmaps: the sidecar file format next to a raw image, its atomic save and
 //! its checked load, and the in-use rule (a bitmap whose process died while recording is
-//! "inconsistent" and must be acknowledged, forcing a full copy, before it is used again).
+//! "inconsistent": `open_for_recording` refuses it until it is acknowledged, forcing a full
+//! copy; `open_for_recording_any` loads it flagged, for a backup that falls back to a full copy).
 //!
 //! File layout, all integers little-endian:
 //!
@@ -89,7 +90,8 @@ pub enum PersistError {
 /// What [`load`] read.
 pub struct LoadedBitmap {
     pub name: String,
-    /// Enabled; the bits as saved.
+    /// Enabled; the bits as saved; flagged inconsistent ([`DirtyBitmap::is_inconsistent`])
+    /// exactly when `inconsistent` is set.
     pub bitmap: DirtyBitmap,
     /// The in-use flag was set on disk: the process that recorded it never stopped cleanly, so
     /// writes may be missing from `bitmap`. Not fit for an incremental job until
@@ -97,8 +99,9 @@ pub struct LoadedBitmap {
     pub inconsistent: bool,
 }
 
-/// A bitmap being recorded into; its file carries the in-use flag until [`RecordingBitmap::close`].
-/// Dropping it without `close` leaves the flag set, exactly as a crash would.
+/// A bitmap being recorded into; its file carries the in-use flag until [`RecordingBitmap::close`],
+/// and after it while the bitmap is inconsistent. Dropping it without `close` leaves the flag
+/// set, exactly as a crash would.
 pub struct RecordingBitmap {
     path: PathBuf,
     name: String,
@@ -124,11 +127,14 @@ impl RecordingBitmap {
         save(&self.path, &self.name, &self.bitmap, true)
     }
 
-    /// Clean stop: save with the in-use flag cleared. Marks recorded after this call (through
+    /// Clean stop: save with the in-use flag cleared, unless the bitmap is inconsistent in
+    /// memory: a clean stop does not bring back the writes a crash lost, so the file keeps the
+    /// flag until a fallback backup has made the bitmap consistent (which clears the in-memory
+    /// flag, and the next close saves it clean). Marks recorded after this call (through
     /// another handle on [`RecordingBitmap::bitmap`]) are not saved. On error the file keeps
     /// the flag, so the next open treats it as inconsistent: safe, only slower.
     pub fn close(self) -> Result<(), PersistError> {
-        save(&self.path, &self.name, &self.bitmap, false)
+        save(&self.path, &self.name, &self.bitmap, self.bitmap.is_inconsistent())
     }
 }
 
@@ -148,6 +154,23 @@ pub fn open_for_recording(path: impl AsRef<Path>) -> Result<RecordingBitmap, Per
     if loaded.inconsistent {
         return Err(PersistError::Inconsistent { path: path.to_path_buf(), name: loaded.name });
     }
+    start_recording(path, loaded)
+}
+
+/// As [`open_for_recording`], but a file left in use is loaded rather than refused, with the
+/// bitmap flagged inconsistent in memory ([`DirtyBitmap::is_inconsistent`]): the disk's
+/// registry then refuses it to every job that would trust it, and a backup with
+/// `on_inconsistent_bitmap = full` copies the whole disk and makes it consistent. Until then
+/// the file keeps its in-use flag, even across [`RecordingBitmap::close`]. For a process
+/// restarting after a crash, which reports the bitmap as loaded inconsistent.
+pub fn open_for_recording_any(path: impl AsRef<Path>) -> Result<RecordingBitmap, PersistError> {
+    let path = path.as_ref();
+    let loaded = load(path)?;
+    assert_eq!(loaded.inconsistent, loaded.bitmap.is_inconsistent(), "load flags the bitmap as the file");
+    start_recording(path, loaded)
+}
+
+fn start_recording(path: &Path, loaded: LoadedBitmap) -> Result<RecordingBitmap, PersistError> {
     // The flag must be on disk before the first mark, so a crash from here on is detected.
     save(path, &loaded.name, &loaded.bitmap, true)?;
     Ok(RecordingBitmap { path: path.to_path_buf(), name: loaded.name, bitmap: Arc::new(loaded.bitmap) })
@@ -375,7 +398,9 @@ pub fn load(path: impl AsRef<Path>) -> Result<LoadedBitmap, PersistError> {
         valid_up_to_bytes: error.valid_up_to() as u64,
     })?;
     let bitmap = build_bitmap(path, &header, payload)?;
-    Ok(LoadedBitmap { name: name.to_string(), bitmap, inconsistent: header.flags & FLAG_IN_USE != 0 })
+    let inconsistent = header.flags & FLAG_IN_USE != 0;
+    bitmap.set_inconsistent(inconsistent);
+    Ok(LoadedBitmap { name: name.to_string(), bitmap, inconsistent })
 }
 
 /// Fill `buf` as far as the file allows; returns the bytes read.
@@ -572,6 +597,39 @@ mod tests {
         let loaded = load(&path).unwrap();
         assert!(!loaded.inconsistent);
         assert_eq!(loaded.bitmap.dirty_chunk_count(), 1);
+    }
+
+    #[test]
+    fn open_for_recording_any_loads_an_inconsistent_file_flagged_and_close_keeps_it_so() {
+        let dir = temp_dir();
+        let path = dir.path().join("disk.bitmap");
+        save(&path, "nightly", &DirtyBitmap::new(64 * KIB, MIB).unwrap(), false).unwrap();
+        let recording = open_for_recording_any(&path).unwrap();
+        assert!(!recording.bitmap().is_inconsistent(), "a consistent file loads consistent");
+        recording.bitmap().set(0, 1).unwrap();
+        drop(recording); // a crash while recording
+        assert!(load(&path).unwrap().bitmap.is_inconsistent(), "load flags the bitmap as the file");
+
+        let recording = open_for_recording_any(&path).unwrap();
+        assert!(recording.bitmap().is_inconsistent());
+        assert_eq!(recording.name(), "nightly");
+        recording.bitmap().set(2 * 64 * KIB, 1).unwrap();
+        recording.close().unwrap();
+        let loaded = load(&path).unwrap();
+        assert!(loaded.inconsistent, "a clean stop must not launder an inconsistent bitmap");
+        assert!(loaded.bitmap.get(2 * 64 * KIB).unwrap(), "the marks were saved all the same");
+        assert!(open_for_recording(&path).is_err(), "the strict open still refuses it");
+
+        // A fallback backup made it consistent in memory: the next close saves it clean.
+        let recording = open_for_recording_any(&path).unwrap();
+        recording.bitmap().clear();
+        recording.bitmap().set_inconsistent(false);
+        recording.checkpoint().unwrap();
+        assert!(load(&path).unwrap().inconsistent, "a checkpoint keeps the in-use flag");
+        recording.close().unwrap();
+        let loaded = load(&path).unwrap();
+        assert!(!loaded.inconsistent && !loaded.bitmap.is_inconsistent());
+        assert_eq!(loaded.bitmap.dirty_chunk_count(), 0);
     }
 
     #[test]

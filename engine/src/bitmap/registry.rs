@@ -1,6 +1,8 @@
 //! Named bitmaps attached to a disk. Anyone may read a bitmap; while a job holds a
 //! [`BitmapLease`] on one, nobody else may remove, clear, enable/disable or merge into it
-//! ("bitmap busy"). `mark` is the disk's write path: every enabled bitmap records the range.
+//! ("bitmap busy"). An inconsistent bitmap (writes may be missing from it) may only be removed
+//! or leased by a job that does not trust it, as in QEMU. `mark` is the disk's write path:
+//! every enabled bitmap records the range.
 
 use super::dirty::DirtyBitmap;
 use super::error::BitmapError;
@@ -107,16 +109,34 @@ impl BitmapRegistry {
         self.inner.bitmaps.read().iter().map(|n| n.name.clone()).collect()
     }
 
-    /// Take exclusive use of `name` for `owner`.
+    /// Take exclusive use of `name` for `owner`, who will trust its marks: refused while it
+    /// is inconsistent.
     pub fn acquire(&self, name: &str, owner: &str) -> Result<BitmapLease, BitmapError> {
-        let bitmap = self.with_free(name, |named| {
+        self.lease(name, owner, true)
+    }
+
+    /// As [`BitmapRegistry::acquire`], but an inconsistent bitmap is leased too: for an owner
+    /// that checks [`DirtyBitmap::is_inconsistent`] under the lease and then does not trust
+    /// the marks (a backup falling back to a full copy). Nobody else can change the flag
+    /// through the registry while the lease is held.
+    pub fn acquire_untrusted(&self, name: &str, owner: &str) -> Result<BitmapLease, BitmapError> {
+        self.lease(name, owner, false)
+    }
+
+    fn lease(&self, name: &str, owner: &str, trusted: bool) -> Result<BitmapLease, BitmapError> {
+        let change = |named: &mut Named| {
+            if trusted {
+                check_consistent(named)?;
+            }
             named.owner = Some(owner.to_string());
-            named.bitmap.clone()
-        })?;
+            Ok(named.bitmap.clone())
+        };
+        let bitmap = self.with_free(name, change)??;
         Ok(BitmapLease { registry: self.clone(), name: name.to_string(), bitmap })
     }
 
-    /// Detach `name`; refused while it is leased.
+    /// Detach `name`; refused while it is leased. Allowed when it is inconsistent: removing
+    /// it is the one thing to do with such a bitmap besides a fallback backup.
     pub fn remove(&self, name: &str) -> Result<Arc<DirtyBitmap>, BitmapError> {
         let mut bitmaps = self.inner.bitmaps.write();
         let index = bitmaps.iter().position(|n| n.name == name).ok_or_else(|| not_found(name))?;
@@ -126,19 +146,25 @@ impl BitmapRegistry {
         Ok(named.bitmap)
     }
 
-    /// Clear `name`; refused while it is leased.
+    /// Clear `name`; refused while it is leased or inconsistent (QEMU refuses it too: a clear
+    /// would make an untrustworthy bitmap look like a fresh one).
     pub fn clear(&self, name: &str) -> Result<(), BitmapError> {
-        self.with_free(name, |named| named.bitmap.clear())
+        self.with_trusted(name, |named| named.bitmap.clear())
     }
 
-    /// Enable or disable `name`; refused while it is leased.
+    /// Enable or disable `name`; refused while it is leased or inconsistent (as QEMU).
     pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<(), BitmapError> {
-        self.with_free(name, |named| named.bitmap.set_enabled(enabled))
+        self.with_trusted(name, |named| named.bitmap.set_enabled(enabled))
     }
 
-    /// OR `source` into `name`; refused while `name` is leased or on a geometry mismatch.
+    /// OR `source` into `name`; refused while `name` is leased, when either side is
+    /// inconsistent (the result would be trusted with marks missing), or on a geometry
+    /// mismatch.
     pub fn merge_into(&self, name: &str, source: &DirtyBitmap) -> Result<(), BitmapError> {
-        self.with_free(name, |named| named.bitmap.merge(source))?
+        if source.is_inconsistent() {
+            return Err(BitmapError::InconsistentMergeSource { name: name.to_string() });
+        }
+        self.with_trusted(name, |named| named.bitmap.merge(source))?
     }
 
     /// The disk's write path: every enabled bitmap records `[offset, offset + length_bytes)`.
@@ -150,6 +176,11 @@ impl BitmapRegistry {
             // The disk checked the range against its size, which is the bitmaps' size.
             let _ = named.bitmap.set(offset, length_bytes);
         }
+    }
+
+    /// As `with_free`, and refused when the bitmap is inconsistent.
+    fn with_trusted<T>(&self, name: &str, change: impl FnOnce(&mut Named) -> T) -> Result<T, BitmapError> {
+        self.with_free(name, |named| check_consistent(named).map(|()| change(named)))?
     }
 
     fn with_free<T>(&self, name: &str, change: impl FnOnce(&mut Named) -> T) -> Result<T, BitmapError> {
@@ -171,6 +202,13 @@ fn check_free(named: &Named) -> Result<(), BitmapError> {
     }
 }
 
+fn check_consistent(named: &Named) -> Result<(), BitmapError> {
+    match named.bitmap.is_inconsistent() {
+        true => Err(BitmapError::Inconsistent { name: named.name.clone() }),
+        false => Ok(()),
+    }
+}
+
 fn check_name(name: &str) -> Result<(), BitmapError> {
     let reason = match name {
         "" => "empty",
@@ -179,4 +217,66 @@ fn check_name(name: &str) -> Result<(), BitmapError> {
         _ => return Ok(()),
     };
     Err(BitmapError::BadName { name: name.to_string(), reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIZE_BYTES: u64 = 1 << 20;
+
+    fn registry_with(name: &str, inconsistent: bool) -> (BitmapRegistry, Arc<DirtyBitmap>) {
+        let registry = BitmapRegistry::for_disk(SIZE_BYTES);
+        let bitmap = DirtyBitmap::new(64 << 10, SIZE_BYTES).unwrap();
+        bitmap.set(0, 1).unwrap();
+        bitmap.set_inconsistent(inconsistent);
+        let bitmap = registry.add(name, bitmap).unwrap();
+        (registry, bitmap)
+    }
+
+    #[test]
+    fn an_inconsistent_bitmap_is_refused_by_name_wherever_it_would_be_trusted() {
+        let (registry, bitmap) = registry_with("b0", true);
+        let refused = BitmapError::Inconsistent { name: "b0".into() };
+        assert_eq!(registry.acquire("b0", "mirror job m").err(), Some(refused.clone()));
+        assert_eq!(registry.clear("b0").err(), Some(refused.clone()));
+        assert_eq!(registry.set_enabled("b0", false).err(), Some(refused.clone()));
+        let other = DirtyBitmap::new(64 << 10, SIZE_BYTES).unwrap();
+        assert_eq!(registry.merge_into("b0", &other).err(), Some(refused.clone()));
+        let text = refused.to_string();
+        assert!(text.contains("'b0'") && text.contains("on_inconsistent_bitmap=full"), "{text}");
+        // Nothing changed, and nobody holds it.
+        assert!(bitmap.is_inconsistent() && bitmap.is_enabled());
+        assert_eq!(bitmap.dirty_chunk_count(), 1);
+        assert!(registry.acquire_untrusted("b0", "backup job j").is_ok());
+    }
+
+    #[test]
+    fn an_inconsistent_merge_source_is_refused_and_the_destination_untouched() {
+        let (registry, bitmap) = registry_with("dest", false);
+        let source = DirtyBitmap::new(64 << 10, SIZE_BYTES).unwrap();
+        source.set(128 << 10, 1).unwrap();
+        source.set_inconsistent(true);
+        let error = registry.merge_into("dest", &source).unwrap_err();
+        assert_eq!(error, BitmapError::InconsistentMergeSource { name: "dest".into() });
+        assert!(error.to_string().contains("'dest'"), "{error}");
+        assert_eq!(bitmap.dirty_chunk_count(), 1);
+        source.set_inconsistent(false);
+        registry.merge_into("dest", &source).unwrap();
+        assert_eq!(bitmap.dirty_chunk_count(), 2);
+    }
+
+    #[test]
+    fn an_inconsistent_bitmap_can_be_removed_and_leased_untrusted_only_when_free() {
+        let (registry, _) = registry_with("b0", true);
+        let lease = registry.acquire_untrusted("b0", "backup job j").unwrap();
+        assert!(lease.bitmap().is_inconsistent());
+        let busy = registry.acquire_untrusted("b0", "backup job k").err().unwrap();
+        assert!(matches!(busy, BitmapError::Busy { ref owner, .. } if owner == "backup job j"), "{busy}");
+        assert!(matches!(registry.remove("b0"), Err(BitmapError::Busy { .. })));
+        drop(lease);
+        let removed = registry.remove("b0").unwrap();
+        assert!(removed.is_inconsistent());
+        assert_eq!(registry.names(), Vec::<String>::new());
+    }
 }

@@ -10,7 +10,9 @@
 //! guest is about to overwrite reaches the target, and the job runs until cancelled (with a
 //! fleecing view, QEMU's image fleecing). `bitmap` copies what a named bitmap marks: at the
 //! point in time its marks move to the job and it starts over, recording what changes after;
-//! `bitmap_mode` says what happens to the moved marks at the end (see [`BitmapMode`]).
+//! `bitmap_mode` says what happens to the moved marks at the end (see [`BitmapMode`]). An
+//! inconsistent bitmap is refused, or with [`OnInconsistentBitmap::Full`] the job copies the
+//! whole disk instead and leaves the bitmap consistent if it succeeds (see [`Fallback`]).
 //!
 //! The point in time is taken under a drain of the source: no guest write is in progress
 //! while the filter goes on, the named bitmap's marks move and a `new_bitmap` is created, so
@@ -25,7 +27,7 @@ pub use view::SnapshotView;
 
 use super::copy_before_write::{CbwFilter, CbwShared, OnCbwError};
 use super::{CopyPriority, ErrorPolicy, Job, JobCore, JobError, JobKind, SyncMode, VerifyMode};
-use crate::bitmap::{BitmapLease, DirtyBitmap, GRANULARITY_BYTES_MAX};
+use crate::bitmap::{BitmapLease, BitmapRegistry, DirtyBitmap, GRANULARITY_BYTES_MAX};
 use crate::block::{BlockDriver, Disk};
 use crate::reactor::RuntimeHandle;
 use std::sync::Arc;
@@ -290,9 +292,10 @@ fn start_job(
     }
     let owner = format!("backup job {}", config.id);
     let lease = match &config.bitmap {
-        Some(name) => Some(source.bitmaps().acquire(name, &owner)?),
+        Some(name) => Some(lease_bitmap(source.bitmaps(), name, &owner, config.on_inconsistent_bitmap)?),
         None => None,
     };
+    let fallback = lease.as_ref().and_then(Fallback::for_lease);
     if let Some(name) = &config.new_bitmap {
         if source.bitmaps().get(name).is_ok() {
             return Err(crate::bitmap::BitmapError::Exists { name: name.clone() }.into());
@@ -300,22 +303,15 @@ fn start_job(
     }
     // Every cluster is the job's until its point-in-time data is on the target (sync=none
     // too: the copier copies nothing, but the guest's writes save what they overwrite);
-    // sync=bitmap's marks are filled in at the point in time.
+    // sync=bitmap's marks are filled in at the point in time, unless it falls back.
     let to_copy = DirtyBitmap::new(config.cluster_bytes, source.size_bytes())?;
-    if config.sync != SyncMode::Bitmap {
+    if config.sync != SyncMode::Bitmap || fallback.is_some() {
         to_copy.set(0, source.size_bytes()).expect("the whole disk is in range");
     }
-    let core = JobCore::new(
-        config.id.clone(),
-        JobKind::Backup,
-        config.auto_finalize,
-        config.auto_dismiss,
-        config.speed_bytes_per_s,
-        Box::new(|_| {
-            Err(JobError::Config { name: "change", value: String::new(), reason: "backup has no run-time option" })
-        }),
-    );
+    let core = new_core(&config, fallback.as_ref());
     let policy = (config.on_cbw_error, config.cbw_timeout);
+    // A fallback keeps sync=bitmap's zeros as data: its target is still an incremental that a
+    // restore replays by its data extents over the chain before it (see `Fallback`).
     let zeros = (config.sync == SyncMode::Top, config.sync == SyncMode::Bitmap);
     let shared = CbwShared::new(core.clone(), target, to_copy, policy, zeros, config.chunk_bytes_max);
     if config.verify != VerifyMode::Off {
@@ -323,8 +319,9 @@ fn start_job(
         let written = DirtyBitmap::new(config.cluster_bytes, source.size_bytes())?;
         assert!(shared.written_since.set(written).is_ok(), "a new job's bitmap is set once");
     }
-    let point =
-        PointInTime { source: source.clone(), shared: shared.clone(), lease, new_bitmap: config.new_bitmap.clone() };
+    let new_bitmap = config.new_bitmap.clone();
+    let fallback = fallback.is_some();
+    let point = PointInTime { source: source.clone(), shared: shared.clone(), lease, fallback, new_bitmap };
     let moved = runtime.spawn(move || point.take()).join().map_err(|error| {
         JobError::Disk(crate::Error::Config { name: "start", value: error.to_string(), reason: "the runtime stopped" })
     })??;
@@ -335,10 +332,76 @@ fn start_job(
     Ok((job, shared))
 }
 
+fn new_core(config: &BackupConfig, fallback: Option<&Fallback>) -> Arc<JobCore> {
+    let core = JobCore::new(
+        config.id.clone(),
+        JobKind::Backup,
+        config.auto_finalize,
+        config.auto_dismiss,
+        config.speed_bytes_per_s,
+        Box::new(|_| {
+            Err(JobError::Config { name: "change", value: String::new(), reason: "backup has no run-time option" })
+        }),
+    );
+    if let Some(fallback) = fallback {
+        // From the start, so a query while the job runs already says why it copies everything.
+        core.update_info(|info| info.fallback = Some(fallback.reason.clone()));
+    }
+    core
+}
+
+/// Lease sync=bitmap's bitmap: one that is inconsistent only under `Full`, which will not
+/// trust its marks; under `Fail` the registry refuses it by name.
+fn lease_bitmap(
+    bitmaps: &BitmapRegistry,
+    name: &str,
+    owner: &str,
+    policy: OnInconsistentBitmap,
+) -> Result<BitmapLease, JobError> {
+    let lease = match policy {
+        OnInconsistentBitmap::Fail => bitmaps.acquire(name, owner)?,
+        OnInconsistentBitmap::Full => bitmaps.acquire_untrusted(name, owner)?,
+    };
+    Ok(lease)
+}
+
+/// A sync=bitmap backup whose bitmap was inconsistent, under `on_inconsistent_bitmap = full`.
+///
+/// It copies every cluster, as sync=full, but writes zeros as data, as sync=bitmap: the user
+/// asked for an incremental, so the target is the next link of a chain, and a restore writes
+/// each link's data extents over the ones before. Zeros written as allocated zeros (sync=full)
+/// can be unwritten extents, which `SEEK_DATA` reports as holes: the restore would keep the
+/// older link's data where the disk now reads zeros. The cost is a fully allocated target.
+///
+/// At the point in time the bitmap is cleared, so it records exactly the writes after it, but
+/// it stays flagged inconsistent until the job succeeds: a clean close of its sidecar while the
+/// job runs then still saves it in use, since the target does not yet hold what its old marks
+/// lost. At the end (`run.rs`, `settle_bitmap`), success makes it consistent: with the writes
+/// since the point in time, or all dirty under bitmap-mode never (its old marks are unknown, so
+/// "never clear them" means "copy everything next time"). Failure or cancel gives it back its
+/// old marks, still inconsistent, so the next run falls back again.
+pub(crate) struct Fallback {
+    /// For the job's info and its BLOCK_JOB_COMPLETED.
+    pub(crate) reason: String,
+}
+
+impl Fallback {
+    /// A fallback if the leased bitmap is inconsistent (the lease keeps the flag as it is).
+    fn for_lease(lease: &BitmapLease) -> Option<Fallback> {
+        let reason = format!(
+            "bitmap '{}' was inconsistent (its process stopped while recording it): copied the whole disk",
+            lease.name()
+        );
+        lease.bitmap().is_inconsistent().then_some(Fallback { reason })
+    }
+}
+
 /// A sync=bitmap job's named bitmap and the marks that moved from it to the job.
 pub(crate) struct MovedMarks {
     pub(crate) lease: BitmapLease,
     pub(crate) marks: DirtyBitmap,
+    /// The bitmap was inconsistent: the job copies everything (see [`Fallback`]).
+    pub(crate) fallback: bool,
 }
 
 /// What happens at the point in time, under a drain of the source.
@@ -346,6 +409,8 @@ struct PointInTime {
     source: Disk,
     shared: Arc<CbwShared>,
     lease: Option<BitmapLease>,
+    /// The leased bitmap is inconsistent: `to_copy` already holds the whole disk.
+    fallback: bool,
     new_bitmap: Option<String>,
 }
 
@@ -366,13 +431,17 @@ impl PointInTime {
             }
             return Err(error.into());
         }
+        let fallback = self.fallback;
         let moved = self.lease.map(|lease| {
             let marks = lease.bitmap().copy();
-            for (offset, length_bytes) in marks.areas() {
-                self.shared.to_copy.set(offset, length_bytes).expect("same disk size");
+            if !fallback {
+                for (offset, length_bytes) in marks.areas() {
+                    self.shared.to_copy.set(offset, length_bytes).expect("same disk size");
+                }
             }
+            // Under a fallback the flag stays set until the job succeeds (see `Fallback`).
             lease.bitmap().clear();
-            MovedMarks { lease, marks }
+            MovedMarks { lease, marks, fallback }
         });
         drop(guard);
         Ok(moved)

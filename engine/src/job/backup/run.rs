@@ -296,8 +296,10 @@ impl Runner {
         }
         self.settle_bitmap(succeeded);
         let (id, kind, figures) = (core.id.clone(), core.kind, core.figures());
+        // Reported whatever the outcome: a failed fallback still tells why it copied it all.
+        let fallback = core.info().fallback;
         match outcome {
-            Outcome::Done => core.emit(JobEvent::Completed { id, kind, figures, error: None, fallback: None }),
+            Outcome::Done => core.emit(JobEvent::Completed { id, kind, figures, error: None, fallback }),
             Outcome::Cancelled => {
                 self.to_aborting();
                 core.emit(JobEvent::Cancelled { id, kind, figures });
@@ -305,7 +307,7 @@ impl Runner {
             Outcome::Failed(message) => {
                 self.to_aborting();
                 core.set_error(message.clone());
-                core.emit(JobEvent::Completed { id, kind, figures, error: Some(message), fallback: None });
+                core.emit(JobEvent::Completed { id, kind, figures, error: Some(message), fallback });
             }
         }
         core.set_status(JobStatus::Concluded);
@@ -318,15 +320,22 @@ impl Runner {
     /// has recorded every write since the point in time; the moved marks are what the job was
     /// to copy.
     fn settle_bitmap(&mut self, succeeded: bool) {
-        let Some(MovedMarks { lease, marks }) = self.moved.take() else { return };
+        let Some(MovedMarks { lease, marks, fallback }) = self.moved.take() else { return };
         let bitmap = lease.bitmap();
-        match (self.config.bitmap_mode.unwrap_or(BitmapMode::OnSuccess), succeeded) {
+        let mode = self.config.bitmap_mode.unwrap_or(BitmapMode::OnSuccess);
+        if fallback {
+            settle_fallback(bitmap, &marks, mode, succeeded);
+            return;
+        }
+        match (mode, succeeded) {
             (BitmapMode::OnSuccess | BitmapMode::Always, true) => {}
             (BitmapMode::Never, _) | (BitmapMode::OnSuccess, false) => {
                 bitmap.merge(&marks).expect("the marks are a copy of this bitmap");
             }
-            // Only what is still to copy comes back.
+            // Only what is still to copy comes back, by a merge: a disabled bitmap takes it
+            // too (its `set` records nothing, which would lose the marks).
             (BitmapMode::Always, false) => {
+                let back = DirtyBitmap::new(marks.granularity_bytes(), marks.size_bytes()).expect("a valid geometry");
                 let granularity = marks.granularity_bytes();
                 for (offset, length_bytes) in marks.areas() {
                     let mut at = offset;
@@ -334,11 +343,12 @@ impl Runner {
                         let step_bytes = granularity.min(offset + length_bytes - at);
                         // Any cluster of the step still to copy: the whole step comes back.
                         if self.shared.to_copy.next_dirty(at).is_some_and(|dirty| dirty < at + step_bytes) {
-                            bitmap.set(at, step_bytes).expect("inside the bitmap");
+                            back.set(at, step_bytes).expect("inside the bitmap");
                         }
                         at += step_bytes;
                     }
                 }
+                bitmap.merge(&back).expect("the marks' geometry is the bitmap's");
             }
         }
         drop(lease);
@@ -434,7 +444,9 @@ impl Runner {
     /// point in time, or (sync=bitmap) the job did not copy it.
     fn skipped(&self, offset: u64) -> bool {
         let written = self.shared.written_since.get().expect("verify on: the job tracks writes");
-        let not_copied = self.moved.as_ref().is_some_and(|moved| !moved.marks.get(offset).unwrap_or(false));
+        // A fallback copied everything; its old marks are not what it copied.
+        let not_copied =
+            self.moved.as_ref().is_some_and(|moved| !moved.fallback && !moved.marks.get(offset).unwrap_or(false));
         written.get(offset).unwrap_or(true) || not_copied
     }
 
@@ -463,4 +475,27 @@ impl Runner {
             core.set_status(JobStatus::Aborting);
         }
     }
+}
+
+/// The end of a fallback (see `Fallback` in `mod.rs`): the bitmap has recorded every write
+/// since the point in time, and is still flagged inconsistent.
+fn settle_fallback(bitmap: &DirtyBitmap, old_marks: &DirtyBitmap, mode: BitmapMode, succeeded: bool) {
+    match (mode, succeeded) {
+        // The whole disk as it was at the point in time is on the target.
+        (BitmapMode::OnSuccess | BitmapMode::Always, true) => {}
+        // "Never clear the marks", when nobody knows which writes they missed: copy it all.
+        // By a merge, which a disabled bitmap takes too (its `set` records nothing).
+        (BitmapMode::Never, true) => {
+            let all = DirtyBitmap::new(bitmap.granularity_bytes(), bitmap.size_bytes()).expect("a valid geometry");
+            all.set(0, all.size_bytes()).expect("the whole bitmap is in range");
+            bitmap.merge(&all).expect("the same geometry");
+        }
+        // As it was found, plus the writes since: untrustworthy, so the next run falls back.
+        (_, false) => {
+            bitmap.merge(old_marks).expect("the marks are a copy of this bitmap");
+            bitmap.set_inconsistent(true);
+            return;
+        }
+    }
+    bitmap.set_inconsistent(false);
 }
