@@ -124,7 +124,10 @@ pub struct BackupConfig {
     pub auto_finalize: bool,
     pub auto_dismiss: bool,
     /// QEMU 9.1's `discard-source`: discard each cluster on the source once it is on the
-    /// target (the fleecing scratch image shrinks as the backup reads it).
+    /// target (the fleecing scratch image shrinks as the backup reads it). Unlike QEMU, only
+    /// on a source whose discard loses nobody's data: the [`SnapshotView`] of a sync=none
+    /// backup (`BlockDriver::scratch_discard_bytes`); elsewhere the start is refused. The
+    /// cluster is raised to the view's, so each discard releases whole clusters of it.
     pub discard_source: bool,
     /// QEMU 9.2's copy-before-write `min-cluster-size`: a floor on the cluster size, so a
     /// target with large clusters is not written in small pieces. The job's cluster is
