@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use tandem::block::{Alignment, BlockDriver, BufResult, Capabilities, Disk, Extent, IoFuture, WriteFlags};
 use tandem::buf::AlignedBuf;
 use tandem::job::backup::{start, start_with_view, BackupConfig};
-use tandem::job::{Job, JobError, JobStatus, SyncMode};
+use tandem::job::{ErrorPolicy, IoOperation, Job, JobError, JobEvent, JobStatus, SyncMode};
 use tandem::reactor::{BackendChoice, Runtime};
 use tandem::IoPriority;
+use tandem_drivers::{Fault, FaultRule, FaultyDriver, OpMask, Trigger};
 
 const CLUSTER_BYTES: u64 = 64 << 10;
 
@@ -186,6 +187,52 @@ fn discard_source_is_refused_by_name_unless_the_source_is_a_fleecing_view() {
     drop((view_disk, disk, runtime));
     assert!(qemu_img_identical(&snapshot_path, &source_path), "the source is unchanged");
     assert_eq!(allocated_bytes(&target_path), 0, "the target is untouched");
+}
+
+/// A scratch whose discards fail: the second backup's `discard_source` meets the error as a
+/// source error, so `report` fails it and `ignore` goes on (with BLOCK_JOB_ERROR) to a whole
+/// point in time.
+#[test]
+fn a_failed_discard_of_the_source_follows_on_source_error() {
+    for policy in [ErrorPolicy::Report, ErrorPolicy::Ignore] {
+        let s = setup();
+        let scratch = Arc::new(FaultyDriver::new(open(&s.runtime, &s.scratch_path), 1, false));
+        scratch.add_rule(FaultRule {
+            ops: OpMask::DISCARD,
+            trigger: Trigger::Always,
+            fault: Fault::Errno(libc::EIO),
+            fire_count_max: None,
+        });
+        let fleece = BackupConfig { sync: SyncMode::None, cluster_bytes: CLUSTER_BYTES, ..BackupConfig::default() };
+        let (fleece, view) = start_with_view(&s.runtime.handle(), &s.disk, scratch.clone(), fleece).unwrap();
+        guest_write(&s.disk, 4 * CLUSTER_BYTES, 1); // a saved cluster: its release discards the scratch
+        let config = BackupConfig {
+            id: "reader".into(),
+            discard_source: true,
+            on_source_error: policy,
+            ..BackupConfig::default()
+        };
+        let view_disk = Disk::new(view);
+        let reader = start(&s.runtime.handle(), &view_disk, open(&s.runtime, &s.target_path), config).unwrap();
+        wait_null(&reader);
+        assert!(scratch.fired_count(0) >= 1, "{policy:?}: the scratch refused a discard");
+        let reported = reader
+            .events()
+            .try_iter()
+            .any(|event| matches!(event, JobEvent::Error { operation: IoOperation::Read, .. }));
+        assert!(reported, "{policy:?}: BLOCK_JOB_ERROR names the source side");
+        match policy {
+            ErrorPolicy::Report => assert!(reader.error().is_some(), "report fails the backup"),
+            _ => assert_eq!(reader.error(), None, "ignore goes on"),
+        }
+        fleece.cancel(false).unwrap();
+        wait_null(&fleece);
+        let Setup { disk, runtime, target_path, snapshot_path, .. } = s;
+        drop((view_disk, disk, runtime));
+        if policy == ErrorPolicy::Ignore {
+            assert!(qemu_img_identical(&snapshot_path, &target_path), "the data reached the target all the same");
+        }
+    }
 }
 
 /// A target that records the size of every write reaching it.
