@@ -9,6 +9,11 @@
 //! over QMP, fio over NBD as its guest, started right after the job), each system on its own
 //! fresh target and checked against its own point-in-time copy. Only each side's ratio to its
 //! own no-job baseline compares: QEMU's guest goes through NBD.
+//!
+//! `--discard-source` benches fleecing instead (see docs/jobs.md): backup A, sync=none, saves
+//! what the guest overwrites onto a scratch file the bench creates beside the target; backup B
+//! copies A's point-in-time view to the target with `discard_source`, so the scratch shrinks
+//! as B reads it. The figures are B's, plus the scratch's peak and final allocated bytes.
 
 use crate::images::Images;
 use crate::mirror::guest::{self, GuestArgs, GuestFigures, GuestRw, GuestSpec};
@@ -19,11 +24,14 @@ use crate::mirror::{
 };
 use crate::runner::rusage;
 use serde_json::json;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tandem::block::Disk;
+use tandem::block::{BlockDriver, Disk};
 use tandem::job::backup::BackupConfig;
-use tandem::job::{CopyPriority, JobStatus, SyncMode};
+use tandem::job::{CopyPriority, Job, JobStatus, SyncMode};
 use tandem::reactor::{Config, Runtime};
 
 /// Longest the bench waits for the job to end before it gives up.
@@ -93,6 +101,13 @@ pub struct BackupArgs {
     /// fio over NBD) and print both side by side.
     #[arg(long = "compare-qemu")]
     pub compare_qemu: bool,
+    /// Bench fleecing with QEMU 9.1's discard-source: a sync=none backup saves onto a scratch
+    /// file (created new as TARGET.scratch, or beside the source for a block-device or NBD
+    /// target, and always removed), and a second backup copies its point-in-time view to the
+    /// target, discarding each copied cluster on the view so the scratch shrinks. Reports the
+    /// scratch's peak and final allocated bytes and the bytes discarded. Not with --compare-qemu.
+    #[arg(long = "discard-source")]
+    pub discard_source: bool,
     /// Reactor cores.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub cores: u64,
@@ -131,6 +146,17 @@ pub struct BackupReport {
     pub guest: Option<(GuestFigures, GuestFigures)>,
     /// QEMU's figures for the same scenario (`--compare-qemu`).
     pub qemu: Option<Box<BackupReport>>,
+    /// `--discard-source`: what became of the scratch.
+    pub fleecing: Option<FleecingFigures>,
+}
+
+/// The scratch of a `--discard-source` run, in allocated bytes (st_blocks).
+#[derive(Debug, Clone, Copy)]
+pub struct FleecingFigures {
+    pub scratch_peak_bytes: u64,
+    pub scratch_final_bytes: u64,
+    /// Backup B's `discarded_source_bytes`.
+    pub discarded_bytes: u64,
 }
 
 fn guest_json((baseline, job): &(GuestFigures, GuestFigures)) -> (serde_json::Value, serde_json::Value) {
@@ -153,6 +179,13 @@ impl BackupReport {
         });
         if let Some(guest) = &self.guest {
             (value["guest"], value["ratios"]) = guest_json(guest);
+        }
+        if let Some(fleecing) = &self.fleecing {
+            value["fleecing"] = json!({
+                "scratch_peak_bytes": fleecing.scratch_peak_bytes,
+                "scratch_final_bytes": fleecing.scratch_final_bytes,
+                "discarded_bytes": fleecing.discarded_bytes,
+            });
         }
         if let Some(qemu) = &self.qemu {
             value["qemu"] = qemu.to_json();
@@ -190,6 +223,16 @@ impl BackupReport {
         if self.verified_bytes > 0 {
             text += &format!("{label}: verified {} MiB against the point in time\n", self.verified_bytes >> 20);
         }
+        if let Some(fleecing) = &self.fleecing {
+            let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+            text += &format!(
+                "fleecing: the scratch peaked at {:.1} MiB allocated and ended at {:.1} MiB; {:.1} MiB discarded \
+                 on the view after their copy\n",
+                mib(fleecing.scratch_peak_bytes),
+                mib(fleecing.scratch_final_bytes),
+                mib(fleecing.discarded_bytes)
+            );
+        }
         if let Some((baseline, job)) = &self.guest {
             text += &guest_rows(guest_title, baseline, &[("baseline", baseline), ("during the job", job)]);
         }
@@ -224,40 +267,60 @@ pub fn backup_command(args: &BackupArgs) -> Result<(), String> {
     }
 }
 
-/// Where the expected point in time is copied: next to the target, or for a block device
-/// target (its folder is /dev) next to a regular source, else in the temporary folder.
-pub(crate) fn snapshot_path(target: &Path, source: &Path) -> PathBuf {
+/// Where the bench puts a file of its own, named after the target with `suffix` (the point
+/// in time's copy, the fleecing scratch): next to the target, or for a block device target
+/// (its folder is /dev) next to a regular source, else in the temporary folder.
+pub(crate) fn work_path(target: &Path, source: &Path, suffix: &str) -> PathBuf {
     // An NBD export is neither: its URI is no place for a file.
     let regular_or_missing =
         |path: &Path| crate::remote::nbd_uri(path).is_none() && std::fs::metadata(path).map_or(true, |m| m.is_file());
     let beside = match (regular_or_missing(target), regular_or_missing(source)) {
         (true, _) => target,
         (false, true) => source,
-        (false, false) => {
-            return std::env::temp_dir().join(format!("tandem-backup-{}.point-in-time", std::process::id()))
-        }
+        (false, false) => return std::env::temp_dir().join(format!("tandem-backup-{}{suffix}", std::process::id())),
     };
     let mut name = beside.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".point-in-time");
+    name.push(suffix);
     beside.with_file_name(name)
 }
 
-/// The point-in-time copy: created new (a file of that name is refused, never replaced) and
-/// removed when dropped.
+const SNAPSHOT_SUFFIX: &str = ".point-in-time";
+const SCRATCH_SUFFIX: &str = ".scratch";
+
+/// A file of the bench's own: created new (a file of that name is refused, never replaced)
+/// and removed when dropped, so a run removes only what it created.
+struct OwnFile {
+    path: PathBuf,
+}
+
+impl OwnFile {
+    fn create(path: PathBuf, what: &str) -> Result<(OwnFile, std::fs::File), String> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| format!("cannot create the {what} {}: {e}", path.display()))?;
+        Ok((OwnFile { path }, file))
+    }
+}
+
+impl Drop for OwnFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The point-in-time copy.
 struct Snapshot {
     path: PathBuf,
+    _own: OwnFile,
 }
 
 impl Snapshot {
     /// Copy the first `size_bytes` of `source` (a file or block device) to a new file.
     fn copy_of(source: &Path, target: &Path, size_bytes: u64) -> Result<Snapshot, String> {
-        let path = snapshot_path(target, source);
-        let mut copy = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| format!("cannot create the point-in-time copy {}: {e}", path.display()))?;
-        let snapshot = Snapshot { path };
+        let (own, mut copy) = OwnFile::create(work_path(target, source, SNAPSHOT_SUFFIX), "point-in-time copy")?;
+        let snapshot = Snapshot { path: own.path.clone(), _own: own };
         let from = std::fs::File::open(source).map_err(|e| format!("cannot read {}: {e}", source.display()))?;
         let copied_bytes = std::io::copy(&mut std::io::Read::take(from, size_bytes), &mut copy)
             .map_err(|e| format!("cannot copy the source to {}: {e}", snapshot.path.display()))?;
@@ -265,12 +328,6 @@ impl Snapshot {
             true => Ok(snapshot),
             false => Err(format!("{}: shrank to {copied_bytes} bytes while it was copied", source.display())),
         }
-    }
-}
-
-impl Drop for Snapshot {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -292,9 +349,13 @@ fn plan(args: &BackupArgs) -> Result<(BackupConfig, Option<GuestSpec>), String> 
         workers_max: args.max_workers,
         speed_bytes_per_s: args.speed,
         verify: tandem::job::VerifyMode::parse(&args.verify).map_err(|e| e.to_string())?,
+        discard_source: args.discard_source,
         ..BackupConfig::default()
     };
     config.validate().map_err(|e| e.to_string())?;
+    if args.discard_source && args.compare_qemu {
+        return Err("--discard-source with --compare-qemu: the QEMU side runs no fleecing scenario".into());
+    }
     if !args.size.is_multiple_of(1 << 20) {
         return Err(format!("--size {}: must be a whole number of MiB", args.size));
     }
@@ -318,6 +379,12 @@ fn inspect_images(
         overwrite_target: args.overwrite_target,
         compare_qemu: args.compare_qemu,
     };
+    if args.discard_source {
+        let scratch = work_path(&args.target, &args.source, SCRATCH_SUFFIX);
+        if std::fs::symlink_metadata(&scratch).is_ok() {
+            return Err(format!("--discard-source: {} exists; the bench creates its scratch new", scratch.display()));
+        }
+    }
     let mut images = crate::images::inspect(&request, runtime).map_err(|e| e.to_string())?;
     images.keep = args.keep;
     let sized = BackupArgs { size: images.size_bytes, ..args.clone() };
@@ -366,9 +433,13 @@ fn run_on(
         Some(uri) => crate::remote::open_target(&runtime.handle(), uri)?,
         None => open_target(&runtime, &args.target, &disk, &note)?,
     };
+    let mut scratch = match args.discard_source {
+        true => Some(Scratch::create(&args.target, &args.source, args.size)?),
+        false => None,
+    };
     let usage_before = rusage();
     let job_started = Instant::now();
-    let job = tandem::job::backup::start(&runtime.handle(), &disk, target, config).map_err(|e| e.to_string())?;
+    let (job, fleece) = start_jobs(&runtime, &disk, target, config, scratch.as_ref(), note)?;
     let guest = spec.map(|spec| guest::Guest::start(&runtime, &disk, spec, 2));
     let sampler = Sampler::start(&job);
     let status = watch(&job, "backup", show_progress, |s| s == JobStatus::Null);
@@ -377,6 +448,10 @@ fn run_on(
     let usage = rusage().since(&usage_before);
     let (copied_bytes, verified_bytes) = (job.progress().done_bytes, job.info().verified_bytes);
     let record = guest.map(guest::Guest::join);
+    let fleecing = match (fleece, scratch.as_mut()) {
+        (Some(fleece), Some(scratch)) => Some(scratch.finish(fleece, &job)?),
+        _ => None,
+    };
     if let Some(error) = job.error() {
         return Err(format!("the backup failed: {error}"));
     }
@@ -415,7 +490,99 @@ fn run_on(
         verified_bytes,
         guest,
         qemu,
+        fleecing,
     })
+}
+
+/// The backup the bench measures, and with `--discard-source` the fleecing backup A whose view
+/// it copies (A saves onto `scratch`; see the module doc).
+fn start_jobs(
+    runtime: &Runtime,
+    disk: &Disk,
+    target: Arc<dyn BlockDriver>,
+    config: BackupConfig,
+    scratch: Option<&Scratch>,
+    note: &dyn Fn(String),
+) -> Result<(Job, Option<Job>), String> {
+    let handle = runtime.handle();
+    let Some(scratch) = scratch else {
+        return tandem::job::backup::start(&handle, disk, target, config)
+            .map(|job| (job, None))
+            .map_err(|e| e.to_string());
+    };
+    let scratch_driver = open_target(runtime, &scratch.path, disk, note)?;
+    let fleece = BackupConfig {
+        id: "fleece".into(),
+        sync: SyncMode::None,
+        cluster_bytes: config.cluster_bytes,
+        ..BackupConfig::default()
+    };
+    let (fleece_job, view) =
+        tandem::job::backup::start_with_view(&handle, disk, scratch_driver, fleece).map_err(|e| e.to_string())?;
+    note(format!("fleecing: backup A saves onto {}; backup B copies its view to the target", scratch.path.display()));
+    match tandem::job::backup::start(&handle, &Disk::new(view), target, config) {
+        Ok(job) => Ok((job, Some(fleece_job))),
+        Err(error) => {
+            drop(fleece_job.cancel(false));
+            fleece_job.wait_for(|s| s == JobStatus::Null, JOB_WAIT_MAX);
+            Err(error.to_string())
+        }
+    }
+}
+
+/// `--discard-source`'s scratch file, its allocated size sampled from its creation.
+struct Scratch {
+    path: PathBuf,
+    _own: OwnFile,
+    stop: Arc<AtomicBool>,
+    sampler: Option<std::thread::JoinHandle<u64>>,
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+impl Scratch {
+    /// A new sparse file of the disk's size, beside the target.
+    fn create(target: &Path, source: &Path, size_bytes: u64) -> Result<Scratch, String> {
+        let (own, file) = OwnFile::create(work_path(target, source, SCRATCH_SUFFIX), "scratch")?;
+        file.set_len(size_bytes).map_err(|e| format!("cannot size the scratch {}: {e}", own.path.display()))?;
+        let (path, stop) = (own.path.clone(), Arc::new(AtomicBool::new(false)));
+        let (sampled, flag) = (path.clone(), stop.clone());
+        let sampler = std::thread::spawn(move || {
+            let mut peak_bytes = 0;
+            while !flag.load(Ordering::Relaxed) {
+                peak_bytes = peak_bytes.max(allocated_bytes(&sampled));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak_bytes
+        });
+        Ok(Scratch { path, _own: own, stop, sampler: Some(sampler) })
+    }
+
+    /// Once B ended: the scratch's figures, then A cancelled (sync=none runs until then).
+    fn finish(&mut self, fleece: Job, reader: &Job) -> Result<FleecingFigures, String> {
+        let final_bytes = allocated_bytes(&self.path);
+        self.stop.store(true, Ordering::Relaxed);
+        let peak_bytes = self.sampler.take().map_or(0, |sampler| sampler.join().unwrap_or(0));
+        drop(fleece.cancel(false));
+        if fleece.wait_for(|s| s == JobStatus::Null, JOB_WAIT_MAX) != JobStatus::Null {
+            return Err("the fleecing backup did not end after its cancel".into());
+        }
+        let figures = FleecingFigures {
+            scratch_peak_bytes: peak_bytes.max(final_bytes),
+            scratch_final_bytes: final_bytes,
+            discarded_bytes: reader.info().discarded_source_bytes,
+        };
+        Ok(figures)
+    }
+}
+
+impl Drop for Scratch {
+    /// An early return must not leave the sampler running.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The scenario through QEMU: its own fresh target and point-in-time copy, blockdev-backup,
@@ -460,5 +627,6 @@ fn run_qemu(
         verified_bytes: 0,
         guest,
         qemu: None,
+        fleecing: None,
     })
 }

@@ -469,6 +469,52 @@ fn backup_bad_options_are_named_and_touch_nothing() {
     }
 }
 
+#[test]
+fn backup_discard_source_benches_fleecing_and_the_scratch_shrinks() {
+    let scratch = Scratch::new("backupdiscard");
+    let (source, target) = (scratch.path("source.img"), scratch.path("target.img"));
+    let run = tandem(&[
+        "backup",
+        "--source",
+        source.to_str().expect("utf-8"),
+        "--target",
+        target.to_str().expect("utf-8"),
+        "--size=32M",
+        "--speed=16M",
+        "--discard-source",
+        "--guest-rw=randwrite",
+        "--guest-iodepth=4",
+        "--guest-rate-iops=500",
+        "--guest-runtime=3",
+        "--output-format=json",
+    ])
+    .ok();
+    let value: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}:\n{}", run.stdout));
+    assert_eq!(value["point_in_time_ok"], Value::Bool(true), "{value}");
+    let figure = |key: &str| value["fleecing"][key].as_u64().unwrap_or_else(|| panic!("fleecing.{key}: {value}"));
+    assert_eq!(figure("discarded_bytes"), 32 << 20, "every copied cluster was discarded: {value}");
+    let (peak, end) = (figure("scratch_peak_bytes"), figure("scratch_final_bytes"));
+    assert!(peak > 0 && end < peak, "the scratch grew under the guest, then shrank: {value}");
+    let leftovers: Vec<_> = std::fs::read_dir(scratch.path("")).expect("scratch").collect();
+    assert!(leftovers.is_empty(), "images, point-in-time copy and scratch are removed: {leftovers:?}");
+}
+
+#[test]
+fn backup_discard_source_is_refused_with_compare_qemu_before_anything_is_created() {
+    let scratch = Scratch::new("backupdiscardqemu");
+    let source = scratch.path("source.img");
+    let source_arg = format!("--source={}", source.display());
+    let run = tandem(&["backup", &source_arg, "--size=8M", "--discard-source", "--compare-qemu"]).failed();
+    assert!(run.stderr.contains("--discard-source"), "{}", run.stderr);
+    assert!(!source.exists(), "nothing created");
+}
+
+#[test]
+fn backup_help_documents_discard_source() {
+    let run = tandem(&["backup", "--help"]).ok();
+    assert!(run.stdout.contains("--discard-source") && run.stdout.contains("scratch"), "{}", run.stdout);
+}
+
 // 9. help.
 
 #[test]

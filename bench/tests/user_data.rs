@@ -89,6 +89,19 @@ fn an_existing_target_needs_overwrite_target_and_is_never_removed() {
 }
 
 #[test]
+fn an_existing_file_where_the_fleecing_scratch_goes_is_refused_and_kept() {
+    let scratch = Scratch::new("oldscratch");
+    let (source, target, old) =
+        (scratch.path("source.img"), scratch.path("target.img"), scratch.path("target.img.scratch"));
+    let expected = patterned(&old, MIB, 15);
+    let run = tandem(&["backup", &arg("source", &source), &arg("target", &target), "--size=8M", "--discard-source"]);
+    let run = run.failed();
+    assert!(run.stderr.contains("target.img.scratch"), "names the file: {}", run.stderr);
+    assert_unchanged(&old, &expected, "backup --discard-source");
+    assert!(!source.exists() && !target.exists(), "refused before anything was created");
+}
+
+#[test]
 fn source_and_target_that_are_one_file_are_refused() {
     let scratch = Scratch::new("samefile");
     let (source, link) = (scratch.path("source.img"), scratch.path("link.img"));

@@ -100,4 +100,12 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn device_id(&self) -> Option<(u64, u64)> {
         None
     }
+
+    /// `Some(unit)` if a discard through this driver only gives a job's scratch space back,
+    /// in whole units of this size, and loses no data anyone else holds: a backup's snapshot
+    /// view over a sync=none job (fleecing). A backup's `discard_source` is allowed only on
+    /// such a source, so no job discards a guest's disk under it. `None` for every device.
+    fn scratch_discard_bytes(&self) -> Option<u64> {
+        None
+    }
 }

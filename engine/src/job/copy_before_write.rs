@@ -4,7 +4,9 @@
 //!
 //! Why the target ends equal to the source at the job's start:
 //! - `to_copy` marks the clusters whose old data is not yet on the target. A bit is only
-//!   ever cleared, and only after the target write of its cluster completed.
+//!   ever cleared: after the target write of its cluster completed, or when a snapshot view
+//!   releases the cluster (a discard through it, `view.rs`): it is then marked `released`
+//!   first, and no reader gets its data from anywhere again, so nothing needs saving.
 //! - A guest write that finds every cluster of its range clear goes straight to the source:
 //!   their old data is already on the target, and nothing writes it there again.
 //! - A guest write that finds a marked cluster registers its cluster-aligned range in the
@@ -65,6 +67,11 @@ pub(crate) struct CbwShared {
     pub(crate) target: Arc<dyn BlockDriver>,
     /// Clusters whose point-in-time data is not yet on the target (see the module's argument).
     pub(crate) to_copy: DirtyBitmap,
+    /// Clusters a snapshot view discarded: no longer part of the point in time, so a view's
+    /// read of them fails (set only, under the clusters' registration; see `view.rs`).
+    pub(crate) released: DirtyBitmap,
+    /// Discard each run on the source once it is on the target (`discard_source`).
+    discard_source: bool,
     pub(crate) inflight: InflightTable,
     pub(crate) on_cbw_error: OnCbwError,
     /// How long a guest write may wait for its copy-before-write; then it counts as failed.
@@ -106,14 +113,19 @@ impl CbwShared {
         policy: (OnCbwError, Option<Duration>),
         (unmap, zeroes_as_data): (bool, bool),
         save_piece_bytes: u64,
+        discard_source: bool,
     ) -> Arc<CbwShared> {
         assert!(save_piece_bytes > 0);
+        let released = DirtyBitmap::new(to_copy.granularity_bytes(), to_copy.size_bytes())
+            .expect("the shape of to_copy, which exists");
         let align = target.alignment().memory_bytes as usize;
         let save_bufs = BufPool::new(SAVE_POOL_BYTES, align.max(crate::buf::DEFAULT_ALIGN_BYTES));
         Arc::new(CbwShared {
             core,
             target,
             to_copy,
+            released,
+            discard_source,
             inflight: InflightTable::new(INFLIGHT_CAPACITY).expect("capacity in range"),
             on_cbw_error: policy.0,
             cbw_timeout: policy.1,
@@ -258,9 +270,34 @@ impl CbwShared {
             }
             self.to_copy.reset(offset, length_bytes).expect("a marked area is inside the bitmap");
             self.core.add_done_bytes(length_bytes);
+            if let Err(error) = self.discard_copied(below, offset, length_bytes, priority).await {
+                return (Err((IoOperation::Read, error)), bufs);
+            }
             at = offset + length_bytes;
         }
         (Ok(()), bufs)
+    }
+
+    /// With `discard_source`, discard a run on the source now that its target write landed
+    /// (QEMU's block-copy does the same after each copy). Its failure is the caller's source
+    /// error: the data is safe on the target, but the space the user asked back is not given,
+    /// and the run is not retried (it is no longer marked).
+    async fn discard_copied(
+        &self,
+        below: &Arc<dyn BlockDriver>,
+        offset: u64,
+        length_bytes: u64,
+        priority: IoPriority,
+    ) -> Result<()> {
+        if !self.discard_source {
+            return Ok(());
+        }
+        below.discard(offset, length_bytes, priority).await?;
+        self.core.update_info(|info| {
+            info.discarded_source_bytes += length_bytes;
+            assert!(info.discarded_source_bytes <= self.to_copy.size_bytes(), "each run is discarded once");
+        });
+        Ok(())
     }
 }
 

@@ -126,9 +126,15 @@ pub struct BackupConfig {
     pub auto_finalize: bool,
     pub auto_dismiss: bool,
     /// QEMU 9.1's `discard-source`: discard each cluster on the source once it is on the
-    /// target (the fleecing scratch image shrinks as the backup reads it).
+    /// target (the fleecing scratch image shrinks as the backup reads it). Unlike QEMU, only
+    /// on a source whose discard loses nobody's data: the [`SnapshotView`] of a sync=none
+    /// backup (`BlockDriver::scratch_discard_bytes`); elsewhere the start is refused. The
+    /// cluster is raised to the view's, so each discard releases whole clusters of it.
     pub discard_source: bool,
-    /// QEMU 9.2's copy-before-write `min-cluster-size`: a floor on the cluster size.
+    /// QEMU 9.2's copy-before-write `min-cluster-size`: a floor on the cluster size, so a
+    /// target with large clusters is not written in small pieces. The job's cluster is
+    /// `max(cluster_bytes, min_cluster_bytes)`: a power of two, at least the source's block
+    /// size, at most `chunk_bytes_max` (and 64 MiB).
     pub min_cluster_bytes: Option<u64>,
     /// sync=bitmap with an inconsistent bitmap: fail (QEMU) or copy everything.
     pub on_inconsistent_bitmap: OnInconsistentBitmap,
@@ -202,6 +208,11 @@ impl BackupConfig {
                 reason: "verify compares the target with the source, which discard-source discards as it copies",
             });
         }
+        if let Some(floor) = self.min_cluster_bytes {
+            if !floor.is_power_of_two() || floor > self.chunk_bytes_max || floor > GRANULARITY_BYTES_MAX {
+                return Err(bad("min-cluster-size", floor, "a power of two, at most max-chunk and 64 MiB"));
+            }
+        }
         if self.cbw_timeout == Some(Duration::ZERO) {
             return Err(bad("cbw-timeout", 0, "more than zero, or none"));
         }
@@ -268,8 +279,11 @@ pub fn start_with_view(
             reason: "a snapshot view needs sync full, top or none",
         });
     }
+    // Only a sync=none job's target is a scratch that holds nothing but saves: a discard
+    // through the view may give its space back. Elsewhere the target is a backup.
+    let scratch = config.sync == SyncMode::None;
     let (job, shared) = start_job(runtime, source, target, config)?;
-    Ok((job, Arc::new(SnapshotView::new(shared, source.driver()))))
+    Ok((job, Arc::new(SnapshotView::new(shared, source.driver(), scratch))))
 }
 
 /// Everything of `start` after the options' own checks; the shared state for a view.
@@ -277,11 +291,11 @@ fn start_job(
     runtime: &RuntimeHandle,
     source: &Disk,
     target: Arc<dyn BlockDriver>,
-    config: BackupConfig,
+    mut config: BackupConfig,
 ) -> Result<(Job, Arc<CbwShared>), JobError> {
-    if config.cluster_bytes < source.alignment().request_bytes {
-        return Err(bad("cluster-size", config.cluster_bytes, "smaller than the source's block size"));
-    }
+    // From here on the job's cluster is the effective one: the filter, the copier and the
+    // pace all take it from the config.
+    config.cluster_bytes = effective_cluster_bytes(&config, source)?;
     super::check_target(source, &target)?;
     if runtime.on_core() || crate::reactor::on_any_core() {
         return Err(JobError::Config {
@@ -313,7 +327,8 @@ fn start_job(
     // A fallback keeps sync=bitmap's zeros as data: its target is still an incremental that a
     // restore replays by its data extents over the chain before it (see `Fallback`).
     let zeros = (config.sync == SyncMode::Top, config.sync == SyncMode::Bitmap);
-    let shared = CbwShared::new(core.clone(), target, to_copy, policy, zeros, config.chunk_bytes_max);
+    let (piece_bytes, discard) = (config.chunk_bytes_max, config.discard_source);
+    let shared = CbwShared::new(core.clone(), target, to_copy, policy, zeros, piece_bytes, discard);
     if config.verify != VerifyMode::Off {
         // Before the filter goes on: every guest write after the point in time is marked.
         let written = DirtyBitmap::new(config.cluster_bytes, source.size_bytes())?;
@@ -330,6 +345,38 @@ fn start_job(
     let task_shared = shared.clone();
     runtime.spawn(move || run::run(task_shared, source, config, moved));
     Ok((job, shared))
+}
+
+/// The cluster the job uses: `cluster_bytes` raised to `min_cluster_bytes` and, with
+/// `discard_source`, to the source's discard unit, so that each discard frees whole units
+/// (a smaller run would free nothing). Checks what needs the source; `validate` the rest.
+fn effective_cluster_bytes(config: &BackupConfig, source: &Disk) -> Result<u64, JobError> {
+    let block_bytes = source.alignment().request_bytes;
+    if config.cluster_bytes < block_bytes {
+        return Err(bad("cluster-size", config.cluster_bytes, "smaller than the source's block size"));
+    }
+    let mut cluster_bytes = config.cluster_bytes;
+    if let Some(floor) = config.min_cluster_bytes {
+        if floor < block_bytes {
+            return Err(bad("min-cluster-size", floor, "smaller than the source's block size"));
+        }
+        cluster_bytes = cluster_bytes.max(floor);
+    }
+    if config.discard_source {
+        // QEMU discards any source; discarding a guest's own disk under it loses its data.
+        let Some(unit) = source.driver().scratch_discard_bytes() else {
+            return Err(JobError::Config {
+                name: "discard-source",
+                value: format!("true (source {})", source.name()),
+                reason: "only a snapshot view of a sync=none backup (fleecing) may be discarded",
+            });
+        };
+        if unit > config.chunk_bytes_max {
+            return Err(bad("discard-source", unit, "the view's cluster (its discard unit) exceeds max-chunk"));
+        }
+        cluster_bytes = cluster_bytes.max(unit);
+    }
+    Ok(cluster_bytes)
 }
 
 fn new_core(config: &BackupConfig, fallback: Option<&Fallback>) -> Arc<JobCore> {

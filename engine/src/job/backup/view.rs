@@ -10,8 +10,30 @@
 //! read (ESTALE): the job waits for the reads in progress before it takes the filter off. So
 //! does a broken snapshot (break-snapshot), whose source is no longer protected. Under
 //! sync=bitmap there is no view: a clear bit there also means "never marked".
+//!
+//! Discard (QEMU's discard through its snapshot-access node, and what a second backup's
+//! `discard_source` calls): the reader says it is done with whole clusters, and they leave
+//! the point in time. Only over a sync=none job, whose target is a scratch holding nothing
+//! but saves. Why no reader ever sees a wrong byte, and the scratch gives the space back:
+//! - The discard registers the whole clusters of its range in the in-flight table, as saves
+//!   and reads do, so none of them is saving or reading those clusters meanwhile.
+//! - Under the registration it marks them `released`, then clears their `to_copy` bits. A
+//!   read registers before it looks at `released`, so it either ran wholly before (and read
+//!   the point in time) or sees the mark and fails (EACCES, naming the offset): it never
+//!   reads the guest's newer data from the source, nor a discarded scratch.
+//! - With the bits clear, guest writes there pass without saving (the filter's argument:
+//!   clear means "nothing to save"), and a save that waited for the registration looks
+//!   again and finds nothing to do. The scratch stops growing there.
+//! - The clusters whose old data was saved are discarded on the scratch once the
+//!   registration ends: marked released, nobody reads them from it again, and no save writes
+//!   them there again (bits are only ever cleared). Clusters never saved are left alone:
+//!   the scratch holds nothing of the job's there, and we discard only what we wrote.
+//! - A discard counts as a view operation, so the job waits for it before taking the filter
+//!   off, and refuses it (ESTALE) once ending. Partial clusters at the range's edges stay.
 
-use crate::block::{Alignment, BlockDriver, BlockStatus, BufResult, Capabilities, Extent, IoFuture, WriteFlags};
+use crate::block::{
+    Alignment, BlockDriver, BlockStatus, BufResult, Capabilities, Extent, IoFuture, WriteFlags, MAX_REQUEST_BYTES,
+};
 use crate::buf::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::inflight::InflightKind;
@@ -24,11 +46,13 @@ pub struct SnapshotView {
     name: String,
     shared: Arc<CbwShared>,
     source: Arc<dyn BlockDriver>,
+    /// The job's target is a scratch (sync=none): discards may release clusters.
+    scratch: bool,
 }
 
 impl SnapshotView {
-    pub(crate) fn new(shared: Arc<CbwShared>, source: Arc<dyn BlockDriver>) -> SnapshotView {
-        SnapshotView { name: format!("snapshot-view:{}", source.name()), shared, source }
+    pub(crate) fn new(shared: Arc<CbwShared>, source: Arc<dyn BlockDriver>, scratch: bool) -> SnapshotView {
+        SnapshotView { name: format!("snapshot-view:{}", source.name()), shared, source, scratch }
     }
 
     fn refused(&self, op: &'static str) -> Error {
@@ -79,6 +103,56 @@ async fn read_registered(
     (Ok(()), buf)
 }
 
+/// Release the whole clusters of a checked range from the point in time and give the
+/// scratch's space for them back (the module's argument on discard).
+async fn release(shared: &CbwShared, offset: u64, length_bytes: u64, priority: IoPriority) -> Result<()> {
+    let (cluster, size_bytes) = (shared.to_copy.granularity_bytes(), shared.to_copy.size_bytes());
+    let start = offset.div_ceil(cluster) * cluster;
+    // The disk's last cluster may be short: a range reaching the end covers it whole.
+    let end = match offset + length_bytes {
+        end if end == size_bytes => end,
+        end => end / cluster * cluster,
+    };
+    if start >= end {
+        return Ok(());
+    }
+    let Ok(guard) = shared.inflight.register(start, end - start, InflightKind::Copy).await else {
+        return Err(Error::Io { op: "discard", offset, errno: libc::EBUSY });
+    };
+    let saved = saved_runs(shared, start, end);
+    shared.released.set(start, end - start).expect("a checked range is inside the bitmap");
+    shared.to_copy.reset(start, end - start).expect("a checked range is inside the bitmap");
+    drop(guard);
+    if !shared.target.capabilities().discard {
+        return Ok(());
+    }
+    for (at, run_bytes) in saved {
+        shared.target.discard(at, run_bytes, priority).await?;
+    }
+    Ok(())
+}
+
+/// The runs of `[start, end)` whose old data is on the target: saved (clear) and not yet
+/// released; the caller holds their registration. Each run fits one request.
+fn saved_runs(shared: &CbwShared, start: u64, end: u64) -> Vec<(u64, u64)> {
+    let cluster = shared.to_copy.granularity_bytes();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for at in (start..end).step_by(cluster as usize) {
+        let marked = shared.to_copy.get(at).expect("inside the disk");
+        if marked || shared.released.get(at).expect("inside the disk") {
+            continue;
+        }
+        let cluster_bytes = cluster.min(end - at);
+        match runs.last_mut() {
+            Some((run_at, run_bytes)) if *run_at + *run_bytes == at && *run_bytes < MAX_REQUEST_BYTES => {
+                *run_bytes += cluster_bytes
+            }
+            _ => runs.push((at, cluster_bytes)),
+        }
+    }
+    runs
+}
+
 impl BlockDriver for SnapshotView {
     fn name(&self) -> &str {
         &self.name
@@ -96,6 +170,9 @@ impl BlockDriver for SnapshotView {
         }
     }
 
+    /// No discard here although the view has one: a disk over the view is read-only and must
+    /// not advertise it (a mirror or backup target would then be required to discard too).
+    /// The discard is a job's, found through `scratch_discard_bytes`.
     fn capabilities(&self) -> Capabilities {
         Capabilities { read_only: true, fua: false, write_zeroes: false, discard: false, block_status: false }
     }
@@ -122,6 +199,10 @@ impl BlockDriver for SnapshotView {
             let Ok(guard) = shared.inflight.register(start, end - start, InflightKind::Copy).await else {
                 return (Err(Error::Io { op: "read", offset, errno: libc::EBUSY }), buf);
             };
+            // Looked at under the registration: see the module's argument on discard.
+            if let Some(at) = shared.released.next_dirty(start).filter(|&at| at < end) {
+                return (Err(Error::Io { op: "read", offset: at.max(offset), errno: libc::EACCES }), buf);
+            }
             let (result, buf) = read_registered(&shared, &source, offset, buf, priority).await;
             drop(guard);
             // A broken snapshot stops protecting the source: guest writes go through without
@@ -157,8 +238,28 @@ impl BlockDriver for SnapshotView {
         IoFuture::ready(Err(self.refused("write_zeroes")))
     }
 
-    fn discard(&self, _offset: u64, _length_bytes: u64, _priority: IoPriority) -> IoFuture<Result<()>> {
-        IoFuture::ready(Err(self.refused("discard")))
+    fn discard(&self, offset: u64, length_bytes: u64, priority: IoPriority) -> IoFuture<Result<()>> {
+        if !self.scratch {
+            return IoFuture::ready(Err(self.refused("discard")));
+        }
+        let shared = self.shared.clone();
+        IoFuture::boxed(async move {
+            let Some(_discarding) = shared.view_read() else {
+                return Err(Error::Io { op: "discard", offset, errno: libc::ESTALE });
+            };
+            let size_bytes = shared.to_copy.size_bytes();
+            if length_bytes == 0 {
+                return Err(Error::EmptyRequest { offset });
+            }
+            match offset.checked_add(length_bytes) {
+                Some(end) if end <= size_bytes => release(&shared, offset, length_bytes, priority).await,
+                _ => Err(Error::OutOfBounds { offset, length_bytes, size_bytes }),
+            }
+        })
+    }
+
+    fn scratch_discard_bytes(&self) -> Option<u64> {
+        self.scratch.then(|| self.shared.to_copy.granularity_bytes())
     }
 
     fn block_status(&self, offset: u64, length_bytes: u64) -> IoFuture<Result<Extent>> {
