@@ -66,12 +66,15 @@ fn point_in_time(sync: SyncMode, cluster_bytes: u64) {
     let target = open(&s.runtime, &s.target_path);
     let job = start(&s.runtime.handle(), &s.disk, target, config).unwrap();
     let guest = Guest::start(&s.runtime, &s.disk, &s.model, 11);
+    // Paused until the guest has written a good deal during the job, whatever the machine's
+    // speed (copy-before-write keeps working while the copier is paused).
+    job.pause().unwrap();
+    guest.wait_writes(100);
+    job.resume().unwrap();
     wait_null(&job);
-    let writes_during_job = guest.writes();
     guest.wait_writes(20);
     drop(guest.stop());
     assert_eq!(job.error(), None);
-    assert!(writes_during_job > 50, "the guest wrote only {writes_during_job} times during the job");
     assert!(!s.disk.has_filter(), "the filter is off once the job ended");
     let Setup { disk, runtime, target_path, snapshot_path, source_path, .. } = s;
     drop((disk, runtime));
