@@ -269,3 +269,144 @@ fn verify_settings_that_cannot_work_are_refused_by_name() {
     let parsed = VerifyMode::parse("everything").unwrap_err().to_string();
     assert!(parsed.contains("everything"), "{parsed}");
 }
+
+/// Back up a dense 16 MiB source with `config` (no guest) onto a target that may corrupt the
+/// byte at `corrupt_at`; `prepare` may add bitmaps to the disk first. The job's end.
+fn backup_quiet(
+    config: BackupConfig,
+    corrupt_at: Option<u64>,
+    prepare: impl FnOnce(&Disk),
+) -> (JobStatus, Option<String>, tandem::job::JobInfo) {
+    let dir = scratch_dir();
+    let (source_path, target_path, _) = dense_pair(dir.path());
+    let runtime = runtime(BackendChoice::Auto, 2);
+    let disk = Disk::new(open(&runtime, &source_path));
+    prepare(&disk);
+    let target: Arc<dyn BlockDriver> = match corrupt_at {
+        Some(at) => corrupting_target(&runtime, &target_path, at),
+        None => open(&runtime, &target_path),
+    };
+    let job =
+        tandem::job::backup::start(&runtime.handle(), &disk, target, BackupConfig { auto_dismiss: false, ..config })
+            .unwrap();
+    let status = job.wait_for(|s| s.is_finished(), WAIT);
+    (status, job.error(), job.info())
+}
+
+#[test]
+fn backup_verify_of_an_incremental_compares_whole_copied_clusters_beyond_the_bitmaps_chunks() {
+    // The bitmap marks one 64 KiB chunk; the job copies the whole 1 MiB cluster around it, so
+    // a corrupted byte elsewhere in that cluster is on the target and must be caught.
+    let config = BackupConfig {
+        sync: SyncMode::Bitmap,
+        bitmap: Some("b".into()),
+        cluster_bytes: 1 << 20,
+        verify: VerifyMode::Full,
+        ..BackupConfig::default()
+    };
+    let prepare = |disk: &Disk| {
+        let bitmap = tandem::bitmap::DirtyBitmap::new(64 << 10, 16 << 20).unwrap();
+        bitmap.set(0, 64 << 10).unwrap();
+        disk.bitmaps().add("b", bitmap).unwrap();
+    };
+    let (status, error, _) = backup_quiet(config, Some(100 << 10), prepare);
+    assert_eq!(status, JobStatus::Concluded);
+    let error = error.expect("the corrupted byte is in a copied cluster");
+    assert!(error.contains(&format!("at offset {}", 100 << 10)), "{error}");
+}
+
+#[test]
+fn backup_verify_works_with_clusters_larger_than_one_comparison() {
+    let config = BackupConfig {
+        min_cluster_bytes: Some(2 << 20),
+        chunk_bytes_max: 4 << 20,
+        buf_size_bytes: 16 << 20,
+        verify: VerifyMode::Full,
+        ..BackupConfig::default()
+    };
+    let (status, error, info) = backup_quiet(config.clone(), None, |_| {});
+    assert_eq!((status, error), (JobStatus::Concluded, None));
+    assert_eq!(info.verified_bytes, 16 << 20, "every byte, in comparisons of at most 1 MiB");
+    let corrupt_at = (3 << 20) + 5;
+    let (_, error, _) = backup_quiet(config, Some(corrupt_at), |_| {});
+    let error = error.expect("caught");
+    assert!(error.contains(&format!("at offset {corrupt_at}")), "{error}");
+}
+
+#[test]
+fn a_cancel_during_a_backups_verification_cancels_it() {
+    let dir = scratch_dir();
+    let (source_path, target_path, _) = dense_pair(dir.path());
+    let runtime = runtime(BackendChoice::Auto, 2);
+    let disk = Disk::new(open(&runtime, &source_path));
+    // Every target read is slow: the verification takes long enough to be cancelled in.
+    let target = Arc::new(FaultyDriver::new(open(&runtime, &target_path), 1, false));
+    target.add_rule(FaultRule {
+        ops: OpMask::READ,
+        trigger: Trigger::Always,
+        fault: Fault::Delay(std::time::Duration::from_millis(200)),
+        fire_count_max: None,
+    });
+    let config = BackupConfig { verify: VerifyMode::Full, auto_dismiss: false, ..BackupConfig::default() };
+    let job = tandem::job::backup::start(&runtime.handle(), &disk, target, config).unwrap();
+    while job.info().verified_bytes == 0 {
+        assert!(!job.status().is_finished(), "the job ended before it verified: {:?}", job.error());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    job.cancel(false).unwrap();
+    assert_eq!(job.wait_for(|s| s.is_finished(), WAIT), JobStatus::Concluded);
+    assert!(events(&job).iter().any(|e| e.name() == "BLOCK_JOB_CANCELLED"), "cancelled, not completed");
+    assert!(job.info().verified_bytes < 16 << 20, "it stopped comparing");
+    assert!(!disk.has_filter());
+}
+
+#[test]
+fn a_top_mirror_onto_a_target_holding_data_writes_the_sources_holes() {
+    let dir = scratch_dir();
+    let (source_path, target_path) = (dir.path().join("source.img"), dir.path().join("target.img"));
+    sparse_source(&source_path);
+    std::fs::write(&target_path, random_bytes(SPARSE_DISK_BYTES as usize, 77)).unwrap();
+    let runtime = runtime(BackendChoice::Auto, 2);
+    let disk = Disk::new(open(&runtime, &source_path));
+    let config = MirrorConfig { sync: SyncMode::Top, ..MirrorConfig::default() };
+    let job = tandem::job::mirror::start(&runtime.handle(), &disk, open(&runtime, &target_path), config).unwrap();
+    assert_eq!(job.wait_for(|s| s == JobStatus::Ready || s.is_finished(), WAIT), JobStatus::Ready);
+    assert_eq!(job.info().target_is_zero, Some(TargetZero { is_zero: false, detected: true }));
+    job.complete().unwrap();
+    assert_eq!(job.wait_for(|s| s == JobStatus::Null, WAIT), JobStatus::Null);
+    assert_eq!(job.error(), None);
+    drop(disk);
+    drop(runtime);
+    assert!(qemu_img_identical(&source_path, &target_path), "the target's old data is gone");
+}
+
+#[test]
+fn mirror_verify_keeps_comparing_while_the_job_waits_to_be_finalized() {
+    let dir = scratch_dir();
+    let (source_path, target_path, model) = dense_pair(dir.path());
+    let runtime = runtime(BackendChoice::Auto, 2);
+    let disk = Disk::new(open(&runtime, &source_path));
+    let config = MirrorConfig { verify: VerifyMode::Full, auto_finalize: false, ..MirrorConfig::default() };
+    let job = tandem::job::mirror::start(&runtime.handle(), &disk, open(&runtime, &target_path), config).unwrap();
+    let guest = Guest::start(&runtime, &disk, &model, 17);
+    assert_eq!(job.wait_for(|s| s == JobStatus::Ready || s.is_finished(), WAIT), JobStatus::Ready);
+    job.complete().unwrap();
+    assert_eq!(job.wait_for(|s| s == JobStatus::Pending || s.is_finished(), WAIT), JobStatus::Pending);
+    let verified_at_pending = job.info().verified_bytes;
+    guest.wait_writes(200);
+    let deadline = std::time::Instant::now() + WAIT;
+    while job.info().verified_bytes == verified_at_pending {
+        assert!(std::time::Instant::now() < deadline, "nothing compared while pending");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    job.finalize().unwrap();
+    assert_eq!(job.wait_for(|s| s == JobStatus::Null, WAIT), JobStatus::Null);
+    assert_eq!(job.error(), None);
+    guest.wait_writes(20);
+    let model = guest.stop();
+    drop(disk);
+    drop(runtime);
+    let model_path = dir.path().join("model.img");
+    std::fs::write(&model_path, &model).unwrap();
+    assert!(qemu_img_identical(&model_path, &target_path));
+}

@@ -496,7 +496,16 @@ fn run_on(
         }
         return Err(format!("the mirror ended before READY: {}", job.error().unwrap_or_else(|| status.to_string())));
     }
-    let (copied_bytes, ready_len_bytes) = (job.progress().done_bytes, job.progress().total_bytes);
+    let copied_bytes = job.progress().done_bytes;
+    // The len the job reported at READY (QEMU's figure comes from its event too).
+    let ready_len_bytes = job
+        .events()
+        .try_iter()
+        .find_map(|event| match event {
+            tandem::job::JobEvent::Ready { figures, .. } => Some(figures.len),
+            _ => None,
+        })
+        .unwrap_or(job.progress().total_bytes);
     let record = guest.map(guest::Guest::join);
     job.complete().map_err(|e| e.to_string())?;
     let status = job.wait_for(|s| s == JobStatus::Null, JOB_WAIT_MAX);

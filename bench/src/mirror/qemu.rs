@@ -286,6 +286,10 @@ pub fn run_qemu(
         None => None,
     };
     note(format!("QEMU: blockdev-mirror sync={} copy-mode={copy_mode}", args.sync));
+    if args.target_is_zero == "on" {
+        // QEMU 10.1 has target-is-zero; the 10.0 these machines run refuses it.
+        note("note: QEMU's side runs without target-is-zero (QEMU before 10.1 has no such option)".to_string());
+    }
     let (cpu_before, started, started_ms) = (daemon.cpu_s(), Instant::now(), unix_ms());
     let mirror = json!({
         "job-id": "j", "device": "src", "target": "dst", "sync": args.sync, "copy-mode": copy_mode,

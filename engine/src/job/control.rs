@@ -32,6 +32,9 @@ pub struct JobInfo {
     pub fallback: Option<String>,
     /// Bytes compared by the job's verification (`verify`), source side.
     pub verified_bytes: u64,
+    /// Backup: bytes the verification had to pass over because the guest changed them since
+    /// the point in time (their only copy is the target's).
+    pub unverified_bytes: u64,
     /// Backup with `discard_source`: bytes discarded on the source after their copy.
     pub discarded_source_bytes: u64,
 }

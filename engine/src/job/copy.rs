@@ -179,10 +179,11 @@ async fn write_zeroes(
     (Ok(()), buf)
 }
 
-/// Mark what `sync` copies before READY. With `target_zero` (the target reads as zeros
-/// before the job) full and top skip whatever the source reads as zeros too, holes and
+/// Mark what `sync` copies before READY. Where the target reads as zeros before the job
+/// (`target_zero`), full and top skip whatever the source reads as zeros too, holes and
 /// allocated zeros alike: the target already holds them, so the job moves only data and its
-/// total (QMP's `len`) is about the data.
+/// total (QMP's `len`) is about the data. Where it may not, every range is copied, holes as
+/// write_zeroes: top too, which QEMU leaves to the caller's promise of a zeroed target.
 pub(crate) async fn fill_bitmap(
     sync: SyncMode,
     source: &Arc<dyn BlockDriver>,
@@ -193,7 +194,7 @@ pub(crate) async fn fill_bitmap(
     let size_bytes = dirty.size_bytes();
     match sync {
         SyncMode::None => Ok(()),
-        SyncMode::Full if !target_zero => {
+        SyncMode::Full | SyncMode::Top if !target_zero => {
             dirty.set(0, size_bytes).expect("whole disk is in range");
             Ok(())
         }
@@ -207,14 +208,17 @@ pub(crate) async fn fill_bitmap(
         SyncMode::Full | SyncMode::Top => {
             let mut at = 0;
             while at < size_bytes {
-                let extent = source.block_status(at, size_bytes - at).await?;
-                let length = extent.length_bytes.clamp(1, size_bytes - at);
-                let skip = match extent.status {
-                    BlockStatus::Hole => true,
-                    BlockStatus::Zero => target_zero,
-                    BlockStatus::Data => false,
+                let extent = match source.block_status(at, size_bytes - at).await {
+                    Ok(extent) => extent,
+                    // Full needs the map only to skip work: without it, copy the rest.
+                    Err(_) if sync == SyncMode::Full => {
+                        dirty.set(at, size_bytes - at).expect("inside the disk");
+                        return Ok(());
+                    }
+                    Err(error) => return Err(error),
                 };
-                if !skip {
+                let length = extent.length_bytes.clamp(1, size_bytes - at);
+                if extent.status == BlockStatus::Data {
                     dirty.set(at, length).expect("inside the disk");
                 }
                 at += length;

@@ -9,8 +9,10 @@ use crate::priority::IoPriority;
 pub enum SyncMode {
     /// The whole disk.
     Full,
-    /// Only what the source has allocated (by block status); the target must read as zeros
-    /// where the source has holes (a new sparse file does), and stays sparse there.
+    /// Only what the source has allocated (by block status), when the target reads as zeros
+    /// (a new sparse file; the mirror's `target_is_zero`, given or detected): it stays sparse
+    /// where the source has holes. When the target may hold data, the holes are written as
+    /// zeros too. A backup's target is new, so its holes stay holes.
     Top,
     /// Only what the guest writes from now on.
     None,

@@ -21,6 +21,7 @@
 //! the writes in progress are done, and refuses to run on one of the runtime's cores.
 
 mod run;
+mod verify;
 mod view;
 
 pub use view::SnapshotView;

@@ -11,8 +11,7 @@ use crate::error::Error;
 use crate::inflight::InflightKind;
 use crate::job::copy_before_write::CbwShared;
 use crate::job::pace::{Pace, WINDOW as PACE_WINDOW};
-use crate::job::{verify, IoOperation, JobEvent, JobStatus, RateLimit, StopRequest, SyncMode, VerifyMode};
-use crate::priority::IoPriority;
+use crate::job::{IoOperation, JobEvent, JobStatus, RateLimit, StopRequest, SyncMode, VerifyMode};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -361,8 +360,8 @@ impl Runner {
             return Outcome::Failed(format!("flush of the target: {error}"));
         }
         if self.config.verify != VerifyMode::Off {
-            if let Err(message) = self.verify().await {
-                return Outcome::Failed(message);
+            if let Err(end) = self.verify().await {
+                return end;
             }
         }
         core.set_status(JobStatus::Waiting);
@@ -381,73 +380,23 @@ impl Runner {
         }
     }
 
-    /// `verify`: compare the finished target with the point in time. The source still holds it
-    /// wherever no guest request has touched a cluster since (`written_since`); the clusters
-    /// the guest changed were saved by copy-before-write and have no second copy to compare
-    /// with, so they are skipped. sync=bitmap compares only what its marks copied. A
-    /// difference in an untouched cluster fails the job, naming the offset.
-    async fn verify(&mut self) -> Result<(), String> {
-        let (size_bytes, cluster_bytes) = (self.below.size_bytes(), self.config.cluster_bytes);
-        let todo = DirtyBitmap::new(cluster_bytes, size_bytes).map_err(|e| e.to_string())?;
-        let seed =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-        verify::mark_regions(self.config.verify, &todo, seed);
-        let mut bufs = Some(verify::buffers(&self.below, &self.shared.target).map_err(|e| e.to_string())?);
-        let mut at = 0;
-        while let Some((offset, length_bytes)) = self.next_comparable(&todo, at) {
-            let taken = bufs.take().expect("one comparison at a time");
-            let range = (offset, length_bytes);
-            let (result, back) =
-                verify::compare(&self.below, &self.shared.target, range, taken, IoPriority::BACKGROUND).await;
-            bufs = Some(back);
-            self.shared.core.update_info(|info| info.verified_bytes += length_bytes);
-            at = offset + length_bytes;
-            match result? {
-                None => {}
-                // Written while it was compared: from the next cluster on.
-                Some(differs_at) if self.skipped(differs_at) => at = (differs_at / cluster_bytes + 1) * cluster_bytes,
-                Some(differs_at) => {
-                    return Err(format!(
-                        "verify: the target differs from the point in time at offset {differs_at} (disk {})",
-                        self.source.name()
-                    ))
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The next run of clusters at or after `at` that `todo` marks and that still hold the
-    /// point in time on the source, at most one comparison long.
-    fn next_comparable(&self, todo: &DirtyBitmap, at: u64) -> Option<(u64, u64)> {
-        let cluster_bytes = self.config.cluster_bytes;
-        let mut from = at;
+    /// `verify`: compare the finished target with the point in time (the rules are in
+    /// `verify.rs`). A cancel ends it early.
+    async fn verify(&mut self) -> Result<(), Outcome> {
+        let marks = self.moved.as_ref().filter(|moved| !moved.fallback).map(|moved| &moved.marks);
+        let checker = super::verify::Checker::new(&self.shared, &self.below, marks, self.config.cluster_bytes);
+        let failed = |message: String| Outcome::Failed(message);
+        let mut run = checker.start(self.config.verify).map_err(failed)?;
         loop {
-            let (offset, length_bytes) = todo.next_dirty_area(from, verify::RUN_BYTES_MAX)?;
-            let end = offset + length_bytes;
-            let mut start = offset;
-            while start < end && self.skipped(start) {
-                start += cluster_bytes;
+            if let Some(StopRequest::Cancel { .. }) = self.shared.core.stop_request() {
+                return Err(Outcome::Cancelled);
             }
-            let mut stop = start;
-            while stop < end && !self.skipped(stop) {
-                stop += cluster_bytes;
+            match checker.step(&mut run).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(message) => return Err(failed(format!("{message} (disk {})", self.source.name()))),
             }
-            if start < end {
-                return Some((start, stop.min(end) - start));
-            }
-            from = end;
         }
-    }
-
-    /// Whether the cluster holding `offset` cannot be compared: the guest wrote it since the
-    /// point in time, or (sync=bitmap) the job did not copy it.
-    fn skipped(&self, offset: u64) -> bool {
-        let written = self.shared.written_since.get().expect("verify on: the job tracks writes");
-        // A fallback copied everything; its old marks are not what it copied.
-        let not_copied =
-            self.moved.as_ref().is_some_and(|moved| !moved.fallback && !moved.marks.get(offset).unwrap_or(false));
-        written.get(offset).unwrap_or(true) || not_copied
     }
 
     /// Take the filter off once the snapshot views' reads and the guest writes in progress

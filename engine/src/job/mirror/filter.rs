@@ -361,8 +361,9 @@ impl MirrorFilter {
                 CopyMode::Background | CopyMode::Auto => background(&shared, &below, request).await,
             };
             shared.guest_latency.record(started.elapsed());
-            if shared.verifying.load(Ordering::Acquire) && discard {
-                // A discard leaves each side's contents to its device: copy to make them equal.
+            if discard && shared.verify_mode != VerifyMode::Off {
+                // A discard leaves each side's contents to its device: copy to make them equal
+                // for the comparison to come (the copier's write reads back as the source).
                 shared.mark_dirty(offset, length_bytes);
             }
             shared.verify_mark(offset, length_bytes);

@@ -570,6 +570,13 @@ impl Runner {
             self.pace_tick();
             self.start_copies(true).await;
             self.update_progress();
+            // What changes while the job waits to be finalized is compared now, not with the
+            // guest held.
+            if let Some(verifier) = &mut self.verifier {
+                if let Err(message) = verifier.step(&self.shared).await {
+                    return Outcome::Failed(message);
+                }
+            }
             core.signal.wait_until(generation, Instant::now() + IDLE_WAIT).await;
         }
         self.converge(switch_over).await
@@ -636,6 +643,10 @@ impl Runner {
                 Some(StopRequest::Cancel { force: true }) => return Some(Outcome::Cancelled),
                 Some(StopRequest::Cancel { force: false }) => return Some(self.converge(false).await),
                 _ => {}
+            }
+            if self.shared.core.pause_requested() {
+                self.pause().await; // the verifier stops with the copier
+                continue;
             }
             self.pace_tick();
             self.start_copies(true).await;
