@@ -7,10 +7,12 @@
 //! The daemon is thin: option parsing ([`options`], [`keyval`]), a catalog of nodes
 //! ([`nodes`]) and calls into `tandem-nbd` and the engine.
 
+mod commands;
 pub mod keyval;
 pub mod nodes;
 pub mod options;
 mod pidfile;
+pub mod qmp;
 mod signals;
 
 use clap::Parser;
@@ -98,12 +100,13 @@ pub fn run(args: Args) -> Result<(), String> {
         Some(spec) => Some(start_server(&runtime, spec, &plan.exports, &catalog)?),
         None => None,
     };
+    let daemon = commands::Daemon::new(runtime.handle(), catalog);
+    if let Some(server) = server {
+        daemon.adopt_server(server, &plan.exports);
+    }
     let pidfile = pidfile.map(|p| p.write()).transpose()?;
     signals::wait_for_termination();
-    if let Some(server) = server {
-        server.shutdown();
-    }
-    flush_all(&catalog);
+    daemon.shutdown();
     drop(pidfile);
     Ok(())
 }
@@ -121,27 +124,7 @@ fn export_options(
     exports
         .iter()
         .map(|export| {
-            let bad = |message: String| format!("--export id={}: {message}", export.id);
-            let node = catalog.get(&export.node_name).map_err(|e| bad(e.to_string()))?;
-            if export.writable && node.read_only {
-                return Err(bad(format!("writable=on, but node '{}' is read-only", export.node_name)));
-            }
-            if let Some(bitmap) = export.bitmaps.iter().find(|b| node.disk.bitmaps().get(b).is_err()) {
-                // Bitmaps are created over QMP (block-dirty-bitmap-add), which tandemd does not
-                // have yet; the library exports them today.
-                return Err(bad(format!("bitmaps: node '{}' has no bitmap '{bitmap}' (tandemd cannot create bitmaps before its QMP monitor exists)", export.node_name)));
-            }
-            let mut options = ExportOptions::new(&export.name);
-            options.description = export.description.clone();
-            options.writable = export.writable;
-            options.bitmaps = export.bitmaps.clone();
-            options.writethrough = export.writethrough;
-            options.unmap = node.unmap;
-            if let Some(multi_conn) = export.multi_conn {
-                options.multi_conn = multi_conn;
-            }
-            tandem_nbd::Export::new(node.disk.clone(), options.clone()).map_err(|e| bad(e.to_string()))?;
-            Ok((node.disk.clone(), options))
+            commands::export_options(export, catalog).map_err(|message| format!("--export id={}: {message}", export.id))
         })
         .collect()
 }
@@ -170,7 +153,7 @@ fn start_server(
 }
 
 /// Make every acknowledged write durable before exit.
-fn flush_all(catalog: &Catalog) {
+pub(crate) fn flush_all(catalog: &Catalog) {
     for (name, node) in catalog.iter().filter(|(_, node)| !node.read_only) {
         if let Err(e) = node.disk.flush_blocking(IoPriority::GUEST) {
             tandem::log::line(&format!("flush of node {name} failed at exit: {e}"));

@@ -19,6 +19,8 @@ pub enum NodeError {
     Open { name: String, source: tandem::Error },
     #[error("node '{name}' not found")]
     NotFound { name: String },
+    #[error("node '{name}' is in use by {user}")]
+    InUse { name: String, user: String },
 }
 
 /// One node: the disk guests and exports use, and how it was opened.
@@ -28,6 +30,10 @@ pub struct Node {
     pub read_only: bool,
     /// Trims and zeroing may deallocate (`discard=unmap`).
     pub unmap: bool,
+    /// What it was opened on: the file's path (file), the node below (raw).
+    pub file: Option<String>,
+    /// Opened with O_DIRECT (`cache.direct=on`).
+    pub direct: bool,
 }
 
 #[derive(Default)]
@@ -47,7 +53,14 @@ impl Catalog {
             DriverSpec::File { filename, direct } => {
                 let options = FileOptions { read_only: spec.read_only, buffered: !direct, ..FileOptions::default() };
                 let driver = FileDriver::open(runtime, filename, &options).map_err(open_error)?;
-                Node { disk: Disk::new(Arc::new(driver)), driver: "file", read_only: spec.read_only, unmap: spec.unmap }
+                Node {
+                    disk: Disk::new(Arc::new(driver)),
+                    driver: "file",
+                    read_only: spec.read_only,
+                    unmap: spec.unmap,
+                    file: Some(filename.display().to_string()),
+                    direct: *direct,
+                }
             }
             DriverSpec::Raw { file } => {
                 let below = self
@@ -61,6 +74,8 @@ impl Catalog {
                     driver: "raw",
                     read_only: spec.read_only || below.read_only,
                     unmap: spec.unmap && below.unmap,
+                    file: Some(file.clone()),
+                    direct: below.direct,
                 }
             }
             DriverSpec::NullCo { size_bytes } => Node {
@@ -68,6 +83,8 @@ impl Catalog {
                 driver: "null-co",
                 read_only: spec.read_only,
                 unmap: spec.unmap,
+                file: None,
+                direct: false,
             },
         };
         Ok(self.nodes.entry(name).or_insert(node))
@@ -79,5 +96,18 @@ impl Catalog {
 
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Node)> {
         self.nodes.iter()
+    }
+
+    /// Remove `name`, refused while a node above it (raw) names it. What else uses it (an
+    /// export, a job) the caller checks first.
+    pub fn remove(&mut self, name: &str) -> Result<Node, NodeError> {
+        if !self.nodes.contains_key(name) {
+            return Err(NodeError::NotFound { name: name.to_string() });
+        }
+        let above = self.nodes.iter().find(|(_, node)| node.driver == "raw" && node.file.as_deref() == Some(name));
+        if let Some((user, _)) = above {
+            return Err(NodeError::InUse { name: name.to_string(), user: format!("node '{user}'") });
+        }
+        Ok(self.nodes.remove(name).expect("checked above"))
     }
 }

@@ -35,6 +35,11 @@ impl Fields {
         Ok(Fields { option, map })
     }
 
+    /// A QMP command's arguments: the same tree, already JSON.
+    fn from_map(option: &'static str, map: Map<String, Value>) -> Fields {
+        Fields { option, map }
+    }
+
     fn bad(&self, key: &str, value: &Value, reason: impl Into<String>) -> OptionError {
         let value = match value {
             Value::String(s) => s.clone(),
@@ -145,7 +150,15 @@ fn node_name(fields: &Fields, key: &str, name: String) -> Result<String, OptionE
 }
 
 pub fn parse_blockdev(text: &str) -> Result<BlockdevSpec, OptionError> {
-    let mut f = Fields::parse("blockdev", text)?;
+    blockdev(Fields::parse("blockdev", text)?)
+}
+
+/// QMP's `blockdev-add`: the same options as `--blockdev`, as JSON.
+pub fn blockdev_from_map(arguments: Map<String, Value>) -> Result<BlockdevSpec, OptionError> {
+    blockdev(Fields::from_map("blockdev-add", arguments))
+}
+
+fn blockdev(mut f: Fields) -> Result<BlockdevSpec, OptionError> {
     let driver = f.required("driver")?;
     let name = f.required("node-name")?;
     let node_name = node_name(&f, "node-name", name)?;
@@ -200,7 +213,21 @@ pub struct NbdServerSpec {
 }
 
 pub fn parse_nbd_server(text: &str) -> Result<NbdServerSpec, OptionError> {
-    let mut f = Fields::parse("nbd-server", text)?;
+    nbd_server(Fields::parse("nbd-server", text)?)
+}
+
+/// QMP's `nbd-server-start`, whose `addr` is QEMU's legacy form (`{"type": "unix", "data":
+/// {"path": ...}}`); the flat form of `--nbd-server` is taken too.
+pub fn nbd_server_from_map(mut arguments: Map<String, Value>) -> Result<NbdServerSpec, OptionError> {
+    if let Some(Value::Object(addr)) = arguments.get_mut("addr") {
+        if let Some(Value::Object(data)) = addr.remove("data") {
+            addr.extend(data);
+        }
+    }
+    nbd_server(Fields::from_map("nbd-server-start", arguments))
+}
+
+fn nbd_server(mut f: Fields) -> Result<NbdServerSpec, OptionError> {
     let mut addr = f.object("addr")?.ok_or(OptionError::Missing { option: "nbd-server", key: "addr".into() })?;
     let kind =
         addr.required("type").map_err(|_| OptionError::Missing { option: "nbd-server", key: "addr.type".into() })?;
@@ -249,7 +276,15 @@ pub struct ExportSpec {
 }
 
 pub fn parse_export(text: &str) -> Result<ExportSpec, OptionError> {
-    let mut f = Fields::parse("export", text)?;
+    export(Fields::parse("export", text)?)
+}
+
+/// QMP's `block-export-add`: the same options as `--export`, as JSON.
+pub fn export_from_map(arguments: Map<String, Value>) -> Result<ExportSpec, OptionError> {
+    export(Fields::from_map("block-export-add", arguments))
+}
+
+fn export(mut f: Fields) -> Result<ExportSpec, OptionError> {
     let kind = f.required("type")?;
     if kind != "nbd" {
         return Err(f.bad("type", &Value::String(kind), "only type=nbd is supported"));

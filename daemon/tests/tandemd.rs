@@ -178,7 +178,7 @@ fn exports_are_checked_against_the_nodes_before_the_socket_is_bound() {
     args[1] += ",read-only=on";
     let cases = [
         ("type=nbd,id=e,node-name=r,writable=on", "read-only"),
-        ("type=nbd,id=e,node-name=r,bitmaps.0=b0", "no bitmap 'b0'"),
+        ("type=nbd,id=e,node-name=r,bitmaps.0=b0", "Bitmap 'b0' is not found on node 'r'"),
         ("type=nbd,id=e,node-name=nosuch", "node 'nosuch' not found"),
     ];
     for (export, expected) in cases {

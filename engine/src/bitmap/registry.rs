@@ -105,6 +105,11 @@ impl BitmapRegistry {
         Ok(named.bitmap.clone())
     }
 
+    /// Whether a job holds `name` (QMP's `busy`); false for an unknown name.
+    pub fn is_leased(&self, name: &str) -> bool {
+        self.inner.bitmaps.read().iter().any(|n| n.name == name && n.owner.is_some())
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.inner.bitmaps.read().iter().map(|n| n.name.clone()).collect()
     }

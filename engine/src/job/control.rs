@@ -339,6 +339,21 @@ impl Job {
         self.core.actively_synced()
     }
 
+    /// The speed limit in bytes/s (0: none).
+    pub fn speed_bytes_per_s(&self) -> u64 {
+        self.core.speed_bytes_per_s()
+    }
+
+    /// Whether the job leaves `pending` by itself.
+    pub fn auto_finalize(&self) -> bool {
+        self.core.control.lock().auto_finalize
+    }
+
+    /// Whether the job goes from `concluded` to `null` by itself.
+    pub fn auto_dismiss(&self) -> bool {
+        self.core.auto_dismiss()
+    }
+
     /// What the job has learnt or done beyond its progress (see [`JobInfo`]).
     pub fn info(&self) -> JobInfo {
         self.core.info()

@@ -1,0 +1,152 @@
+//! The daemon's QMP commands, with QEMU's names, arguments and error texts (qapi/block-core.json,
+//! job.json, block-export.json): [`Daemon`] owns the catalog of nodes, the NBD server and its
+//! exports, and the jobs, and carries out each command on them. The QMP monitor (`qmp`) parses
+//! and answers; this module decides. Parts: `args` reads arguments, `nodes` the node and export
+//! commands, `jobs` the job commands and the events they send, `bitmaps` the dirty bitmaps.
+//!
+//! One lock (`state`) guards the catalog, the server, the exports and the jobs: commands are
+//! rare and short, and a command that waits (a backup's start drains the disk) holds it, so
+//! no other command sees a half-made change. Event forwarding takes it only to forget a
+//! dismissed job, never while it sends.
+
+mod args;
+mod bitmaps;
+mod jobs;
+mod nodes;
+
+use crate::nodes::Catalog;
+use crate::qmp::{Commands, EventSender, QmpError};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use tandem::reactor::RuntimeHandle;
+
+pub(crate) use args::Arguments;
+pub(crate) use nodes::export_options;
+
+/// What the daemon runs: nodes, the NBD server, exports, jobs.
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) catalog: Catalog,
+    pub(crate) server: Option<nodes::ServerRecord>,
+    pub(crate) exports: BTreeMap<String, nodes::ExportRecord>,
+    pub(crate) jobs: BTreeMap<String, jobs::JobRecord>,
+}
+
+/// The daemon's command handler (see the module doc).
+pub(crate) struct Daemon {
+    runtime: RuntimeHandle,
+    state: Arc<Mutex<State>>,
+    /// Set once the monitor runs; before that events have nobody to go to.
+    events: OnceLock<EventSender>,
+}
+
+type Handler = fn(&Daemon, Arguments) -> Result<Value, QmpError>;
+
+/// Every command `execute` knows, in `query-commands` order.
+const COMMANDS: &[(&str, Handler)] = &[
+    ("query-version", nodes::query_version),
+    ("query-named-block-nodes", nodes::query_named_block_nodes),
+    ("blockdev-add", nodes::blockdev_add),
+    ("blockdev-del", nodes::blockdev_del),
+    ("nbd-server-start", nodes::nbd_server_start),
+    ("nbd-server-stop", nodes::nbd_server_stop),
+    ("block-export-add", nodes::block_export_add),
+    ("block-export-del", nodes::block_export_del),
+    ("query-block-exports", nodes::query_block_exports),
+    ("blockdev-mirror", jobs::blockdev_mirror),
+    ("blockdev-backup", jobs::blockdev_backup),
+    ("query-block-jobs", jobs::query_block_jobs),
+    ("query-jobs", jobs::query_jobs),
+    ("job-pause", jobs::job_pause),
+    ("job-resume", jobs::job_resume),
+    ("job-cancel", jobs::job_cancel),
+    ("job-complete", jobs::job_complete),
+    ("job-finalize", jobs::job_finalize),
+    ("job-dismiss", jobs::job_dismiss),
+    ("block-job-pause", jobs::block_job_pause),
+    ("block-job-resume", jobs::block_job_resume),
+    ("block-job-cancel", jobs::block_job_cancel),
+    ("block-job-complete", jobs::block_job_complete),
+    ("block-job-finalize", jobs::job_finalize),
+    ("block-job-dismiss", jobs::job_dismiss),
+    ("block-job-set-speed", jobs::block_job_set_speed),
+    ("block-job-change", jobs::block_job_change),
+    ("block-dirty-bitmap-add", bitmaps::add),
+    ("block-dirty-bitmap-remove", bitmaps::remove),
+    ("block-dirty-bitmap-clear", bitmaps::clear),
+    ("block-dirty-bitmap-enable", bitmaps::enable),
+    ("block-dirty-bitmap-disable", bitmaps::disable),
+    ("block-dirty-bitmap-merge", bitmaps::merge),
+];
+
+impl Daemon {
+    /// A daemon over `catalog` (the `--blockdev` nodes), with no server and no jobs yet.
+    pub(crate) fn new(runtime: RuntimeHandle, catalog: Catalog) -> Daemon {
+        let state = State { catalog, ..State::default() };
+        Daemon { runtime, state: Arc::new(Mutex::new(state)), events: OnceLock::new() }
+    }
+
+    /// The NBD server the command line started, with its exports, so QMP sees and manages
+    /// them as its own.
+    pub(crate) fn adopt_server(&self, server: tandem_nbd::Server, exports: &[crate::options::ExportSpec]) {
+        let mut state = self.state();
+        for export in exports {
+            let record = nodes::ExportRecord { node_name: export.node_name.clone(), name: export.name.clone() };
+            state.exports.insert(export.id.clone(), record);
+        }
+        state.server = Some(nodes::ServerRecord { server });
+    }
+
+    /// Where events go from now on (the monitor's sender).
+    #[allow(dead_code)] // until `--monitor` starts the QMP monitor (next commit)
+    pub fn set_events(&self, events: EventSender) {
+        let _ = self.events.set(events);
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        // A handler that panicked while holding the lock left the state as it was at the
+        // panic; every change is made whole or not at all, so going on is sound.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn emit(&self, name: &str, data: Value) {
+        if let Some(events) = self.events.get() {
+            events.emit(name, data);
+        }
+    }
+
+    pub(crate) fn runtime(&self) -> &RuntimeHandle {
+        &self.runtime
+    }
+
+    /// The NBD server's exports and jobs end, writable nodes are flushed: the clean stop of
+    /// SIGTERM. Jobs are cancelled by their rules (a ready mirror finishes consistent).
+    pub fn shutdown(&self) {
+        jobs::cancel_all(self);
+        let server = self.state().server.take();
+        if let Some(server) = server {
+            server.server.shutdown();
+        }
+        crate::flush_all(&self.state().catalog);
+    }
+}
+
+impl Commands for Daemon {
+    fn execute(&self, name: &str, arguments: Map<String, Value>) -> Result<Value, QmpError> {
+        match COMMANDS.iter().find(|(command, _)| *command == name) {
+            Some((_, handler)) => handler(self, Arguments::new(arguments)),
+            None => Err(QmpError {
+                class: crate::qmp::ErrorClass::CommandNotFound,
+                desc: format!("The command {name} has not been found"),
+            }),
+        }
+    }
+
+    fn names(&self) -> Vec<&'static str> {
+        COMMANDS.iter().map(|(name, _)| *name).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

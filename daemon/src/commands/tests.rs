@@ -1,0 +1,190 @@
+//! The commands through `Commands::execute`, as the monitor calls them, on real files with
+//! O_DIRECT: nodes, the NBD server and exports, bitmaps, a mirror and a backup driven only by
+//! commands, and QEMU's error texts for bad arguments (each changing nothing).
+
+use super::Daemon;
+use crate::nodes::Catalog;
+use crate::qmp::{Commands, ErrorClass};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tandem::reactor::{Config, Runtime};
+
+const DISK_BYTES: usize = 8 << 20;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    _runtime: Runtime,
+    daemon: Daemon,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let base = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/tmp"));
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = tempfile::Builder::new().prefix("qmp-commands-").tempdir_in(&base).unwrap();
+        let runtime = Runtime::new(Config { cores: 2, pin: false, ..Config::default() }).unwrap();
+        let daemon = Daemon::new(runtime.handle(), Catalog::default());
+        Fixture { dir, _runtime: runtime, daemon }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn run(&self, name: &str, arguments: Value) -> Result<Value, crate::qmp::QmpError> {
+        self.daemon.execute(name, arguments.as_object().expect("arguments are an object").clone())
+    }
+
+    fn ok(&self, name: &str, arguments: Value) -> Value {
+        self.run(name, arguments).unwrap_or_else(|e| panic!("{name}: {}", e.desc))
+    }
+
+    fn error(&self, name: &str, arguments: Value) -> String {
+        self.run(name, arguments).expect_err(name).desc
+    }
+
+    /// A file node over a new file of `fill` bytes, and a raw node over it.
+    fn file_node(&self, name: &str, fill: u8) -> PathBuf {
+        let path = self.path(&format!("{name}.img"));
+        std::fs::write(&path, vec![fill; DISK_BYTES]).unwrap();
+        let file = format!("{name}-file");
+        self.ok(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": file, "filename": path, "cache": {"direct": true}}),
+        );
+        self.ok("blockdev-add", json!({"driver": "raw", "node-name": name, "file": file}));
+        path
+    }
+
+    fn wait_job(&self, id: &str, status: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let jobs = self.ok("query-jobs", json!({}));
+            let found = jobs.as_array().unwrap().iter().find(|j| j["id"] == id).cloned();
+            match found {
+                Some(job) if job["status"] == status => return,
+                None if status == "null" => return,
+                other => assert!(Instant::now() < deadline, "job {id} never became {status}: {other:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn identical(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+#[test]
+fn nodes_are_added_listed_and_deleted_and_busy_ones_are_kept() {
+    let f = Fixture::new();
+    f.file_node("disk", 1);
+    let nodes = f.ok("query-named-block-nodes", json!({}));
+    let names: Vec<&str> = nodes.as_array().unwrap().iter().map(|n| n["node-name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["disk", "disk-file"]);
+    assert_eq!(nodes[0]["image"]["virtual-size"], DISK_BYTES as u64);
+    let busy = f.error("blockdev-del", json!({"node-name": "disk-file"}));
+    assert!(busy.contains("node 'disk'"), "a raw node sits on it: {busy}");
+    f.ok("blockdev-del", json!({"node-name": "disk"}));
+    f.ok("blockdev-del", json!({"node-name": "disk-file"}));
+    assert_eq!(f.ok("query-named-block-nodes", json!({})), json!([]));
+    let missing = f.error("blockdev-del", json!({"node-name": "disk"}));
+    assert_eq!(missing, "Failed to find node with node-name='disk'");
+}
+
+#[test]
+fn bad_arguments_get_qemus_texts_and_change_nothing() {
+    let f = Fixture::new();
+    let path = f.path("missing.img");
+    let open = f.error("blockdev-add", json!({"driver": "file", "node-name": "f", "filename": path}));
+    assert!(open.contains("missing.img"), "{open}");
+    let driver = f.error("blockdev-add", json!({"driver": "qcow3", "node-name": "q"}));
+    assert!(driver.starts_with("Parameter 'driver' = 'qcow3'"), "{driver}");
+    f.file_node("disk", 0);
+    let unknown = f.error("blockdev-mirror", json!({"device": "disk", "target": "nowhere", "sync": "full"}));
+    assert_eq!(unknown, "Cannot find device='nowhere' nor node-name='nowhere'");
+    let sync = f.error("blockdev-mirror", json!({"device": "disk", "target": "disk", "sync": "most"}));
+    assert_eq!(sync, "Parameter 'sync' does not accept value 'most'");
+    let typed = f.error("blockdev-backup", json!({"device": "disk", "target": "disk", "sync": "full", "speed": "1"}));
+    assert_eq!(typed, "Invalid parameter type for 'speed', expected: integer");
+    let extra = f.error("query-jobs", json!({"all": true}));
+    assert_eq!(extra, "Parameter 'all' is unexpected");
+    let compress =
+        f.error("blockdev-backup", json!({"device": "disk", "target": "disk", "sync": "full", "compress": true}));
+    assert!(compress.contains("'compress' is not supported"), "{compress}");
+    let no_job = f.run("block-job-pause", json!({"device": "disk"})).unwrap_err();
+    assert_eq!(
+        (no_job.class, no_job.desc.as_str()),
+        (ErrorClass::DeviceNotActive, "No active block job on device 'disk'")
+    );
+    let nothing = f.run("no-such-command", json!({})).unwrap_err();
+    assert_eq!(nothing.class, ErrorClass::CommandNotFound);
+    assert_eq!(f.ok("query-jobs", json!({})), json!([]), "no job was started");
+    assert_eq!(f.ok("query-named-block-nodes", json!({})).as_array().unwrap().len(), 2, "no node was added");
+}
+
+#[test]
+fn a_mirror_driven_by_commands_reaches_ready_changes_mode_and_completes() {
+    let f = Fixture::new();
+    let source = f.file_node("src", 7);
+    let target = f.file_node("dst", 0);
+    let mirror = json!({"job-id": "m", "device": "src", "target": "dst", "sync": "full", "auto-dismiss": false});
+    f.ok("blockdev-mirror", mirror);
+    f.wait_job("m", "ready");
+    let jobs = f.ok("query-block-jobs", json!({}));
+    assert_eq!((jobs[0]["device"].as_str(), jobs[0]["ready"].as_bool()), (Some("m"), Some(true)));
+    f.ok("block-job-change", json!({"id": "m", "type": "mirror", "copy-mode": "write-blocking"}));
+    let busy = f.error("blockdev-del", json!({"node-name": "dst"}));
+    assert!(busy.contains("block job 'm'"), "{busy}");
+    f.ok("job-complete", json!({"id": "m"}));
+    f.wait_job("m", "concluded");
+    f.ok("job-dismiss", json!({"id": "m"}));
+    f.wait_job("m", "null");
+    assert!(identical(&source, &target));
+}
+
+#[test]
+fn a_backup_with_a_bitmap_driven_by_commands_copies_what_it_marks() {
+    let f = Fixture::new();
+    let source = f.file_node("src", 3);
+    let full = f.file_node("full", 0);
+    f.ok("block-dirty-bitmap-add", json!({"node": "src", "name": "b0"}));
+    f.ok("blockdev-backup", json!({"job-id": "b", "device": "src", "target": "full", "sync": "full"}));
+    f.wait_job("b", "null");
+    assert!(identical(&source, &full));
+    let nodes = f.ok("query-named-block-nodes", json!({}));
+    let src = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "src").unwrap().clone();
+    assert_eq!(src["dirty-bitmaps"][0]["name"], "b0");
+    assert_eq!(src["dirty-bitmaps"][0]["count"], 0, "nothing written since");
+    let busy = f.error("block-dirty-bitmap-add", json!({"node": "src", "name": "b0"}));
+    assert!(busy.contains("b0"), "{busy}");
+    f.ok("block-dirty-bitmap-disable", json!({"node": "src", "name": "b0"}));
+    f.ok("block-dirty-bitmap-add", json!({"node": "src", "name": "b1"}));
+    f.ok("block-dirty-bitmap-merge", json!({"node": "src", "target": "b1", "bitmaps": ["b0"]}));
+    f.ok("block-dirty-bitmap-remove", json!({"node": "src", "name": "b0"}));
+    let gone = f.error("block-dirty-bitmap-clear", json!({"node": "src", "name": "b0"}));
+    assert!(gone.contains("b0"), "{gone}");
+}
+
+#[test]
+fn the_nbd_server_and_exports_come_and_go_by_command() {
+    let f = Fixture::new();
+    f.file_node("disk", 5);
+    let socket = f.path("nbd.sock");
+    let no_server = f.error("block-export-add", json!({"type": "nbd", "id": "e", "node-name": "disk"}));
+    assert_eq!(no_server, "NBD server not running");
+    f.ok("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": socket}}}));
+    assert!(socket.exists());
+    let again = f.error("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": socket}}}));
+    assert_eq!(again, "NBD server already running");
+    f.ok("block-export-add", json!({"type": "nbd", "id": "e", "node-name": "disk", "writable": true}));
+    let exports = f.ok("query-block-exports", json!({}));
+    assert_eq!(exports, json!([{"id": "e", "type": "nbd", "node-name": "disk", "shutting-down": false}]));
+    let busy = f.error("blockdev-del", json!({"node-name": "disk"}));
+    assert!(busy.contains("export 'e'"), "{busy}");
+    f.ok("block-export-del", json!({"id": "e"}));
+    assert_eq!(f.ok("query-block-exports", json!({})), json!([]));
+    f.ok("nbd-server-stop", json!({}));
+    assert!(!socket.exists(), "the server removes the socket it made");
+}
