@@ -306,6 +306,73 @@ fn export(mut f: Fields) -> Result<ExportSpec, OptionError> {
     Ok(ExportSpec { id, node_name, name, description, writable, bitmaps, multi_conn, writethrough })
 }
 
+/// `--chardev socket,id=ID,path=PATH,server=on,wait=off`: where a QMP monitor listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChardevSpec {
+    pub id: String,
+    pub path: PathBuf,
+}
+
+/// QSD's `--chardev` takes the backend as its first, unnamed value (`socket,id=...`), which
+/// keyval reads as `socket=` with no value... so the backend is split off first.
+pub fn parse_chardev(text: &str) -> Result<ChardevSpec, OptionError> {
+    let (backend, rest) = match text.trim_start().starts_with('{') {
+        true => ("", text),
+        false => text.split_once(',').unwrap_or((text, "")),
+    };
+    let mut f = Fields::parse("chardev", rest)?;
+    let backend = match backend {
+        "" => f.required("backend")?,
+        named => named.to_string(),
+    };
+    if backend != "socket" {
+        return Err(f.bad("backend", &Value::String(backend), "only a socket chardev (a QMP monitor) is supported"));
+    }
+    let id = f.required("id")?;
+    let path = PathBuf::from(f.required("path")?);
+    if f.bool("server")? == Some(false) {
+        return Err(f.bad("server", &Value::String("off".into()), "the monitor listens: server=on"));
+    }
+    if f.bool("wait")? == Some(true) {
+        return Err(f.bad("wait", &Value::String("on".into()), "the daemon does not wait for a client: wait=off"));
+    }
+    f.finish("", "a Unix socket path is the only address tandemd's monitor takes")?;
+    Ok(ChardevSpec { id, path })
+}
+
+/// `--monitor chardev=ID[,mode=control]`.
+pub fn parse_monitor(text: &str) -> Result<String, OptionError> {
+    let mut f = Fields::parse("monitor", text)?;
+    let chardev = f.required("chardev")?;
+    if let Some(mode) = f.string("mode")?.filter(|mode| mode != "control") {
+        return Err(f.bad("mode", &Value::String(mode), "only mode=control (QMP) is supported"));
+    }
+    let _pretty = f.bool("pretty")?; // replies are one line each either way
+    f.finish("", "")?;
+    Ok(chardev)
+}
+
+/// `--object TYPE,id=...`: QSD scripts declare iothreads for exports; Tandem's cores serve
+/// every export already, so an iothread is accepted and has nothing to do. Anything else is
+/// refused by name.
+pub fn parse_object(text: &str) -> Result<String, OptionError> {
+    let (kind, rest) = text.split_once(',').unwrap_or((text, ""));
+    let mut f = Fields::parse("object", rest)?;
+    let id = f.required("id")?;
+    match kind {
+        "iothread" => {
+            for key in
+                ["poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch", "thread-pool-min", "thread-pool-max"]
+            {
+                let _ = f.map.remove(key);
+            }
+            f.finish("", "")?;
+            Ok(id)
+        }
+        other => Err(f.bad("qom-type", &Value::String(other.into()), "only iothread objects are supported")),
+    }
+}
+
 /// `bitmaps` as a JSON array, or keyval's `bitmaps.0=a,bitmaps.1=b`.
 fn bitmap_list(f: &mut Fields) -> Result<Vec<String>, OptionError> {
     match f.map.remove("bitmaps") {
@@ -350,6 +417,21 @@ mod tests {
         assert_eq!((export.name.as_str(), export.writable, export.bitmaps), ("", true, vec!["b0".to_string()]));
         let json = parse_export(r#"{"type":"nbd","id":"e","node-name":"r","bitmaps":["a","b"]}"#).unwrap();
         assert_eq!((json.name.as_str(), json.bitmaps.len()), ("r", 2));
+    }
+
+    #[test]
+    fn monitor_options_parse_and_bad_ones_are_named() {
+        let chardev = parse_chardev("socket,id=qmp,path=/run/qmp.sock,server=on,wait=off").unwrap();
+        assert_eq!(chardev, ChardevSpec { id: "qmp".into(), path: "/run/qmp.sock".into() });
+        assert_eq!(parse_monitor("chardev=qmp").unwrap(), "qmp");
+        assert_eq!(parse_monitor("chardev=qmp,mode=control").unwrap(), "qmp");
+        assert_eq!(parse_object("iothread,id=io0").unwrap(), "io0");
+        let err = |r: Result<ChardevSpec, OptionError>| r.unwrap_err().to_string();
+        assert!(err(parse_chardev("stdio,id=c")).contains("'backend' = 'stdio'"));
+        assert!(err(parse_chardev("socket,id=c,path=/s,wait=on")).contains("'wait' = 'on'"));
+        assert!(err(parse_chardev("socket,id=c,path=/s,host=h")).contains("'host' is unexpected"));
+        assert!(parse_monitor("chardev=c,mode=readline").unwrap_err().to_string().contains("'mode' = 'readline'"));
+        assert!(parse_object("secret,id=s,data=x").unwrap_err().to_string().contains("'qom-type' = 'secret'"));
     }
 
     #[test]

@@ -49,10 +49,10 @@ fn on_error(args: &mut Arguments, key: &str) -> Result<ErrorPolicy, QmpError> {
 }
 
 /// The common part of both jobs' arguments: ids, nodes, and the source and target drivers.
-struct Common {
-    id: String,
-    device: String,
-    target: String,
+pub(super) struct Common {
+    pub(super) id: String,
+    pub(super) device: String,
+    pub(super) target: String,
 }
 
 fn common(args: &mut Arguments) -> Result<Common, QmpError> {
@@ -124,7 +124,19 @@ fn verify(args: &mut Arguments) -> Result<VerifyMode, QmpError> {
     VerifyMode::parse(args.choice("verify", VERIFY)?.unwrap_or("off")).map_err(job_error)
 }
 
-pub(super) fn blockdev_backup(daemon: &Daemon, mut args: Arguments) -> Result<Value, QmpError> {
+pub(super) fn blockdev_backup(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
+    let (common, config) = backup_plan(args)?;
+    start_backup(daemon, common, config)
+}
+
+/// A backup whose arguments were read (and checked) by `backup_plan`.
+pub(super) fn start_backup(daemon: &Daemon, common: Common, config: BackupConfig) -> Result<Value, QmpError> {
+    let handle = daemon.runtime().clone();
+    launch(daemon, common, move |disk, target| tandem::job::backup::start(&handle, disk, target, config))
+}
+
+/// `blockdev-backup`'s arguments as the job's options, checked; nothing started.
+pub(super) fn backup_plan(mut args: Arguments) -> Result<(Common, BackupConfig), QmpError> {
     let common = common(&mut args)?;
     let defaults = BackupConfig::default();
     let sync = args.choice("sync", SYNC_BACKUP)?.ok_or_else(|| QmpError::generic("Parameter 'sync' is missing"))?;
@@ -174,8 +186,7 @@ pub(super) fn blockdev_backup(daemon: &Daemon, mut args: Arguments) -> Result<Va
     }
     args.finish()?;
     config.validate().map_err(job_error)?;
-    let handle = daemon.runtime().clone();
-    launch(daemon, common, move |disk, target| tandem::job::backup::start(&handle, disk, target, config))
+    Ok((common, config))
 }
 
 /// Each job's events as QMP events, on a thread of its own; the job is forgotten once null.

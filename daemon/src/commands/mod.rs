@@ -2,7 +2,8 @@
 //! job.json, block-export.json): [`Daemon`] owns the catalog of nodes, the NBD server and its
 //! exports, and the jobs, and carries out each command on them. The QMP monitor (`qmp`) parses
 //! and answers; this module decides. Parts: `args` reads arguments, `nodes` the node and export
-//! commands, `jobs` the job commands and the events they send, `bitmaps` the dirty bitmaps.
+//! commands, `jobs` the job commands and the events they send, `bitmaps` the dirty bitmaps,
+//! `transaction` several of them at once.
 //!
 //! One lock (`state`) guards the catalog, the server, the exports and the jobs: commands are
 //! rare and short, and a command that waits (a backup's start drains the disk) holds it, so
@@ -13,6 +14,7 @@ mod args;
 mod bitmaps;
 mod jobs;
 mod nodes;
+mod transaction;
 
 use crate::nodes::Catalog;
 use crate::qmp::{Commands, EventSender, QmpError};
@@ -78,6 +80,7 @@ const COMMANDS: &[(&str, Handler)] = &[
     ("block-dirty-bitmap-enable", bitmaps::enable),
     ("block-dirty-bitmap-disable", bitmaps::disable),
     ("block-dirty-bitmap-merge", bitmaps::merge),
+    ("transaction", transaction::transaction),
 ];
 
 impl Daemon {

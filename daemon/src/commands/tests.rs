@@ -188,3 +188,74 @@ fn the_nbd_server_and_exports_come_and_go_by_command() {
     f.ok("nbd-server-stop", json!({}));
     assert!(!socket.exists(), "the server removes the socket it made");
 }
+
+/// Write `fill` over `[offset, offset + 64 KiB)` of node `name`, as a guest would.
+fn guest_write(f: &Fixture, name: &str, offset: u64, fill: u8) {
+    let disk = f.daemon.state().catalog.get(name).unwrap().disk.clone();
+    let buf = tandem::buf::AlignedBuf::from_slice(&vec![fill; 64 << 10], 4096).unwrap();
+    let (result, _) = disk.write_blocking(offset, buf, Default::default(), tandem::IoPriority::GUEST);
+    result.unwrap();
+}
+
+#[test]
+fn a_full_and_an_incremental_backup_through_transactions_restore_each_instant() {
+    let f = Fixture::new();
+    let source = f.file_node("src", 9);
+    let full = f.file_node("full", 0);
+    let incremental = f.file_node("inc", 0);
+    let start_chain = json!({"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b0"}},
+        {"type": "blockdev-backup", "data": {"job-id": "full", "device": "src", "target": "full", "sync": "full"}},
+    ]});
+    f.ok("transaction", start_chain);
+    f.wait_job("full", "null");
+    assert!(identical(&source, &full), "the full backup");
+    guest_write(&f, "src", 1 << 20, 0xa1);
+    guest_write(&f, "src", 5 << 20, 0xa2);
+    let snapshot = std::fs::read(&source).unwrap();
+    let next = json!({"actions": [
+        {"type": "blockdev-backup", "data": {"job-id": "inc", "device": "src", "target": "inc", "sync": "incremental", "bitmap": "b0"}},
+    ]});
+    f.ok("transaction", next);
+    f.wait_job("inc", "null");
+    // Restore: the full backup, then the incremental's clusters over it.
+    let mut restored = std::fs::read(&full).unwrap();
+    let incremental = std::fs::read(&incremental).unwrap();
+    for offset in [1usize << 20, 5 << 20] {
+        restored[offset..offset + (64 << 10)].copy_from_slice(&incremental[offset..offset + (64 << 10)]);
+    }
+    assert_eq!(restored, snapshot, "full + incremental is the disk at the second instant");
+    let nodes = f.ok("query-named-block-nodes", json!({}));
+    let src = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "src").unwrap().clone();
+    assert_eq!(src["dirty-bitmaps"][0]["count"], 0, "b0 starts over at the incremental's point in time");
+}
+
+#[test]
+fn a_transaction_that_fails_or_aborts_changes_nothing() {
+    let f = Fixture::new();
+    f.file_node("src", 1);
+    f.ok("block-dirty-bitmap-add", json!({"node": "src", "name": "old"}));
+    guest_write(&f, "src", 0, 2);
+    let failing = json!({"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "new"}},
+        {"type": "block-dirty-bitmap-clear", "data": {"node": "src", "name": "old"}},
+        {"type": "blockdev-backup", "data": {"device": "src", "target": "nowhere", "sync": "full"}},
+    ]});
+    let error = f.error("transaction", failing);
+    assert!(error.contains("nowhere"), "{error}");
+    let aborted = json!({"actions": [
+        {"type": "block-dirty-bitmap-clear", "data": {"node": "src", "name": "old"}},
+        {"type": "abort", "data": {}},
+    ]});
+    assert_eq!(f.error("transaction", aborted), "Transaction aborted using Abort action");
+    let nodes = f.ok("query-named-block-nodes", json!({}));
+    let src = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "src").unwrap().clone();
+    let bitmaps = src["dirty-bitmaps"].as_array().unwrap();
+    assert_eq!(bitmaps.len(), 1, "no 'new' bitmap: {bitmaps:?}");
+    assert_eq!(
+        (bitmaps[0]["name"].as_str(), bitmaps[0]["count"].as_u64()),
+        (Some("old"), Some(64 << 10)),
+        "not cleared"
+    );
+    assert_eq!(f.ok("query-jobs", json!({})), json!([]));
+}
