@@ -38,7 +38,7 @@ enum Action {
 /// How to take back what an action did.
 enum Undo {
     Remove { registry: BitmapRegistry, name: String },
-    Restore { registry: BitmapRegistry, name: String, bits: DirtyBitmap },
+    Restore { registry: BitmapRegistry, name: String, bits: Box<DirtyBitmap> },
     Readd { registry: BitmapRegistry, name: String, bitmap: Arc<DirtyBitmap> },
     Enabled { registry: BitmapRegistry, name: String, enabled: bool },
     CancelJob { id: String },
@@ -219,7 +219,7 @@ fn run_one(daemon: &Daemon, action: Action, undo: &mut Vec<Undo>) -> Result<(), 
             let registry = registry(daemon, &node)?;
             let bits = registry.get(&name).map_err(|e| QmpError::generic(e.to_string()))?.copy();
             registry.clear(&name).map_err(|e| QmpError::generic(e.to_string()))?;
-            undo.push(Undo::Restore { registry, name, bits });
+            undo.push(Undo::Restore { registry, name, bits: Box::new(bits) });
         }
         Action::BitmapOther { kind, arguments } => run_other(daemon, kind, arguments, undo)?,
         Action::Backup { common, config } => {
@@ -251,7 +251,7 @@ fn run_other(
     };
     let Some(before) = before else { return Ok(()) };
     undo.push(match kind {
-        "block-dirty-bitmap-merge" => Undo::Restore { registry, name, bits: before.copy() },
+        "block-dirty-bitmap-merge" => Undo::Restore { registry, name, bits: Box::new(before.copy()) },
         "block-dirty-bitmap-remove" => Undo::Readd { registry, name, bitmap: before },
         other => Undo::Enabled { registry, name, enabled: other == "block-dirty-bitmap-disable" },
     });
