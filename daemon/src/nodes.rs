@@ -1,10 +1,18 @@
 //! The daemon's catalog of block nodes by node-name, built from `--blockdev` options in the
 //! order given (a `raw` node names a node defined before it, as in QEMU). Opening never
 //! creates or resizes anything: a missing file is an error that names it.
+//!
+//! Persistent dirty bitmaps (QEMU keeps them in a qcow2 image; ours sit beside a raw image)
+//! are sidecar files named `IMAGE.NAME.bitmap` next to a file node's image. Opening the node
+//! loads every one and records into it; one its process left in use loads as inconsistent
+//! (said in a log line) and is kept so until a backup's fallback or a removal. Closing the
+//! node (blockdev-del, the daemon's stop) saves them with the flag cleared.
 
 use crate::options::{BlockdevSpec, DriverSpec};
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tandem::bitmap::RecordingBitmap;
 use tandem::block::Disk;
 use tandem::reactor::RuntimeHandle;
 use tandem_drivers::{FileDriver, FileOptions, NullDriver};
@@ -21,6 +29,8 @@ pub enum NodeError {
     NotFound { name: String },
     #[error("node '{name}' is in use by {user}")]
     InUse { name: String, user: String },
+    #[error("node '{name}': persistent bitmap '{bitmap}': {reason}")]
+    Bitmap { name: String, bitmap: String, reason: String },
 }
 
 /// One node: the disk guests and exports use, and how it was opened.
@@ -34,6 +44,74 @@ pub struct Node {
     pub file: Option<String>,
     /// Opened with O_DIRECT (`cache.direct=on`).
     pub direct: bool,
+    /// A file node's persistent bitmaps, being recorded into.
+    pub recordings: Vec<RecordingBitmap>,
+}
+
+/// The sidecar of bitmap `name` beside `image`.
+pub fn sidecar_path(image: &Path, name: &str) -> PathBuf {
+    let mut file_name = image.file_name().unwrap_or_default().to_os_string();
+    file_name.push(format!(".{name}.bitmap"));
+    image.with_file_name(file_name)
+}
+
+/// A bitmap name that makes a sidecar file name: no path separator, no NUL, not empty.
+pub fn sidecar_name_ok(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\0'])
+}
+
+/// The sidecars beside `image`, by bitmap name (the part between the image's name and
+/// `.bitmap`).
+fn sidecars(image: &Path) -> Vec<(String, PathBuf)> {
+    let (Some(dir), Some(base)) = (image.parent(), image.file_name().and_then(|n| n.to_str())) else {
+        return Vec::new();
+    };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let prefix = format!("{base}.");
+    let mut found: Vec<(String, PathBuf)> = entries
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            let file_name = entry.file_name().into_string().ok()?;
+            let name = file_name.strip_prefix(&prefix)?.strip_suffix(".bitmap")?.to_string();
+            sidecar_name_ok(&name).then(|| (name, entry.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+impl Node {
+    /// Load and record every sidecar beside `image` into this node's disk.
+    fn load_bitmaps(&mut self, node_name: &str, image: &Path) -> Result<(), NodeError> {
+        for (name, path) in sidecars(image) {
+            let bad = |reason: String| NodeError::Bitmap { name: node_name.to_string(), bitmap: name.clone(), reason };
+            let recording = tandem::bitmap::open_for_recording_any(&path).map_err(|e| bad(e.to_string()))?;
+            if recording.name() != name {
+                return Err(bad(format!("{} holds bitmap '{}'", path.display(), recording.name())));
+            }
+            self.disk.bitmaps().add_shared(&name, recording.bitmap().clone()).map_err(|e| bad(e.to_string()))?;
+            if recording.bitmap().is_inconsistent() {
+                tandem::log::line(&format!(
+                    "node {node_name}: persistent bitmap '{name}' loaded as inconsistent: its process stopped while \
+                     recording it ({}); back up with on-inconsistent-bitmap=full or remove it",
+                    path.display()
+                ));
+            }
+            self.recordings.push(recording);
+        }
+        Ok(())
+    }
+
+    /// Save the persistent bitmaps, in-use flag cleared (kept while inconsistent).
+    pub fn close_bitmaps(&mut self, node_name: &str) {
+        for recording in self.recordings.drain(..) {
+            let name = recording.name().to_string();
+            if let Err(error) = recording.close() {
+                tandem::log::line(&format!("node {node_name}: saving persistent bitmap '{name}' failed: {error}"));
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -53,14 +131,19 @@ impl Catalog {
             DriverSpec::File { filename, direct } => {
                 let options = FileOptions { read_only: spec.read_only, buffered: !direct, ..FileOptions::default() };
                 let driver = FileDriver::open(runtime, filename, &options).map_err(open_error)?;
-                Node {
+                let mut node = Node {
                     disk: Disk::new(Arc::new(driver)),
                     driver: "file",
                     read_only: spec.read_only,
                     unmap: spec.unmap,
                     file: Some(filename.display().to_string()),
                     direct: *direct,
+                    recordings: Vec::new(),
+                };
+                if !spec.read_only {
+                    node.load_bitmaps(&name, filename)?;
                 }
+                node
             }
             DriverSpec::Raw { file } => {
                 let below = self
@@ -76,6 +159,7 @@ impl Catalog {
                     unmap: spec.unmap && below.unmap,
                     file: Some(file.clone()),
                     direct: below.direct,
+                    recordings: Vec::new(),
                 }
             }
             DriverSpec::NullCo { size_bytes } => Node {
@@ -85,6 +169,7 @@ impl Catalog {
                 unmap: spec.unmap,
                 file: None,
                 direct: false,
+                recordings: Vec::new(),
             },
         };
         Ok(self.nodes.entry(name).or_insert(node))
@@ -108,6 +193,36 @@ impl Catalog {
         if let Some((user, _)) = above {
             return Err(NodeError::InUse { name: name.to_string(), user: format!("node '{user}'") });
         }
-        Ok(self.nodes.remove(name).expect("checked above"))
+        let mut node = self.nodes.remove(name).expect("checked above");
+        node.close_bitmaps(name);
+        Ok(node)
+    }
+
+    /// The file node a node's bytes live in (itself, or below a raw node), for its sidecars.
+    pub fn file_node_mut(&mut self, name: &str) -> Result<(String, &mut Node), NodeError> {
+        let mut at = name.to_string();
+        for _ in 0..self.nodes.len() {
+            let node = self.get(&at)?;
+            match node.driver {
+                "raw" => at = node.file.clone().expect("a raw node names its file"),
+                "file" => {
+                    let node = self.nodes.get_mut(&at).expect("found above");
+                    return Ok((at, node));
+                }
+                _ => break,
+            }
+        }
+        Err(NodeError::Bitmap {
+            name: name.to_string(),
+            bitmap: String::new(),
+            reason: "persistent bitmaps need a file node below (a sidecar beside its image)".into(),
+        })
+    }
+
+    /// Save every persistent bitmap (the daemon's clean stop).
+    pub fn close_all_bitmaps(&mut self) {
+        for (name, node) in self.nodes.iter_mut() {
+            node.close_bitmaps(name);
+        }
     }
 }

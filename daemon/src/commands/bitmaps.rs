@@ -30,12 +30,11 @@ pub(super) fn add(daemon: &Daemon, mut args: Arguments) -> Result<Value, QmpErro
     let (node, name) = target(&mut args)?;
     let granularity_bytes = args.u64("granularity")?.unwrap_or(GRANULARITY_BYTES_DEFAULT);
     let persistent = args.bool("persistent")?.unwrap_or(false);
+    let _autoload = args.bool("x-autoload")?; // QEMU's old flag: persistent bitmaps always load
     let disabled = args.bool("disabled")?.unwrap_or(false);
     args.finish()?;
     if persistent {
-        return Err(QmpError::generic(format!(
-            "Bitmap '{name}': persistent bitmaps on node '{node}' are not supported yet (only in-memory ones)"
-        )));
+        return add_persistent(daemon, (&node, &name), granularity_bytes, disabled);
     }
     let registry = registry(daemon, &node)?;
     let size_bytes = {
@@ -48,10 +47,60 @@ pub(super) fn add(daemon: &Daemon, mut args: Arguments) -> Result<Value, QmpErro
     Ok(json!({}))
 }
 
+/// A bitmap saved in a sidecar beside the node's image (see `nodes.rs`), recording from now.
+fn add_persistent(
+    daemon: &Daemon,
+    (node, name): (&str, &str),
+    granularity_bytes: u64,
+    disabled: bool,
+) -> Result<Value, QmpError> {
+    let mut state = daemon.state();
+    if state.catalog.get(node).is_err() {
+        return Err(super::nodes::not_found(node));
+    }
+    let (_, file) = state.catalog.file_node_mut(node).map_err(|e| QmpError::generic(e.to_string()))?;
+    if !crate::nodes::sidecar_name_ok(name) {
+        return Err(QmpError::generic(format!(
+            "Bitmap name '{name}' cannot be persistent: it names a file beside the image"
+        )));
+    }
+    let image = std::path::PathBuf::from(file.file.clone().expect("a file node has its path"));
+    let path = crate::nodes::sidecar_path(&image, name);
+    if path.exists() {
+        return Err(QmpError::generic(format!("Bitmap '{name}': {} exists already and is kept", path.display())));
+    }
+    if file.disk.bitmaps().get(name).is_ok() {
+        return Err(bitmap_error(tandem::bitmap::BitmapError::Exists { name: name.to_string() }));
+    }
+    let bitmap = Arc::new(DirtyBitmap::new(granularity_bytes, file.disk.size_bytes()).map_err(bitmap_error)?);
+    bitmap.set_enabled(!disabled);
+    let recording =
+        tandem::bitmap::record(&path, name, bitmap.clone()).map_err(|e| QmpError::generic(e.to_string()))?;
+    if let Err(error) = file.disk.bitmaps().add_shared(name, bitmap) {
+        drop(recording);
+        let _ = std::fs::remove_file(&path); // ours: made just above
+        return Err(bitmap_error(error));
+    }
+    file.recordings.push(recording);
+    Ok(json!({}))
+}
+
 pub(super) fn remove(daemon: &Daemon, mut args: Arguments) -> Result<Value, QmpError> {
     let (node, name) = target(&mut args)?;
     args.finish()?;
     registry(daemon, &node)?.remove(&name).map_err(bitmap_error)?;
+    // A persistent one's sidecar goes too: the user asked for the bitmap to be gone.
+    let mut state = daemon.state();
+    if let Ok((_, file)) = state.catalog.file_node_mut(&node) {
+        if let Some(index) = file.recordings.iter().position(|r| r.name() == name) {
+            let recording = file.recordings.remove(index);
+            let path = recording.path().to_path_buf();
+            drop(recording);
+            if let Err(error) = std::fs::remove_file(&path) {
+                tandem::log::line(&format!("removing the sidecar {} failed: {error}", path.display()));
+            }
+        }
+    }
     Ok(json!({}))
 }
 

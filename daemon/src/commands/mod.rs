@@ -131,7 +131,9 @@ impl Daemon {
         if let Some(server) = server {
             server.server.shutdown();
         }
-        crate::flush_all(&self.state().catalog);
+        let mut state = self.state();
+        crate::flush_all(&state.catalog);
+        state.catalog.close_all_bitmaps();
     }
 }
 

@@ -259,3 +259,45 @@ fn a_transaction_that_fails_or_aborts_changes_nothing() {
     );
     assert_eq!(f.ok("query-jobs", json!({})), json!([]));
 }
+
+fn bitmap_info(f: &Fixture, node: &str) -> Value {
+    let nodes = f.ok("query-named-block-nodes", json!({}));
+    let found = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == node).cloned();
+    found.expect("the node")["dirty-bitmaps"][0].clone()
+}
+
+#[test]
+fn a_persistent_bitmap_survives_a_clean_stop_and_loads_inconsistent_after_a_crash() {
+    let f = Fixture::new();
+    let image = f.file_node("src", 4);
+    f.ok("block-dirty-bitmap-add", json!({"node": "src", "name": "b0", "persistent": true}));
+    let sidecar = crate::nodes::sidecar_path(&image, "b0");
+    assert!(sidecar.exists(), "{}", sidecar.display());
+    guest_write(&f, "src", 2 << 20, 1);
+    f.daemon.shutdown(); // the clean stop: saved, flag cleared
+
+    let reopen = |f: &Fixture| {
+        let spec = json!({"driver": "file", "node-name": "again", "filename": image, "cache": {"direct": true}});
+        f.ok("blockdev-add", spec);
+    };
+    let g = Fixture::new();
+    reopen(&g);
+    let loaded = bitmap_info(&g, "again");
+    assert_eq!((loaded["name"].as_str(), loaded["count"].as_u64()), (Some("b0"), Some(64 << 10)));
+    assert_eq!(loaded["inconsistent"], false);
+    guest_write(&g, "again", 0, 2);
+    drop(g); // a crash: nothing saved, the sidecar stays in use
+
+    let h = Fixture::new();
+    reopen(&h);
+    assert_eq!(bitmap_info(&h, "again")["inconsistent"], true, "loaded as inconsistent");
+    let refused = h.error("block-dirty-bitmap-clear", json!({"node": "again", "name": "b0"}));
+    assert!(refused.contains("b0"), "{refused}");
+    h.ok("block-dirty-bitmap-remove", json!({"node": "again", "name": "b0"}));
+    assert!(!sidecar.exists(), "removing the bitmap removes its sidecar");
+    let existing = std::fs::write(&sidecar, b"not ours").map(|_| ());
+    existing.unwrap();
+    let kept = h.error("block-dirty-bitmap-add", json!({"node": "again", "name": "b0", "persistent": true}));
+    assert!(kept.contains("exists already"), "{kept}");
+    assert_eq!(std::fs::read(&sidecar).unwrap(), b"not ours", "a file we did not make is kept");
+}

@@ -29,7 +29,7 @@ const ACTIONS_MAX: usize = 256;
 
 /// One checked action.
 enum Action {
-    BitmapAdd { node: String, name: String, granularity_bytes: Option<u64>, disabled: bool },
+    BitmapAdd { node: String, name: String, granularity_bytes: Option<u64>, disabled: bool, persistent: bool },
     BitmapClear { node: String, name: String },
     BitmapOther { kind: &'static str, arguments: serde_json::Map<String, Value> },
     Backup { common: Common, config: Box<BackupConfig> },
@@ -37,7 +37,7 @@ enum Action {
 
 /// How to take back what an action did.
 enum Undo {
-    Remove { registry: BitmapRegistry, name: String },
+    Remove { node: String, name: String },
     Restore { registry: BitmapRegistry, name: String, bits: Box<DirtyBitmap> },
     Readd { registry: BitmapRegistry, name: String, bitmap: Arc<DirtyBitmap> },
     Enabled { registry: BitmapRegistry, name: String, enabled: bool },
@@ -116,12 +116,10 @@ fn parse_action(action: Value) -> Result<Action, QmpError> {
 fn bitmap_add(mut data: Arguments) -> Result<Action, QmpError> {
     let (node, name) = (data.required("node")?, data.required("name")?);
     let granularity_bytes = data.u64("granularity")?;
-    if data.bool("persistent")? == Some(true) {
-        return Err(QmpError::generic(format!("Bitmap '{name}': persistent bitmaps are not supported yet")));
-    }
+    let persistent = data.bool("persistent")?.unwrap_or(false);
     let disabled = data.bool("disabled")?.unwrap_or(false);
     data.finish()?;
-    Ok(Action::BitmapAdd { node, name, granularity_bytes, disabled })
+    Ok(Action::BitmapAdd { node, name, granularity_bytes, disabled, persistent })
 }
 
 /// A bitmap added or cleared on a backup's device becomes that backup's `new_bitmap`, made
@@ -130,7 +128,8 @@ fn fold_into_backups(daemon: &Daemon, actions: &mut Vec<Action>) -> Result<(), Q
     let mut index = 0;
     while index < actions.len() {
         let (node, name, granularity_bytes, clear) = match &actions[index] {
-            Action::BitmapAdd { node, name, granularity_bytes, disabled: false } => {
+            // A persistent bitmap gets its sidecar by itself, before the backup.
+            Action::BitmapAdd { node, name, granularity_bytes, disabled: false, persistent: false } => {
                 (node, name, *granularity_bytes, false)
             }
             Action::BitmapClear { node, name } => (node, name, None, true),
@@ -207,13 +206,13 @@ fn run(daemon: &Daemon, actions: Vec<Action>, undo: &mut Vec<Undo>) -> Result<()
 
 fn run_one(daemon: &Daemon, action: Action, undo: &mut Vec<Undo>) -> Result<(), QmpError> {
     match action {
-        Action::BitmapAdd { node, name, granularity_bytes, disabled } => {
-            let mut arguments = json!({"node": node, "name": name, "disabled": disabled});
+        Action::BitmapAdd { node, name, granularity_bytes, disabled, persistent } => {
+            let mut arguments = json!({"node": node, "name": name, "disabled": disabled, "persistent": persistent});
             if let Some(granularity) = granularity_bytes {
                 arguments["granularity"] = json!(granularity);
             }
             super::bitmaps::add(daemon, Arguments::new(arguments.as_object().cloned().unwrap_or_default()))?;
-            undo.push(Undo::Remove { registry: registry(daemon, &node)?, name });
+            undo.push(Undo::Remove { node, name });
         }
         Action::BitmapClear { node, name } => {
             let registry = registry(daemon, &node)?;
@@ -260,13 +259,18 @@ fn run_other(
 
 /// Take one action back; a failure here is logged (the transaction's error is already set).
 fn take_back(daemon: &Daemon, step: Undo) {
-    let result = match step {
-        Undo::Remove { registry, name } => registry.remove(&name).map(drop),
-        Undo::Restore { registry, name, bits } => {
-            registry.clear(&name).and_then(|()| registry.merge_into(&name, &bits))
+    let text = |e: tandem::bitmap::BitmapError| e.to_string();
+    let result: Result<(), String> = match step {
+        Undo::Remove { node, name } => {
+            // Through the command, so a persistent bitmap's new sidecar goes too.
+            let arguments = json!({"node": node, "name": name}).as_object().cloned().unwrap_or_default();
+            super::bitmaps::remove(daemon, Arguments::new(arguments)).map(drop).map_err(|e| e.desc)
         }
-        Undo::Readd { registry, name, bitmap } => registry.add_shared(&name, bitmap).map(drop),
-        Undo::Enabled { registry, name, enabled } => registry.set_enabled(&name, enabled),
+        Undo::Restore { registry, name, bits } => {
+            registry.clear(&name).and_then(|()| registry.merge_into(&name, &bits)).map_err(text)
+        }
+        Undo::Readd { registry, name, bitmap } => registry.add_shared(&name, bitmap).map(drop).map_err(text),
+        Undo::Enabled { registry, name, enabled } => registry.set_enabled(&name, enabled).map_err(text),
         Undo::CancelJob { id } => {
             let job = daemon.state().jobs.get(&id).map(|record| record.job.clone());
             if let Some(job) = job {
