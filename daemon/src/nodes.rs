@@ -31,6 +31,8 @@ pub enum NodeError {
     InUse { name: String, user: String },
     #[error("node '{name}': persistent bitmap '{bitmap}': {reason}")]
     Bitmap { name: String, bitmap: String, reason: String },
+    #[error("node '{name}': {reason}")]
+    Invalid { name: String, reason: String },
 }
 
 /// One node: the disk guests and exports use, and how it was opened.
@@ -46,6 +48,17 @@ pub struct Node {
     pub direct: bool,
     /// A file node's persistent bitmaps, being recorded into.
     pub recordings: Vec<RecordingBitmap>,
+    /// A copy-before-write node's hidden backup job (sync=none) and its point-in-time view.
+    pub fleecing: Option<Fleecing>,
+}
+
+/// What a copy-before-write node runs: QEMU's filter is Tandem's sync=none backup, whose
+/// view a snapshot-access node reads.
+pub struct Fleecing {
+    pub job: tandem::job::Job,
+    pub view: Arc<tandem::job::backup::SnapshotView>,
+    /// The node it saves to.
+    pub target: String,
 }
 
 /// The sidecar of bitmap `name` beside `image`.
@@ -139,6 +152,7 @@ impl Catalog {
                     file: Some(filename.display().to_string()),
                     direct: *direct,
                     recordings: Vec::new(),
+                    fleecing: None,
                 };
                 if !spec.read_only {
                     node.load_bitmaps(&name, filename)?;
@@ -160,6 +174,7 @@ impl Catalog {
                     file: Some(file.clone()),
                     direct: below.direct,
                     recordings: Vec::new(),
+                    fleecing: None,
                 }
             }
             DriverSpec::NullCo { size_bytes } => Node {
@@ -170,7 +185,10 @@ impl Catalog {
                 file: None,
                 direct: false,
                 recordings: Vec::new(),
+                fleecing: None,
             },
+            DriverSpec::CopyBeforeWrite { .. } => self.copy_before_write(runtime, &name, spec)?,
+            DriverSpec::SnapshotAccess { file } => self.snapshot_access(&name, file)?,
         };
         Ok(self.nodes.entry(name).or_insert(node))
     }
@@ -189,13 +207,94 @@ impl Catalog {
         if !self.nodes.contains_key(name) {
             return Err(NodeError::NotFound { name: name.to_string() });
         }
-        let above = self.nodes.iter().find(|(_, node)| node.driver == "raw" && node.file.as_deref() == Some(name));
+        let above = self.nodes.iter().find(|(_, node)| {
+            let saves_to = node.fleecing.as_ref().is_some_and(|f| f.target == name);
+            saves_to || (node.driver != "file" && node.file.as_deref() == Some(name))
+        });
         if let Some((user, _)) = above {
             return Err(NodeError::InUse { name: name.to_string(), user: format!("node '{user}'") });
         }
         let mut node = self.nodes.remove(name).expect("checked above");
         node.close_bitmaps(name);
+        if let Some(fleecing) = node.fleecing.take() {
+            // The filter comes off with its job; the target keeps what it saved.
+            let _ = fleecing.job.cancel(true);
+            fleecing.job.wait_for(|s| s.is_finished(), std::time::Duration::from_secs(600));
+        }
         Ok(node)
+    }
+
+    /// A copy-before-write node over `file`, saving to `target`: a sync=none backup with a
+    /// view, hidden from the job list (QEMU's filter is no job either).
+    fn copy_before_write(&self, runtime: &RuntimeHandle, name: &str, spec: &BlockdevSpec) -> Result<Node, NodeError> {
+        let DriverSpec::CopyBeforeWrite { file, target, on_cbw_error, cbw_timeout_s, min_cluster_bytes } = &spec.driver
+        else {
+            unreachable!("called for copy-before-write")
+        };
+        let missing = |node: &String| NodeError::NoSuchFile { name: name.to_string(), file: node.clone() };
+        let below = self.nodes.get(file).ok_or_else(|| missing(file))?;
+        let target_node = self.nodes.get(target).ok_or_else(|| missing(target))?;
+        let job_error = |e: tandem::job::JobError| NodeError::Open {
+            name: name.to_string(),
+            source: tandem::Error::Config {
+                name: "copy-before-write",
+                value: name.to_string(),
+                reason: Box::leak(e.to_string().into_boxed_str()),
+            },
+        };
+        let mut config = tandem::job::backup::BackupConfig {
+            id: format!("#cbw-{name}"),
+            sync: tandem::job::SyncMode::None,
+            min_cluster_bytes: *min_cluster_bytes,
+            cbw_timeout: cbw_timeout_s.map(std::time::Duration::from_secs),
+            ..tandem::job::backup::BackupConfig::default()
+        };
+        if let Some(policy) = on_cbw_error {
+            config.on_cbw_error = tandem::job::copy_before_write::OnCbwError::parse(policy).map_err(job_error)?;
+        }
+        let (job, view) = tandem::job::backup::start_with_view(runtime, &below.disk, target_node.disk.driver(), config)
+            .map_err(job_error)?;
+        Ok(Node {
+            disk: below.disk.clone(),
+            driver: "copy-before-write",
+            read_only: below.read_only,
+            unmap: below.unmap,
+            file: Some(file.clone()),
+            direct: below.direct,
+            recordings: Vec::new(),
+            fleecing: Some(Fleecing { job, view, target: target.clone() }),
+        })
+    }
+
+    /// A read-only node over a copy-before-write node's point in time.
+    fn snapshot_access(&self, name: &str, file: &str) -> Result<Node, NodeError> {
+        let below = self
+            .nodes
+            .get(file)
+            .ok_or_else(|| NodeError::NoSuchFile { name: name.to_string(), file: file.to_string() })?;
+        let Some(fleecing) = &below.fleecing else {
+            let reason =
+                format!("file={file}: snapshot-access reads a copy-before-write node, not a {} node", below.driver);
+            return Err(NodeError::Invalid { name: name.to_string(), reason });
+        };
+        let disk = Disk::new(fleecing.view.clone());
+        // The export of the point in time shows the bitmaps of the disk below (QEMU's export
+        // reaches them through the graph): shared, not copied.
+        for bitmap in below.disk.bitmaps().names() {
+            if let Ok(shared) = below.disk.bitmaps().get(&bitmap) {
+                let _ = disk.bitmaps().add_shared(&bitmap, shared);
+            }
+        }
+        Ok(Node {
+            disk,
+            driver: "snapshot-access",
+            read_only: true,
+            unmap: false,
+            file: Some(file.to_string()),
+            direct: false,
+            recordings: Vec::new(),
+            fleecing: None,
+        })
     }
 
     /// The file node a node's bytes live in (itself, or below a raw node), for its sidecars.
@@ -212,9 +311,8 @@ impl Catalog {
                 _ => break,
             }
         }
-        Err(NodeError::Bitmap {
+        Err(NodeError::Invalid {
             name: name.to_string(),
-            bitmap: String::new(),
             reason: "persistent bitmaps need a file node below (a sidecar beside its image)".into(),
         })
     }

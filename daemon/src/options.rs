@@ -130,6 +130,19 @@ pub enum DriverSpec {
     Raw { file: String },
     /// `driver=null-co,size=N`: reads zeros, drops writes.
     NullCo { size_bytes: u64 },
+    /// `driver=copy-before-write,file=NODE,target=NODE[,on-cbw-error=..][,cbw-timeout=S]
+    /// [,min-cluster-size=N]`: guest writes through it save the old data to `target` first
+    /// (QEMU's fleecing filter); a `snapshot-access` node reads the point in time.
+    CopyBeforeWrite {
+        file: String,
+        target: String,
+        on_cbw_error: Option<String>,
+        cbw_timeout_s: Option<u64>,
+        min_cluster_bytes: Option<u64>,
+    },
+    /// `driver=snapshot-access,file=NODE`: the point in time of a copy-before-write node,
+    /// read-only.
+    SnapshotAccess { file: String },
 }
 
 const NODE_NAME_BYTES_MAX: usize = 31; // QEMU's limit on node names
@@ -173,13 +186,39 @@ fn blockdev(mut f: Fields) -> Result<BlockdevSpec, OptionError> {
         "file" | "host_device" => file_driver(&mut f)?,
         "raw" => DriverSpec::Raw { file: f.required("file")? },
         "null-co" => DriverSpec::NullCo { size_bytes: f.number("size", i64::MAX as u64)?.unwrap_or(1 << 30) },
+        "copy-before-write" => copy_before_write(&mut f)?,
+        "snapshot-access" => DriverSpec::SnapshotAccess { file: f.required("file")? },
         other => {
-            let reason = "supported drivers: file, host_device, raw, null-co";
+            let reason = "supported drivers: file, host_device, raw, null-co, copy-before-write, snapshot-access";
             return Err(f.bad("driver", &Value::String(other.into()), reason));
         }
     };
     f.finish("", "")?;
     Ok(BlockdevSpec { node_name, read_only, unmap, driver })
+}
+
+fn copy_before_write(f: &mut Fields) -> Result<DriverSpec, OptionError> {
+    let file = f.required("file")?;
+    let target = f.required("target")?;
+    let on_cbw_error = f.string("on-cbw-error")?;
+    if let Some(policy) = on_cbw_error.as_deref().filter(|p| !["break-guest-write", "break-snapshot"].contains(p)) {
+        return Err(f.bad(
+            "on-cbw-error",
+            &Value::String(policy.into()),
+            "expected break-guest-write or break-snapshot",
+        ));
+    }
+    let cbw_timeout_s = f.number("cbw-timeout", 3600)?.filter(|s| *s > 0);
+    let min_cluster_bytes = f.number("min-cluster-size", 64 << 20)?;
+    if f.map.contains_key("bitmap") {
+        let bitmap = f.map.remove("bitmap").unwrap_or(Value::Null);
+        return Err(f.bad(
+            "bitmap",
+            &bitmap,
+            "a copy-before-write bitmap is not supported yet: the filter saves every cluster",
+        ));
+    }
+    Ok(DriverSpec::CopyBeforeWrite { file, target, on_cbw_error, cbw_timeout_s, min_cluster_bytes })
 }
 
 fn file_driver(f: &mut Fields) -> Result<DriverSpec, OptionError> {
