@@ -95,6 +95,12 @@ fn sidecars(image: &Path) -> Vec<(String, PathBuf)> {
 }
 
 impl Node {
+    /// A node of its own disk, without a file node's sidecars or a filter's job.
+    fn plain(disk: Disk, driver: &'static str, spec: &BlockdevSpec, file: Option<String>) -> Node {
+        let (read_only, unmap) = (spec.read_only, spec.unmap);
+        Node { disk, driver, read_only, unmap, file, direct: false, recordings: Vec::new(), fleecing: None }
+    }
+
     /// Load and record every sidecar beside `image` into this node's disk.
     fn load_bitmaps(&mut self, node_name: &str, image: &Path) -> Result<(), NodeError> {
         for (name, path) in sidecars(image) {
@@ -187,6 +193,18 @@ impl Catalog {
                 recordings: Vec::new(),
                 fleecing: None,
             },
+            DriverSpec::Nbd { uri } => {
+                let config = tandem_drivers::nbd::NbdConfig { read_only: spec.read_only, ..Default::default() };
+                let driver = tandem_drivers::nbd::NbdDriver::open(runtime, uri, &config)
+                    .map_err(|e| NodeError::Invalid { name: name.clone(), reason: e.to_string() })?;
+                Node::plain(Disk::new(Arc::new(driver)), "nbd", spec, None)
+            }
+            DriverSpec::Rbd { spec: rbd } => {
+                let options = tandem_drivers::rbd::RbdOptions { read_only: spec.read_only, ..Default::default() };
+                let driver = tandem_drivers::rbd::RbdDriver::open(rbd, &options)
+                    .map_err(|e| NodeError::Invalid { name: name.clone(), reason: e.to_string() })?;
+                Node::plain(Disk::new(Arc::new(driver)), "rbd", spec, Some(format!("{}/{}", rbd.pool, rbd.image)))
+            }
             DriverSpec::CopyBeforeWrite { .. } => self.copy_before_write(runtime, &name, spec)?,
             DriverSpec::SnapshotAccess { file } => self.snapshot_access(&name, file)?,
         };

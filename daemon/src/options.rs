@@ -143,6 +143,11 @@ pub enum DriverSpec {
     /// `driver=snapshot-access,file=NODE`: the point in time of a copy-before-write node,
     /// read-only.
     SnapshotAccess { file: String },
+    /// `driver=nbd,server.type=unix,server.path=P|server.type=inet,server.host=H[,server.port=N]
+    /// [,export=NAME]`: an export of another server, through Tandem's NBD client.
+    Nbd { uri: tandem_drivers::nbd::NbdUri },
+    /// `driver=rbd,pool=P,image=I[,namespace=N][,snapshot=S][,conf=PATH][,user=U]`: a Ceph image.
+    Rbd { spec: tandem_drivers::rbd::RbdSpec },
 }
 
 const NODE_NAME_BYTES_MAX: usize = 31; // QEMU's limit on node names
@@ -188,13 +193,55 @@ fn blockdev(mut f: Fields) -> Result<BlockdevSpec, OptionError> {
         "null-co" => DriverSpec::NullCo { size_bytes: f.number("size", i64::MAX as u64)?.unwrap_or(1 << 30) },
         "copy-before-write" => copy_before_write(&mut f)?,
         "snapshot-access" => DriverSpec::SnapshotAccess { file: f.required("file")? },
+        "nbd" => nbd_driver(&mut f)?,
+        "rbd" => rbd_driver(&mut f)?,
         other => {
-            let reason = "supported drivers: file, host_device, raw, null-co, copy-before-write, snapshot-access";
+            let reason =
+                "supported drivers: file, host_device, raw, null-co, nbd, rbd, copy-before-write, snapshot-access";
             return Err(f.bad("driver", &Value::String(other.into()), reason));
         }
     };
     f.finish("", "")?;
     Ok(BlockdevSpec { node_name, read_only, unmap, driver })
+}
+
+fn nbd_driver(f: &mut Fields) -> Result<DriverSpec, OptionError> {
+    use tandem_drivers::nbd::{Endpoint, NbdUri};
+    let mut server = f.object("server")?.ok_or(OptionError::Missing { option: f.option, key: "server".into() })?;
+    let endpoint = match server.required("type")?.as_str() {
+        "unix" => Endpoint::Unix { path: PathBuf::from(server.required("path")?) },
+        "inet" => {
+            let host = server.required("host")?;
+            let port = match server.string("port")? {
+                None => tandem_drivers::nbd::proto::DEFAULT_PORT,
+                Some(port) => port
+                    .parse::<u16>()
+                    .map_err(|_| server.bad("server.port", &Value::String(port), "expected a port number 0-65535"))?,
+            };
+            Endpoint::Tcp { host, port }
+        }
+        other => return Err(server.bad("server.type", &Value::String(other.into()), "expected unix or inet")),
+    };
+    server.finish("server.", "")?;
+    let export = f.string("export")?.unwrap_or_default();
+    if let Some(tls) = f.string("tls-creds")? {
+        return Err(f.bad("tls-creds", &Value::String(tls), "TLS is not supported yet"));
+    }
+    let _reconnect = f.number("reconnect-delay", 3600)?; // the client fails over on its own
+    Ok(DriverSpec::Nbd { uri: NbdUri { endpoint, export } })
+}
+
+fn rbd_driver(f: &mut Fields) -> Result<DriverSpec, OptionError> {
+    let spec = tandem_drivers::rbd::RbdSpec {
+        pool: f.required("pool")?,
+        namespace: f.string("namespace")?,
+        image: f.required("image")?,
+        snapshot: f.string("snapshot")?,
+        conf_path: f.string("conf")?.map(PathBuf::from),
+        user: f.string("user")?,
+        options: Vec::new(),
+    };
+    Ok(DriverSpec::Rbd { spec })
 }
 
 fn copy_before_write(f: &mut Fields) -> Result<DriverSpec, OptionError> {

@@ -360,3 +360,58 @@ fn pull_mode_backup_reads_the_point_in_time_and_its_bitmap_over_nbd() {
     f.ok("blockdev-del", json!({"node-name": "cbw"}));
     f.ok("blockdev-del", json!({"node-name": "fleece"}));
 }
+
+#[test]
+fn an_nbd_node_is_a_mirror_target_over_the_network() {
+    let f = Fixture::new();
+    let source = f.file_node("src", 8);
+    let remote = f.file_node("remote", 0);
+    let socket = f.path("nbd.sock");
+    f.ok("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": socket}}}));
+    f.ok("block-export-add", json!({"type": "nbd", "id": "e", "node-name": "remote", "name": "r", "writable": true}));
+    let nbd = json!({"driver": "nbd", "node-name": "net", "server": {"type": "unix", "path": socket}, "export": "r"});
+    f.ok("blockdev-add", nbd);
+    let nodes = f.ok("query-named-block-nodes", json!({}));
+    let net = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "net").unwrap().clone();
+    assert_eq!((net["drv"].as_str(), net["image"]["virtual-size"].as_u64()), (Some("nbd"), Some(DISK_BYTES as u64)));
+    f.ok("blockdev-mirror", json!({"job-id": "m", "device": "src", "target": "net", "sync": "full"}));
+    f.wait_job("m", "ready");
+    f.ok("block-job-complete", json!({"device": "m"}));
+    f.wait_job("m", "null");
+    assert!(identical(&source, &remote), "the export's file holds the source");
+    let bad = f.error("blockdev-add", json!({"driver": "nbd", "node-name": "x", "server": {"type": "vsock"}}));
+    assert!(bad.contains("'server.type' = 'vsock'"), "{bad}");
+}
+
+#[test]
+fn an_rbd_node_is_a_backup_target_in_the_test_cluster() {
+    let conf = std::env::var("TANDEM_CEPH_CONF").unwrap_or_else(|_| {
+        panic!("this test needs a Ceph cluster: run scripts/test, or export TANDEM_CEPH_CONF and TANDEM_CEPH_POOL from scripts/ceph-test-cluster")
+    });
+    let pool = std::env::var("TANDEM_CEPH_POOL").unwrap_or_else(|_| "tandem".into());
+    let image = format!("qmp-{}", std::process::id());
+    let spec = tandem_drivers::rbd::RbdSpec::parse(&format!("rbd:{pool}/{image}:conf={conf}")).unwrap();
+    tandem_drivers::rbd::create_image(&spec, DISK_BYTES as u64).unwrap();
+    let f = Fixture::new();
+    let source = f.file_node("src", 0x5a);
+    let added = f
+        .run("blockdev-add", json!({"driver": "rbd", "node-name": "ceph", "pool": pool, "image": image, "conf": conf}));
+    let result = added.and_then(|_| {
+        f.run("blockdev-backup", json!({"job-id": "b", "device": "src", "target": "ceph", "sync": "full"}))
+    });
+    if result.is_ok() {
+        f.wait_job("b", "null");
+    }
+    let copy = f.path("copy.img");
+    let export =
+        std::process::Command::new("rbd").args(["-c", &conf, "export", &format!("{pool}/{image}")]).arg(&copy).output();
+    let removed = {
+        f.ok("blockdev-del", json!({"node-name": "ceph"}));
+        tandem_drivers::rbd::remove_image(&spec)
+    };
+    result.unwrap_or_else(|e| panic!("{}", e.desc));
+    let export = export.expect("the rbd tool (ceph-common)");
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    assert!(identical(&source, &copy), "the image holds the backup");
+    removed.unwrap();
+}
