@@ -11,6 +11,7 @@ pub mod keyval;
 pub mod nodes;
 pub mod options;
 mod pidfile;
+pub mod qmp;
 mod signals;
 
 use clap::Parser;
