@@ -353,14 +353,28 @@ fn read_loop(shared: &Shared, client: &Client, mut stream: UnixStream) {
             if client.closed.load(Ordering::Acquire) {
                 return;
             }
-            let answer = session.answer(shared.commands.as_ref(), input);
-            if !client.send(&answer.into()) {
+            let negotiated = session.negotiated();
+            let answer: Arc<str> = session.answer(shared.commands.as_ref(), input).into();
+            let sent = if !negotiated && session.negotiated() {
+                negotiate(shared, client, &answer)
+            } else {
+                client.send(&answer)
+            };
+            if !sent {
                 return;
             }
-            // Only after the return is queued, so no event precedes it.
-            client.negotiated.store(session.negotiated(), Ordering::Release);
         }
     }
+}
+
+/// Queue the negotiation's return and enable events as one step under the registry lock
+/// [`EventSender::emit`] holds: an event either comes before both (and is not sent) or after
+/// both, so no event precedes the return and none is lost once the client has read it.
+fn negotiate(shared: &Shared, client: &Client, answer: &Arc<str>) -> bool {
+    let _clients = shared.clients.lock();
+    let sent = client.send(answer);
+    client.negotiated.store(true, Ordering::Release);
+    sent
 }
 
 /// The only writer to the socket: whole messages in queue order, flushed when the queue empties.
