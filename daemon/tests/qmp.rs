@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tandemd::qmp::{Commands, Limits, Monitor, MonitorError, QmpError};
 
 /// `echo` returns its arguments, `fail` fails with DeviceNotFound, `wait` blocks until another
-/// client runs `release`.
+/// client runs `release`, `panic` panics.
 #[derive(Default)]
 struct TestCommands {
     released: Mutex<bool>,
@@ -35,12 +35,13 @@ impl Commands for TestCommands {
                 self.wake.notify_all();
                 Ok(json!({}))
             }
+            "panic" => panic!("a handler bug"),
             other => Err(QmpError::generic(format!("test commands do not know {other}"))),
         }
     }
 
     fn names(&self) -> Vec<&'static str> {
-        vec!["echo", "fail", "wait", "release"]
+        vec!["echo", "fail", "wait", "release", "panic"]
     }
 }
 
@@ -341,4 +342,30 @@ fn a_client_that_never_reads_blocks_neither_emit_nor_others() {
     assert!(stalled.closed());
     assert_eq!(reader.ask(json!({"execute": "echo", "id": 1})), json!({"return": {}, "id": 1}));
     monitor.shutdown();
+}
+
+#[test]
+fn oversized_requests_and_panicking_handlers_fail_alone() {
+    let dir = scratch();
+    let path = dir.path().join("qmp.sock");
+    let monitor = start(&path, Limits::default());
+    let mut peer = Peer::negotiated(&path);
+    let huge = "y".repeat(tandemd::qmp::request::MAX_REQUEST_BYTES + (512 << 10));
+    peer.write(&format!("{{\"execute\": \"echo\", \"arguments\": {{\"s\": \"{huge}\"}}}}\n"));
+    let refused = peer.recv();
+    assert!(refused["error"]["desc"].as_str().unwrap().contains("size limit"), "{refused}");
+    assert_eq!(peer.ask(json!({"execute": "echo", "id": 1})), json!({"return": {}, "id": 1}));
+    let panicked = peer.ask(json!({"execute": "panic", "id": 2}));
+    assert_eq!(panicked["error"]["class"], "GenericError");
+    assert_eq!(panicked["id"], 2);
+    assert_eq!(peer.ask(json!({"execute": "echo", "id": 3})), json!({"return": {}, "id": 3}));
+    monitor.shutdown();
+}
+
+#[test]
+fn the_handles_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Monitor>();
+    send_sync::<tandemd::qmp::EventSender>();
+    send_sync::<QmpError>();
 }
