@@ -369,3 +369,34 @@ fn the_handles_cross_threads() {
     send_sync::<tandemd::qmp::EventSender>();
     send_sync::<QmpError>();
 }
+
+/// Handlers keep an EventSender to emit job events; that must not keep them alive forever.
+#[test]
+fn handlers_holding_an_event_sender_are_dropped_at_shutdown() {
+    struct Holder {
+        events: std::sync::OnceLock<tandemd::qmp::EventSender>,
+        dropped: Arc<std::sync::atomic::AtomicBool>,
+    }
+    impl Commands for Holder {
+        fn execute(&self, _: &str, _: Map<String, Value>) -> Result<Value, QmpError> {
+            Ok(Value::Null)
+        }
+        fn names(&self) -> Vec<&'static str> {
+            Vec::new()
+        }
+    }
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            self.dropped.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let dir = scratch();
+    let path = dir.path().join("qmp.sock");
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holder = Arc::new(Holder { events: std::sync::OnceLock::new(), dropped: dropped.clone() });
+    let monitor = Monitor::start(&path, holder.clone()).unwrap();
+    assert!(holder.events.set(monitor.events()).is_ok());
+    drop(holder);
+    monitor.shutdown();
+    assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
+}

@@ -87,11 +87,15 @@ impl Client {
     }
 }
 
+/// Every connection whose reader thread runs; events go to the negotiated ones. Shared on its
+/// own with [`EventSender`], which handlers keep: holding all of [`Shared`] would make a cycle
+/// through `commands`, and the handlers would never be dropped.
+type Registry = Arc<Mutex<Vec<Arc<Client>>>>;
+
 struct Shared {
     limits: Limits,
     commands: Arc<dyn Commands>,
-    /// Every connection whose reader thread runs; events go to the negotiated ones.
-    clients: Mutex<Vec<Arc<Client>>>,
+    clients: Registry,
     /// The reader threads (each joins its writer before it ends).
     threads: Mutex<Vec<JoinHandle<()>>>,
     next_id: AtomicU64,
@@ -111,7 +115,7 @@ pub struct Monitor {
 /// Emits events to every negotiated client; cheap to clone, usable from any thread.
 #[derive(Clone)]
 pub struct EventSender {
-    shared: Arc<Shared>,
+    clients: Registry,
 }
 
 impl Monitor {
@@ -141,7 +145,7 @@ impl Monitor {
         let shared = Arc::new(Shared {
             limits,
             commands,
-            clients: Mutex::new(Vec::new()),
+            clients: Arc::new(Mutex::new(Vec::new())),
             threads: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
         });
@@ -156,7 +160,7 @@ impl Monitor {
     }
 
     pub fn events(&self) -> EventSender {
-        EventSender { shared: self.shared.clone() }
+        EventSender { clients: self.shared.clients.clone() }
     }
 
     /// Connections being served (negotiated or not).
@@ -212,7 +216,7 @@ impl EventSender {
     /// Send event `name` to every negotiated client; `data` null leaves the member out. Never
     /// blocks on a client: one that is too far behind is disconnected instead.
     pub fn emit(&self, name: &str, data: Value) {
-        let clients = self.shared.clients.lock();
+        let clients = self.clients.lock();
         // Stamped under the lock, so timestamps rise in the order clients receive events.
         let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let message: Arc<str> = encode_event(name, &data, since).into();
