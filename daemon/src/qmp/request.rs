@@ -237,7 +237,7 @@ fn check(object: Map<String, Value>) -> Result<(String, Map<String, Value>), Qmp
             (_, _) => return Err(QmpError::generic(format!("QMP input member '{key}' is unexpected"))),
         }
     }
-    let execute = execute.ok_or_else(|| QmpError::generic("Expected 'execute' in QMP input"))?;
+    let execute = execute.ok_or_else(|| QmpError::generic("QMP input lacks member 'execute'"))?;
     Ok((execute, arguments))
 }
 
@@ -297,7 +297,7 @@ mod tests {
     #[test]
     fn members_are_checked_with_qemus_texts() {
         let cases: [(&[u8], &str); 5] = [
-            (br#"{"id": 7}"#, "Expected 'execute' in QMP input"),
+            (br#"{"id": 7}"#, "QMP input lacks member 'execute'"),
             (br#"{"execute": 1}"#, "QMP input member 'execute' must be a string"),
             (br#"{"execute": "a", "arguments": []}"#, "QMP input member 'arguments' must be an object"),
             (br#"{"execute": "a", "x": 1}"#, "QMP input member 'x' is unexpected"),
