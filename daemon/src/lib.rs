@@ -47,6 +47,16 @@ pub struct Args {
     /// [,bitmaps.0=NAME...][,multi-conn=on|off|auto]. Repeatable.
     #[arg(long, value_name = "OPTIONS")]
     pub export: Vec<String>,
+    /// A character device for a QMP monitor: socket,id=ID,path=PATH,server=on,wait=off (a Unix
+    /// socket the daemon creates and removes; an existing path is refused). Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    pub chardev: Vec<String>,
+    /// A QMP monitor on a --chardev: chardev=ID[,mode=control]. Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    pub monitor: Vec<String>,
+    /// An object: iothread,id=ID (accepted: Tandem's cores serve every export). Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    pub object: Vec<String>,
     /// Write the daemon's pid here once it serves (removed at exit).
     #[arg(long, value_name = "PATH")]
     pub pidfile: Option<PathBuf>,
@@ -60,6 +70,36 @@ struct Plan {
     blockdevs: Vec<options::BlockdevSpec>,
     server: Option<NbdServerSpec>,
     exports: Vec<ExportSpec>,
+    /// The QMP monitors' socket paths.
+    monitors: Vec<PathBuf>,
+}
+
+/// Each `--monitor` on its `--chardev`, checked: a known chardev, used once, at a path that
+/// does not exist yet.
+fn monitors(args: &Args) -> Result<Vec<PathBuf>, String> {
+    let chardevs = args.chardev.iter().map(|c| options::parse_chardev(c)).collect::<Result<Vec<_>, _>>();
+    let chardevs = chardevs.map_err(|e| e.to_string())?;
+    for object in &args.object {
+        options::parse_object(object).map_err(|e| e.to_string())?;
+    }
+    let mut paths = Vec::new();
+    for monitor in &args.monitor {
+        let id = options::parse_monitor(monitor).map_err(|e| e.to_string())?;
+        let Some(chardev) = chardevs.iter().find(|c| c.id == id) else {
+            return Err(format!("--monitor chardev={id}: no --chardev has id={id}"));
+        };
+        if paths.contains(&chardev.path) {
+            return Err(format!("--monitor chardev={id}: that chardev has a monitor already"));
+        }
+        if chardev.path.symlink_metadata().is_ok() {
+            return Err(format!(
+                "--chardev id={id}: {} exists (tandemd never replaces a file it did not create)",
+                chardev.path.display()
+            ));
+        }
+        paths.push(chardev.path.clone());
+    }
+    Ok(paths)
 }
 
 fn plan(args: &Args) -> Result<Plan, String> {
@@ -70,6 +110,7 @@ fn plan(args: &Args) -> Result<Plan, String> {
         blockdevs: blockdevs.map_err(|e| e.to_string())?,
         server: server.map_err(|e| e.to_string())?,
         exports: exports.map_err(|e| e.to_string())?,
+        monitors: monitors(args)?,
     };
     if !plan.exports.is_empty() && plan.server.is_none() {
         return Err("--export type=nbd needs --nbd-server".into());
@@ -100,13 +141,23 @@ pub fn run(args: Args) -> Result<(), String> {
         Some(spec) => Some(start_server(&runtime, spec, &plan.exports, &catalog)?),
         None => None,
     };
-    let daemon = commands::Daemon::new(runtime.handle(), catalog);
+    let daemon = std::sync::Arc::new(commands::Daemon::new(runtime.handle(), catalog));
     if let Some(server) = server {
         daemon.adopt_server(server, &plan.exports);
+    }
+    let mut monitors = Vec::new();
+    for path in &plan.monitors {
+        // After block_termination: the monitor's threads inherit the blocked signals.
+        let monitor = qmp::Monitor::start(path, daemon.clone()).map_err(|e| e.to_string())?;
+        daemon.set_events(monitor.events());
+        monitors.push(monitor);
     }
     let pidfile = pidfile.map(|p| p.write()).transpose()?;
     signals::wait_for_termination();
     daemon.shutdown();
+    for monitor in monitors {
+        monitor.shutdown();
+    }
     drop(pidfile);
     Ok(())
 }

@@ -191,15 +191,15 @@ pub(super) fn backup_plan(mut args: Arguments) -> Result<(Common, BackupConfig),
 
 /// Each job's events as QMP events, on a thread of its own; the job is forgotten once null.
 fn forward_events(daemon: &Daemon, job: &Job) {
-    let (events, state) = (daemon.events.get().cloned(), daemon.state.clone());
+    let (senders, state) = (daemon.event_senders(), daemon.state.clone());
     let (receiver, id) = (job.events(), job.id().to_string());
     let job = job.clone();
     let spawned = std::thread::Builder::new().name(format!("job-events-{}", job.id())).spawn(move || {
         for event in receiver.iter() {
             let null = matches!(&event, JobEvent::StatusChange { status: JobStatus::Null, .. });
-            if let Some(events) = &events {
-                for (name, data) in qmp_events(&job, &event) {
-                    events.emit(name, data);
+            for (name, data) in qmp_events(&job, &event) {
+                for events in &senders {
+                    events.emit(name, data.clone());
                 }
             }
             if null {

@@ -20,7 +20,7 @@ use crate::nodes::Catalog;
 use crate::qmp::{Commands, EventSender, QmpError};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tandem::reactor::RuntimeHandle;
 
 pub(crate) use args::Arguments;
@@ -39,8 +39,8 @@ pub(crate) struct State {
 pub(crate) struct Daemon {
     runtime: RuntimeHandle,
     state: Arc<Mutex<State>>,
-    /// Set once the monitor runs; before that events have nobody to go to.
-    events: OnceLock<EventSender>,
+    /// Every monitor's event sender (each has its own clients); empty before any runs.
+    events: Mutex<Vec<EventSender>>,
 }
 
 type Handler = fn(&Daemon, Arguments) -> Result<Value, QmpError>;
@@ -48,6 +48,7 @@ type Handler = fn(&Daemon, Arguments) -> Result<Value, QmpError>;
 /// Every command `execute` knows, in `query-commands` order.
 const COMMANDS: &[(&str, Handler)] = &[
     ("query-version", nodes::query_version),
+    ("quit", nodes::quit),
     ("query-named-block-nodes", nodes::query_named_block_nodes),
     ("blockdev-add", nodes::blockdev_add),
     ("blockdev-del", nodes::blockdev_del),
@@ -87,7 +88,7 @@ impl Daemon {
     /// A daemon over `catalog` (the `--blockdev` nodes), with no server and no jobs yet.
     pub(crate) fn new(runtime: RuntimeHandle, catalog: Catalog) -> Daemon {
         let state = State { catalog, ..State::default() };
-        Daemon { runtime, state: Arc::new(Mutex::new(state)), events: OnceLock::new() }
+        Daemon { runtime, state: Arc::new(Mutex::new(state)), events: Mutex::new(Vec::new()) }
     }
 
     /// The NBD server the command line started, with its exports, so QMP sees and manages
@@ -101,10 +102,18 @@ impl Daemon {
         state.server = Some(nodes::ServerRecord { server });
     }
 
-    /// Where events go from now on (the monitor's sender).
-    #[allow(dead_code)] // until `--monitor` starts the QMP monitor (next commit)
+    /// A monitor's clients get every event from now on.
     pub fn set_events(&self, events: EventSender) {
-        let _ = self.events.set(events);
+        self.event_senders_lock().push(events);
+    }
+
+    fn event_senders_lock(&self) -> MutexGuard<'_, Vec<EventSender>> {
+        self.events.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The monitors' senders now (a job's forwarder keeps its own copy).
+    pub(crate) fn event_senders(&self) -> Vec<EventSender> {
+        self.event_senders_lock().clone()
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, State> {
@@ -114,8 +123,8 @@ impl Daemon {
     }
 
     pub(crate) fn emit(&self, name: &str, data: Value) {
-        if let Some(events) = self.events.get() {
-            events.emit(name, data);
+        for events in self.event_senders() {
+            events.emit(name, data.clone());
         }
     }
 

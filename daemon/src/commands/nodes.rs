@@ -42,6 +42,15 @@ pub(super) fn query_version(_daemon: &Daemon, args: Arguments) -> Result<Value, 
     Ok(crate::qmp::version_json())
 }
 
+/// QEMU's `quit`: the same clean stop as SIGTERM (the main thread waits for that signal).
+pub(super) fn quit(_daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
+    args.finish()?;
+    // SAFETY: kill on our own pid with a signal every thread blocks and the main thread
+    // waits for; no memory is involved.
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+    Ok(json!({}))
+}
+
 pub(super) fn blockdev_add(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
     let spec = options::blockdev_from_map(args.into_map()).map_err(option_error)?;
     let mut state = daemon.state();
