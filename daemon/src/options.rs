@@ -356,6 +356,9 @@ pub struct ExportSpec {
     pub description: Option<String>,
     pub writable: bool,
     pub bitmaps: Vec<String>,
+    /// For each bitmap named as `{"node": N, "name": B}` (QEMU's BlockDirtyBitmapOrStr): the
+    /// node it lives on, when not the exported one.
+    pub bitmap_nodes: Vec<Option<String>>,
     pub multi_conn: Option<bool>,
     /// QEMU's `writethrough=on`: every write is durable before its reply.
     pub writethrough: bool,
@@ -387,9 +390,9 @@ fn export(mut f: Fields) -> Result<ExportSpec, OptionError> {
         Some("off") => Some(false),
         Some(other) => return Err(f.bad("multi-conn", &Value::String(other.into()), "expected on, off or auto")),
     };
-    let bitmaps = bitmap_list(&mut f)?;
+    let (bitmaps, bitmap_nodes) = bitmap_list(&mut f)?.into_iter().unzip();
     f.finish("", "")?;
-    Ok(ExportSpec { id, node_name, name, description, writable, bitmaps, multi_conn, writethrough })
+    Ok(ExportSpec { id, node_name, name, description, writable, bitmaps, bitmap_nodes, multi_conn, writethrough })
 }
 
 /// `--chardev socket,id=ID,path=PATH,server=on,wait=off`: where a QMP monitor listens.
@@ -459,19 +462,27 @@ pub fn parse_object(text: &str) -> Result<String, OptionError> {
     }
 }
 
-/// `bitmaps` as a JSON array, or keyval's `bitmaps.0=a,bitmaps.1=b`.
-fn bitmap_list(f: &mut Fields) -> Result<Vec<String>, OptionError> {
+/// `bitmaps` as a JSON array of names or `{"node", "name"}` objects, or keyval's
+/// `bitmaps.0=a,bitmaps.1=b`: each bitmap's name and, if given, its node.
+fn bitmap_list(f: &mut Fields) -> Result<Vec<(String, Option<String>)>, OptionError> {
+    let item = |f: &Fields, v: Value| match v {
+        Value::String(name) => Ok((name, None)),
+        Value::Object(ref map) => {
+            match (map.get("node").and_then(Value::as_str), map.get("name").and_then(Value::as_str)) {
+                (Some(node), Some(name)) if map.len() == 2 => Ok((name.to_string(), Some(node.to_string()))),
+                _ => Err(f.bad("bitmaps", &v, "expected a bitmap name or {\"node\": N, \"name\": B}")),
+            }
+        }
+        other => Err(f.bad("bitmaps", &other, "expected bitmap names")),
+    };
     match f.map.remove("bitmaps") {
         None => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
-            .into_iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| f.bad("bitmaps", &v, "expected bitmap names")))
-            .collect(),
+        Some(Value::Array(items)) => items.into_iter().map(|v| item(f, v)).collect(),
         Some(Value::Object(map)) => {
             let mut list = Vec::with_capacity(map.len());
             for index in 0..map.len() {
                 match map.get(&index.to_string()).and_then(Value::as_str) {
-                    Some(name) => list.push(name.to_string()),
+                    Some(name) => list.push((name.to_string(), None)),
                     None => {
                         return Err(f.bad("bitmaps", &Value::Object(map.clone()), "expected bitmaps.0, bitmaps.1, ..."))
                     }

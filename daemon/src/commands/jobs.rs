@@ -197,13 +197,16 @@ fn forward_events(daemon: &Daemon, job: &Job) {
     let spawned = std::thread::Builder::new().name(format!("job-events-{}", job.id())).spawn(move || {
         for event in receiver.iter() {
             let null = matches!(&event, JobEvent::StatusChange { status: JobStatus::Null, .. });
+            if null {
+                // Gone before anyone hears it is: a query after the event never finds it.
+                forget(&state, job.id());
+            }
             for (name, data) in qmp_events(&job, &event) {
                 for events in &senders {
                     events.emit(name, data.clone());
                 }
             }
             if null {
-                forget(&state, job.id());
                 return;
             }
         }
@@ -225,7 +228,8 @@ fn qmp_events(job: &Job, event: &JobEvent) -> Vec<(&'static str, Value)> {
     match event {
         JobEvent::StatusChange { id, status } => {
             let mut events = vec![("JOB_STATUS_CHANGE", json!({"id": id, "status": status.name()}))];
-            if *status == JobStatus::Pending {
+            // QEMU says PENDING only to a user who has to finalize (auto-finalize off).
+            if *status == JobStatus::Pending && !job.auto_finalize() {
                 events.push(("BLOCK_JOB_PENDING", json!({"type": kind, "id": id})));
             }
             events

@@ -179,8 +179,21 @@ pub(crate) fn export_options(
     if spec.writable && node.read_only {
         return Err(format!("writable=on, but node '{}' is read-only", spec.node_name));
     }
-    if let Some(bitmap) = spec.bitmaps.iter().find(|b| node.disk.bitmaps().get(b).is_err()) {
-        return Err(format!("Bitmap '{bitmap}' is not found on node '{}'", spec.node_name));
+    for (bitmap, owner) in spec.bitmaps.iter().zip(&spec.bitmap_nodes) {
+        if node.disk.bitmaps().get(bitmap).is_ok() {
+            continue;
+        }
+        // Named on another node (a snapshot-access export shows the disk's bitmap): shared
+        // into the exported disk's registry, the same bitmap, not a copy.
+        let found =
+            owner.as_deref().and_then(|owner| catalog.get(owner).ok()).and_then(|o| o.disk.bitmaps().get(bitmap).ok());
+        match found {
+            Some(shared) => drop(node.disk.bitmaps().add_shared(bitmap, shared)),
+            None => {
+                let on = owner.as_deref().unwrap_or(&spec.node_name);
+                return Err(format!("Bitmap '{bitmap}' is not found on node '{on}'"));
+            }
+        }
     }
     let mut options = ExportOptions::new(&spec.name);
     options.description = spec.description.clone();
