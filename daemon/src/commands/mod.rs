@@ -14,6 +14,7 @@ mod args;
 mod bitmaps;
 mod jobs;
 mod nodes;
+mod schema;
 mod transaction;
 
 use crate::nodes::Catalog;
@@ -48,6 +49,7 @@ type Handler = fn(&Daemon, Arguments) -> Result<Value, QmpError>;
 /// Every command `execute` knows, in `query-commands` order.
 const COMMANDS: &[(&str, Handler)] = &[
     ("query-version", nodes::query_version),
+    ("query-qmp-schema", query_qmp_schema),
     ("quit", nodes::quit),
     ("query-named-block-nodes", nodes::query_named_block_nodes),
     ("blockdev-add", nodes::blockdev_add),
@@ -83,6 +85,11 @@ const COMMANDS: &[(&str, Handler)] = &[
     ("block-dirty-bitmap-merge", bitmaps::merge),
     ("transaction", transaction::transaction),
 ];
+
+fn query_qmp_schema(_daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
+    args.finish()?;
+    Ok(schema::query_qmp_schema())
+}
 
 impl Daemon {
     /// A daemon over `catalog` (the `--blockdev` nodes), with no server and no jobs yet.

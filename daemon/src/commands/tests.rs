@@ -415,3 +415,60 @@ fn an_rbd_node_is_a_backup_target_in_the_test_cluster() {
     assert!(identical(&source, &copy), "the image holds the backup");
     removed.unwrap();
 }
+
+/// A value of `ty` for the schema test: the first of an enum, an empty object or list.
+fn sample(ty: super::schema::Ty) -> Value {
+    use super::schema::Ty;
+    match ty {
+        Ty::Str => json!("x"),
+        Ty::Int => json!(0),
+        Ty::Bool => json!(false),
+        Ty::Any => json!({}),
+        Ty::Enum(values) => json!(values[0]),
+        Ty::Object(_) => json!({}),
+        Ty::List(_) => json!([]),
+    }
+}
+
+#[test]
+fn the_schema_lists_every_command_and_no_argument_a_handler_refuses() {
+    let f = Fixture::new();
+    let names: Vec<&str> = super::schema::COMMAND_ARGS.iter().map(|(name, _)| *name).collect();
+    for command in f.daemon.names() {
+        assert!(names.contains(&command), "{command} is not in the schema");
+    }
+    for (command, members) in super::schema::COMMAND_ARGS {
+        // The monitor's own commands, and quit (it would stop the test), are not the handlers'.
+        if ["qmp_capabilities", "query-commands", "quit"].contains(command) {
+            continue;
+        }
+        let arguments: serde_json::Map<String, Value> =
+            members.iter().map(|m| (m.name.to_string(), sample(m.ty))).collect();
+        let variants: Vec<(&str, &[super::schema::Member])> = match *command {
+            "blockdev-add" => super::schema::BLOCKDEV_VARIANTS.to_vec(),
+            _ => vec![("", &[])],
+        };
+        for (driver, extra) in variants {
+            let mut arguments = arguments.clone();
+            arguments.extend(extra.iter().map(|m| (m.name.to_string(), sample(m.ty))));
+            if !driver.is_empty() {
+                arguments.insert("driver".into(), json!(driver));
+            }
+            if let Err(error) = f.daemon.execute(command, arguments) {
+                let desc = error.desc;
+                assert!(
+                    !desc.contains("is unexpected"),
+                    "{command} {driver}: the schema lists what it refuses: {desc}"
+                );
+            }
+        }
+    }
+    let schema = f.ok("query-qmp-schema", json!({}));
+    let infos = schema.as_array().unwrap();
+    let mirror = infos.iter().find(|i| i["name"] == "blockdev-mirror").expect("blockdev-mirror");
+    let arg_type = infos.iter().find(|i| i["name"] == mirror["arg-type"]).expect("its arguments");
+    let members: Vec<&str> =
+        arg_type["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert!(members.contains(&"target-is-zero") && members.contains(&"copy-mode"), "{members:?}");
+    assert!(infos.iter().any(|i| i["name"] == "BLOCK_JOB_READY" && i["meta-type"] == "event"));
+}
