@@ -247,24 +247,49 @@ impl Qmp {
     }
 }
 
+/// `--blockdev` options for a file node and a raw node over it, for each image.
+fn blockdevs(images: &[(&str, &Path)]) -> Vec<String> {
+    images
+        .iter()
+        .flat_map(|(name, path)| {
+            let file = format!("driver=file,node-name={name}-file,filename={},cache.direct=on", path.display());
+            let raw = format!("driver=raw,node-name={name},file={name}-file");
+            ["--blockdev".to_string(), file, "--blockdev".to_string(), raw]
+        })
+        .collect()
+}
+
+#[test]
+fn sigterm_during_a_job_cancels_it_and_saves_the_persistent_bitmap_consistent() {
+    let dir = scratch_dir();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    random_image(&src, 6);
+    empty_image(&dst);
+    let blockdevs = blockdevs(&[("src", &src), ("dst", &dst)]);
+    let daemon = Daemon::start(tandemd(), dir.path(), &blockdevs);
+    let mut qmp = Qmp::connect(&daemon.qmp);
+    let added = qmp.execute("block-dirty-bitmap-add", json!({"node": "src", "name": "b0", "persistent": true}));
+    assert_eq!(added["return"], json!({}), "{added}");
+    let slow = json!({"job-id": "m", "device": "src", "target": "dst", "sync": "full", "speed": 1 << 20});
+    assert_eq!(qmp.execute("blockdev-mirror", slow)["return"], json!({}));
+    let said = daemon.stop();
+    assert!(said.contains("SIGTERM"), "{said}");
+    assert!(!dir.path().join("qmp.sock").exists(), "the monitor's socket is removed");
+    let restarted = Daemon::start(tandemd(), dir.path(), &blockdevs);
+    let mut qmp = Qmp::connect(&restarted.qmp);
+    let nodes = qmp.execute("query-named-block-nodes", json!({}));
+    let file = nodes["return"].as_array().unwrap().iter().find(|n| n["node-name"] == "src-file").unwrap().clone();
+    assert_eq!(file["dirty-bitmaps"][0]["inconsistent"], false, "saved consistent at the clean stop: {file}");
+    assert_eq!(qmp.execute("query-jobs", json!({}))["return"], json!([]));
+}
+
 #[test]
 fn a_sigkill_during_a_job_leaves_the_persistent_bitmap_inconsistent_and_the_restart_says_so() {
     let dir = scratch_dir();
     let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
     random_image(&src, 5);
     empty_image(&dst);
-    let blockdevs: Vec<String> = [("src", &src), ("dst", &dst)]
-        .iter()
-        .flat_map(|(name, path)| {
-            let file = format!("driver=file,node-name={name}-file,filename={},cache.direct=on", path.display());
-            [
-                "--blockdev".to_string(),
-                file,
-                "--blockdev".to_string(),
-                format!("driver=raw,node-name={name},file={name}-file"),
-            ]
-        })
-        .collect();
+    let blockdevs = blockdevs(&[("src", &src), ("dst", &dst)]);
     let mut daemon = Daemon::start(tandemd(), dir.path(), &blockdevs);
     let mut qmp = Qmp::connect(&daemon.qmp);
     let added = qmp.execute("block-dirty-bitmap-add", json!({"node": "src", "name": "b0", "persistent": true}));
