@@ -208,19 +208,9 @@ fn blockdev(mut f: Fields) -> Result<BlockdevSpec, OptionError> {
 fn nbd_driver(f: &mut Fields) -> Result<DriverSpec, OptionError> {
     use tandem_drivers::nbd::{Endpoint, NbdUri};
     let mut server = f.object("server")?.ok_or(OptionError::Missing { option: f.option, key: "server".into() })?;
-    let endpoint = match server.required("type")?.as_str() {
-        "unix" => Endpoint::Unix { path: PathBuf::from(server.required("path")?) },
-        "inet" => {
-            let host = server.required("host")?;
-            let port = match server.string("port")? {
-                None => tandem_drivers::nbd::proto::DEFAULT_PORT,
-                Some(port) => port
-                    .parse::<u16>()
-                    .map_err(|_| server.bad("server.port", &Value::String(port), "expected a port number 0-65535"))?,
-            };
-            Endpoint::Tcp { host, port }
-        }
-        other => return Err(server.bad("server.type", &Value::String(other.into()), "expected unix or inet")),
+    let endpoint = match socket_address(&mut server, "server.")? {
+        SocketAddress::Unix(path) => Endpoint::Unix { path },
+        SocketAddress::Inet { host, port } => Endpoint::Tcp { host, port },
     };
     server.finish("server.", "")?;
     let export = f.string("export")?.unwrap_or_default();
@@ -314,22 +304,10 @@ pub fn nbd_server_from_map(mut arguments: Map<String, Value>) -> Result<NbdServe
 }
 
 fn nbd_server(mut f: Fields) -> Result<NbdServerSpec, OptionError> {
-    let mut addr = f.object("addr")?.ok_or(OptionError::Missing { option: "nbd-server", key: "addr".into() })?;
-    let kind =
-        addr.required("type").map_err(|_| OptionError::Missing { option: "nbd-server", key: "addr.type".into() })?;
-    let listen = match kind.as_str() {
-        "unix" => Listen::Unix(PathBuf::from(addr.required("path").map_err(|_| missing("addr.path"))?)),
-        "inet" => {
-            let host = addr.required("host").map_err(|_| missing("addr.host"))?;
-            let port = match addr.string("port")? {
-                None => tandem_drivers::nbd::proto::DEFAULT_PORT,
-                Some(port) => port
-                    .parse::<u16>()
-                    .map_err(|_| addr.bad("addr.port", &Value::String(port), "expected a port number 0-65535"))?,
-            };
-            Listen::Tcp { host, port }
-        }
-        other => return Err(addr.bad("addr.type", &Value::String(other.into()), "expected unix or inet")),
+    let mut addr = f.object("addr")?.ok_or(OptionError::Missing { option: f.option, key: "addr".into() })?;
+    let listen = match socket_address(&mut addr, "addr.")? {
+        SocketAddress::Unix(path) => Listen::Unix(path),
+        SocketAddress::Inet { host, port } => Listen::Tcp { host, port },
     };
     addr.finish("addr.", "")?;
     let connections_max = f.number("max-connections", tandem_nbd::server::CONNECTIONS_MAX_LIMIT as u64)?;
@@ -342,8 +320,31 @@ fn nbd_server(mut f: Fields) -> Result<NbdServerSpec, OptionError> {
     Ok(NbdServerSpec { listen, connections_max, handshake_timeout })
 }
 
-fn missing(key: &str) -> OptionError {
-    OptionError::Missing { option: "nbd-server", key: key.into() }
+/// QEMU's SocketAddress, flat: `type=unix,path=P` or `type=inet,host=H[,port=N]` (NBD's port
+/// by default). `prefix` names the keys in messages (`addr.`, `server.`).
+enum SocketAddress {
+    Unix(PathBuf),
+    Inet { host: String, port: u16 },
+}
+
+fn socket_address(f: &mut Fields, prefix: &str) -> Result<SocketAddress, OptionError> {
+    let option = f.option;
+    let missing = |key: &str| OptionError::Missing { option, key: format!("{prefix}{key}") };
+    let kind = f.string("type")?.ok_or_else(|| missing("type"))?;
+    match kind.as_str() {
+        "unix" => Ok(SocketAddress::Unix(PathBuf::from(f.string("path")?.ok_or_else(|| missing("path"))?))),
+        "inet" => {
+            let host = f.string("host")?.ok_or_else(|| missing("host"))?;
+            let port = match f.string("port")? {
+                None => tandem_drivers::nbd::proto::DEFAULT_PORT,
+                Some(port) => port.parse::<u16>().map_err(|_| {
+                    f.bad(&format!("{prefix}port"), &Value::String(port), "expected a port number 0-65535")
+                })?,
+            };
+            Ok(SocketAddress::Inet { host, port })
+        }
+        other => Err(f.bad(&format!("{prefix}type"), &Value::String(other.into()), "expected unix or inet")),
+    }
 }
 
 /// `--export type=nbd,...`.
