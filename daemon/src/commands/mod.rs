@@ -102,9 +102,10 @@ impl Daemon {
     /// them as its own.
     pub(crate) fn adopt_server(&self, server: tandem_nbd::Server, exports: &[crate::options::ExportSpec]) {
         let mut state = self.state();
-        for export in exports {
-            let record = nodes::ExportRecord { node_name: export.node_name.clone(), name: export.name.clone() };
-            state.exports.insert(export.id.clone(), record);
+        for spec in exports {
+            let Some(export) = server.exports().get(&spec.name) else { continue };
+            let record = nodes::ExportRecord { node_name: spec.node_name.clone(), name: spec.name.clone(), export };
+            state.exports.insert(spec.id.clone(), record);
         }
         state.server = Some(nodes::ServerRecord { server });
     }

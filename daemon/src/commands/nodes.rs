@@ -19,6 +19,19 @@ pub(crate) struct ServerRecord {
 pub(crate) struct ExportRecord {
     pub(crate) node_name: String,
     pub(crate) name: String,
+    /// The server's export: its table and each connection serving it hold it too, so more
+    /// holders than the table and this record means a client uses it.
+    pub(crate) export: std::sync::Arc<tandem_nbd::Export>,
+}
+
+impl ExportRecord {
+    /// Holders of an export nobody uses: the server's table and this record.
+    const IDLE_HOLDERS: usize = 2;
+
+    fn in_use_out_of_table(&self) -> bool {
+        // Out of the table, one holder fewer is idle.
+        std::sync::Arc::strong_count(&self.export) > Self::IDLE_HOLDERS - 1
+    }
 }
 
 /// An option parser's error as QEMU words it over QMP (without the command line's `--x: `).
@@ -221,21 +234,36 @@ pub(super) fn block_export_add(daemon: &Daemon, args: Arguments) -> Result<Value
         return Err(QmpError::generic("NBD server not running"));
     };
     let (disk, options) = export_options(&spec, &state.catalog).map_err(QmpError::generic)?;
-    server.server.add_export(disk, options).map_err(|e| QmpError::generic(e.to_string()))?;
-    state.exports.insert(spec.id.clone(), ExportRecord { node_name: spec.node_name, name: spec.name });
+    let export = server.server.add_export(disk, options).map_err(|e| QmpError::generic(e.to_string()))?;
+    state.exports.insert(spec.id.clone(), ExportRecord { node_name: spec.node_name, name: spec.name, export });
     Ok(json!({}))
 }
 
+/// QEMU's `block-export-del`: `mode=safe` (the default) refuses while a client uses the export;
+/// the export leaves the server's table first, so no client can connect while it is checked.
+/// `mode=hard` (cutting the clients off) is refused: the server cannot yet end one export's
+/// connections alone.
 pub(super) fn block_export_del(daemon: &Daemon, mut args: Arguments) -> Result<Value, QmpError> {
     let id = args.required("id")?;
-    let _mode = args.choice("mode", &["safe", "hard"])?;
+    let mode = args.choice("mode", &["safe", "hard"])?.unwrap_or("safe");
     args.finish()?;
+    if mode == "hard" {
+        return Err(QmpError::generic(
+            "mode 'hard' is not supported yet: disconnect the clients, then use mode 'safe'",
+        ));
+    }
     let mut state = daemon.state();
     let Some(record) = state.exports.get(&id) else {
         return Err(QmpError::generic(format!("Export '{id}' is not found")));
     };
-    if let Some(server) = &state.server {
-        server.server.remove_export(&record.name).map_err(|e| QmpError::generic(e.to_string()))?;
+    let server = &state.server.as_ref().expect("an export lives on the running server").server;
+    server.remove_export(&record.name).map_err(|e| QmpError::generic(e.to_string()))?;
+    if record.in_use_out_of_table() {
+        // Back as it was: a client is still writing through it.
+        let (disk, options) = (record.export.disk.clone(), record.export.options.clone());
+        let export = server.add_export(disk, options).map_err(|e| QmpError::generic(e.to_string()))?;
+        state.exports.get_mut(&id).expect("looked up above").export = export;
+        return Err(QmpError::generic(format!("export '{id}' still in use")));
     }
     state.exports.remove(&id);
     drop(state);

@@ -472,3 +472,30 @@ fn the_schema_lists_every_command_and_no_argument_a_handler_refuses() {
     assert!(members.contains(&"target-is-zero") && members.contains(&"copy-mode"), "{members:?}");
     assert!(infos.iter().any(|i| i["name"] == "BLOCK_JOB_READY" && i["meta-type"] == "event"));
 }
+
+#[test]
+fn an_export_a_client_uses_is_not_deleted_and_neither_is_its_node() {
+    let f = Fixture::new();
+    f.file_node("disk", 5);
+    let socket = f.path("nbd.sock");
+    f.ok("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": socket}}}));
+    f.ok("block-export-add", json!({"type": "nbd", "id": "e", "node-name": "disk", "name": "d", "writable": true}));
+    // A client: tandemd's own NBD client, connected through an nbd node.
+    f.ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "client", "server": {"type": "unix", "path": socket}, "export": "d"}),
+    );
+    assert_eq!(f.error("block-export-del", json!({"id": "e"})), "export 'e' still in use");
+    let hard = f.error("block-export-del", json!({"id": "e", "mode": "hard"}));
+    assert!(hard.contains("not supported yet"), "{hard}");
+    let busy = f.error("blockdev-del", json!({"node-name": "disk"}));
+    assert!(busy.contains("export 'e'"), "{busy}");
+    assert_eq!(f.ok("query-block-exports", json!({})).as_array().unwrap().len(), 1, "still exported");
+    f.ok("blockdev-del", json!({"node-name": "client"})); // the client disconnects
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while f.run("block-export-del", json!({"id": "e"})).is_err() {
+        assert!(Instant::now() < deadline, "the export stayed in use after its client left");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f.ok("blockdev-del", json!({"node-name": "disk"}));
+}
