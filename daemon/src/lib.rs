@@ -154,10 +154,12 @@ pub fn run(args: Args) -> Result<(), String> {
     }
     let pidfile = pidfile.map(|p| p.write()).transpose()?;
     signals::wait_for_termination();
-    daemon.shutdown();
+    // No command may start once the stop began (one after the bitmaps' clean save would go
+    // unrecorded): the monitors go first.
     for monitor in monitors {
         monitor.shutdown();
     }
+    daemon.shutdown();
     drop(pidfile);
     Ok(())
 }

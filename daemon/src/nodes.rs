@@ -101,24 +101,46 @@ impl Node {
         Node { disk, driver, read_only, unmap, file, direct: false, recordings: Vec::new(), fleecing: None }
     }
 
-    /// Load and record every sidecar beside `image` into this node's disk.
+    /// Load and record every sidecar beside `image` into this node's disk. A file whose stored
+    /// name is not the one its file name gives belongs to another image whose name starts like
+    /// this one (`disk.img.bak.b0.bitmap` beside `disk.img`): it is left untouched. On an error
+    /// the sidecars opened so far are closed again, as they were.
     fn load_bitmaps(&mut self, node_name: &str, image: &Path) -> Result<(), NodeError> {
         for (name, path) in sidecars(image) {
             let bad = |reason: String| NodeError::Bitmap { name: node_name.to_string(), bitmap: name.clone(), reason };
-            let recording = tandem::bitmap::open_for_recording_any(&path).map_err(|e| bad(e.to_string()))?;
-            if recording.name() != name {
-                return Err(bad(format!("{} holds bitmap '{}'", path.display(), recording.name())));
+            let stored = match tandem::bitmap::load(&path) {
+                Ok(loaded) => loaded.name,
+                Err(error) => {
+                    self.close_bitmaps(node_name);
+                    return Err(bad(error.to_string()));
+                }
+            };
+            if stored != name {
+                continue;
             }
-            self.disk.bitmaps().add_shared(&name, recording.bitmap().clone()).map_err(|e| bad(e.to_string()))?;
-            if recording.bitmap().is_inconsistent() {
-                tandem::log::line(&format!(
-                    "node {node_name}: persistent bitmap '{name}' loaded as inconsistent: its process stopped while \
-                     recording it ({}); back up with on-inconsistent-bitmap=full or remove it",
-                    path.display()
-                ));
+            if let Err(error) = self.record_sidecar(node_name, &name, &path) {
+                self.close_bitmaps(node_name);
+                return Err(bad(error));
             }
-            self.recordings.push(recording);
         }
+        Ok(())
+    }
+
+    /// Mark one sidecar in use and record into it through this node's disk.
+    fn record_sidecar(&mut self, node_name: &str, name: &str, path: &Path) -> Result<(), String> {
+        let recording = tandem::bitmap::open_for_recording_any(path).map_err(|e| e.to_string())?;
+        if let Err(error) = self.disk.bitmaps().add_shared(name, recording.bitmap().clone()) {
+            let _ = recording.close(); // back as it was: in use only if it was inconsistent
+            return Err(error.to_string());
+        }
+        if recording.bitmap().is_inconsistent() {
+            tandem::log::line(&format!(
+                "node {node_name}: persistent bitmap '{name}' loaded as inconsistent: its process stopped while \
+                 recording it ({}); back up with on-inconsistent-bitmap=full or remove it",
+                path.display()
+            ));
+        }
+        self.recordings.push(recording);
         Ok(())
     }
 
@@ -333,6 +355,20 @@ impl Catalog {
             name: name.to_string(),
             reason: "persistent bitmaps need a file node below (a sidecar beside its image)".into(),
         })
+    }
+
+    /// The names of the persistent bitmaps of the disk `name` reads (its file node's sidecars).
+    pub fn persistent_names(&self, name: &str) -> Vec<String> {
+        let mut at = name.to_string();
+        for _ in 0..self.nodes.len() {
+            let Some(node) = self.nodes.get(&at) else { break };
+            match node.driver {
+                "file" => return node.recordings.iter().map(|r| r.name().to_string()).collect(),
+                "raw" | "copy-before-write" => at = node.file.clone().expect("names its file"),
+                _ => break,
+            }
+        }
+        Vec::new()
     }
 
     /// Save every persistent bitmap (the daemon's clean stop).

@@ -24,6 +24,20 @@ pub(crate) struct JobRecord {
     pub(crate) target: String,
 }
 
+/// Who else writes node `name` (a job's target, an export, a fleecing filter), if anyone.
+fn target_user(state: &State, name: &str) -> Option<String> {
+    if let Some((id, _)) = state.jobs.iter().find(|(_, record)| record.target == name) {
+        return Some(format!("block job '{id}'"));
+    }
+    if let Some((id, _)) =
+        state.exports.iter().find(|(_, export)| export.node_name == name && export.export.options.writable)
+    {
+        return Some(format!("export '{id}'"));
+    }
+    let filter = state.catalog.iter().find(|(_, node)| node.fleecing.as_ref().is_some_and(|f| f.target == name));
+    filter.map(|(filter, _)| format!("copy-before-write node '{filter}'"))
+}
+
 /// The id of a job that uses node `name`, if any.
 pub(super) fn job_using(state: &State, name: &str) -> Option<String> {
     state.jobs.iter().find(|(_, record)| record.device == name || record.target == name).map(|(id, _)| id.clone())
@@ -77,7 +91,14 @@ fn launch(
     if target.read_only {
         return Err(QmpError::generic(format!("Node '{}' is read-only", common.target)));
     }
+    if let Some(user) = target_user(&state, &common.target) {
+        // QEMU's permission conflict: two writers of one target would interleave.
+        return Err(QmpError::generic(format!("Conflicts with use by {user} as 'write' (node '{}')", common.target)));
+    }
     let job = start(&source.disk, target.disk.driver()).map_err(job_error)?;
+    // QEMU's job is running when the command returns (its created and running events go
+    // before the return): wait for the task's first step.
+    job.wait_for(|s| s != JobStatus::Created, std::time::Duration::from_secs(60));
     forward_events(daemon, &job);
     let record = JobRecord { job, device: common.device, target: common.target };
     state.jobs.insert(common.id, record);

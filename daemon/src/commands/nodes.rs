@@ -104,12 +104,13 @@ pub(super) fn query_named_block_nodes(daemon: &Daemon, mut args: Arguments) -> R
     let _flat = args.bool("flat")?;
     args.finish()?;
     let state = daemon.state();
-    let nodes: Vec<Value> = state.catalog.iter().map(|(name, node)| node_json(name, node)).collect();
+    let nodes: Vec<Value> =
+        state.catalog.iter().map(|(name, node)| node_json(name, node, &state.catalog.persistent_names(name))).collect();
     Ok(Value::Array(nodes))
 }
 
 /// QEMU's BlockDeviceInfo, for what a Tandem node has.
-fn node_json(name: &str, node: &Node) -> Value {
+fn node_json(name: &str, node: &Node, persistent: &[String]) -> Value {
     let size_bytes = node.disk.size_bytes();
     let file = node.file.clone().unwrap_or_default();
     json!({
@@ -123,12 +124,13 @@ fn node_json(name: &str, node: &Node) -> Value {
         "write_threshold": 0,
         "cache": {"writeback": true, "direct": node.direct, "no-flush": false},
         "image": {"filename": file, "format": node.driver, "virtual-size": size_bytes, "dirty-flag": false},
-        "dirty-bitmaps": bitmaps_json(node),
+        "dirty-bitmaps": bitmaps_json(node, persistent),
     })
 }
 
-/// The node's dirty bitmaps as QEMU's BlockDirtyInfo.
-fn bitmaps_json(node: &Node) -> Value {
+/// The node's dirty bitmaps as QEMU's BlockDirtyInfo; `persistent` names those with a
+/// sidecar (kept by the file node below).
+fn bitmaps_json(node: &Node, persistent: &[String]) -> Value {
     let registry = node.disk.bitmaps();
     let bitmaps: Vec<Value> = registry
         .names()
@@ -141,7 +143,7 @@ fn bitmaps_json(node: &Node) -> Value {
                 "granularity": bitmap.granularity_bytes(),
                 "recording": bitmap.is_enabled(),
                 "busy": registry.is_leased(&name),
-                "persistent": false,
+                "persistent": persistent.contains(&name),
                 "inconsistent": bitmap.is_inconsistent(),
             })
         })

@@ -57,6 +57,22 @@ impl Fixture {
         path
     }
 
+    /// `block-export-del` once the server has seen its last client go (it is refused
+    /// while one is connected).
+    fn delete_export_once_idle(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.run("block-export-del", json!({"id": id})) {
+                Ok(_) => return,
+                Err(error) if error.desc.contains("still in use") => {
+                    assert!(Instant::now() < deadline, "export {id} stayed in use after its clients left");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(error) => panic!("block-export-del {id}: {}", error.desc),
+            }
+        }
+    }
+
     fn wait_job(&self, id: &str, status: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -236,13 +252,25 @@ fn a_transaction_that_fails_or_aborts_changes_nothing() {
     f.file_node("src", 1);
     f.ok("block-dirty-bitmap-add", json!({"node": "src", "name": "old"}));
     guest_write(&f, "src", 0, 2);
+    // The clear becomes remove-and-recreate at the backup's point in time; the backup fails,
+    // so the removed bitmap comes back with its marks.
     let failing = json!({"actions": [
-        {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "new"}},
         {"type": "block-dirty-bitmap-clear", "data": {"node": "src", "name": "old"}},
         {"type": "blockdev-backup", "data": {"device": "src", "target": "nowhere", "sync": "full"}},
     ]});
     let error = f.error("transaction", failing);
     assert!(error.contains("nowhere"), "{error}");
+    // An action that cannot happen at the point in time is refused before anything runs.
+    let mixed = json!({"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "new"}},
+        {"type": "block-dirty-bitmap-disable", "data": {"node": "src", "name": "old"}},
+        {"type": "blockdev-backup", "data": {"device": "src", "target": "src", "sync": "full"}},
+    ]});
+    let refused = f.error("transaction", mixed);
+    assert!(
+        refused.contains("block-dirty-bitmap-disable on node 'src' cannot happen at the point in time"),
+        "{refused}"
+    );
     let aborted = json!({"actions": [
         {"type": "block-dirty-bitmap-clear", "data": {"node": "src", "name": "old"}},
         {"type": "abort", "data": {}},
@@ -353,7 +381,7 @@ fn pull_mode_backup_reads_the_point_in_time_and_its_bitmap_over_nbd() {
         dirty.iter().any(|(start, length)| *start <= 3 << 20 && start + length > 3 << 20),
         "b0 shows the write: {dirty:?}"
     );
-    f.ok("block-export-del", json!({"id": "e"}));
+    f.delete_export_once_idle("e"); // qemu-img has exited; the server notices a moment later
     let busy = f.error("blockdev-del", json!({"node-name": "fleece"}));
     assert!(busy.contains("cbw"), "the filter saves to it: {busy}");
     f.ok("blockdev-del", json!({"node-name": "snap"}));
@@ -492,10 +520,49 @@ fn an_export_a_client_uses_is_not_deleted_and_neither_is_its_node() {
     assert!(busy.contains("export 'e'"), "{busy}");
     assert_eq!(f.ok("query-block-exports", json!({})).as_array().unwrap().len(), 1, "still exported");
     f.ok("blockdev-del", json!({"node-name": "client"})); // the client disconnects
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while f.run("block-export-del", json!({"id": "e"})).is_err() {
-        assert!(Instant::now() < deadline, "the export stayed in use after its client left");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    f.delete_export_once_idle("e");
     f.ok("blockdev-del", json!({"node-name": "disk"}));
+}
+
+#[test]
+fn a_failed_transaction_gives_each_bitmap_its_state_back() {
+    let f = Fixture::new();
+    f.file_node("src", 1);
+    f.file_node("other", 2);
+    f.ok("block-dirty-bitmap-add", json!({"node": "other", "name": "on"}));
+    f.ok("block-dirty-bitmap-add", json!({"node": "other", "name": "off", "disabled": true}));
+    let failing = json!({"actions": [
+        {"type": "block-dirty-bitmap-enable", "data": {"node": "other", "name": "on"}},
+        {"type": "block-dirty-bitmap-enable", "data": {"node": "other", "name": "off"}},
+        {"type": "blockdev-backup", "data": {"device": "src", "target": "nowhere", "sync": "full"}},
+    ]});
+    f.error("transaction", failing);
+    let nodes = f.ok("query-named-block-nodes", json!({}));
+    let other = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "other").unwrap().clone();
+    let recording: Vec<(String, bool)> = other["dirty-bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["name"].as_str().unwrap().to_string(), b["recording"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(recording, vec![("on".to_string(), true), ("off".to_string(), false)], "each as it was");
+}
+
+#[test]
+fn a_sidecar_of_another_image_with_a_longer_name_is_left_alone() {
+    let f = Fixture::new();
+    let other = f.file_node("disk.img.bak", 1);
+    f.ok("block-dirty-bitmap-add", json!({"node": "disk.img.bak", "name": "b0", "persistent": true}));
+    assert_eq!(bitmap_info(&f, "disk.img.bak")["persistent"], true);
+    f.daemon.shutdown(); // saved clean
+    let sidecar = crate::nodes::sidecar_path(&other, "b0");
+    let before = std::fs::read(&sidecar).unwrap();
+    // "disk.img" is a prefix of "disk.img.bak": its sidecar is not this image's.
+    let g = Fixture::new();
+    let image = f.path("disk.img");
+    std::fs::write(&image, vec![0u8; DISK_BYTES]).unwrap();
+    g.ok("blockdev-add", json!({"driver": "file", "node-name": "d", "filename": image, "cache": {"direct": true}}));
+    let nodes = g.ok("query-named-block-nodes", json!({}));
+    assert_eq!(nodes[0]["dirty-bitmaps"], json!([]), "no bitmap of the other image");
+    assert_eq!(std::fs::read(&sidecar).unwrap(), before, "its sidecar is untouched (not marked in use)");
 }

@@ -38,6 +38,23 @@ class Session:
             return {"class": error.error.error.class_, "desc": error.error.error.desc}
         raise AssertionError(f"{command} succeeded but must fail")
 
+    async def delete_export(self, export_id):
+        """block-export-del once no client uses the export (a client that just exited may still
+        be counted for a moment; both daemons refuse a busy export in mode safe)."""
+        from qemu.qmp import ExecuteError
+
+        for _ in range(3000):
+            try:
+                await self.client.execute("block-export-del", {"id": export_id})
+                break
+            except ExecuteError as error:
+                if "still in use" not in error.error.error.desc:
+                    raise
+                await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(f"export {export_id} stayed in use")
+        await self.wait("BLOCK_EXPORT_DELETED", id=export_id)
+
     async def wait(self, name, **match):
         """Record events until `name` arrives with data matching `match`."""
         while True:

@@ -85,8 +85,7 @@ async def main(qmp_path, work):
         {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "never"}},
         {"type": "abort", "data": {}}])
     after = [n for n in await s.run("query-named-block-nodes") if n["node-name"] == "src"][0]["dirty-bitmaps"]
-    await s.run("block-export-del", id="guest")
-    await s.wait("BLOCK_EXPORT_DELETED", id="guest")
+    await s.delete_export("guest")
     await s.run("nbd-server-stop")
     await s.close()
     # Restore each instant from the chain.

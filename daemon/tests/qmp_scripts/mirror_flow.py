@@ -38,8 +38,7 @@ async def main(qmp_path, src, dst, nbd):
     await s.run("job-dismiss", id="m")
     await s.wait("JOB_STATUS_CHANGE", id="m", status="null")
     assert await s.run("query-block-jobs") == []
-    await s.run("block-export-del", id="guest")
-    await s.wait("BLOCK_EXPORT_DELETED", id="guest")
+    await s.delete_export("guest")
     await s.run("nbd-server-stop")
     unknown = await s.error("blockdev-mirror", device="nosuch", target="dst", sync="full")
     missing = await s.error("job-pause")

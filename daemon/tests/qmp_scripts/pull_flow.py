@@ -41,8 +41,7 @@ async def main(qmp_path, work):
     await s.run("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}})
     await s.run("block-export-add", type="nbd", id="pre", **{"node-name": "src"}, name="pre", writable=True)
     await guest_writes(uri("pre"), 1, [3, 4, 100])  # before the point in time: in b0
-    await s.run("block-export-del", id="pre")
-    await s.wait("BLOCK_EXPORT_DELETED", id="pre")
+    await s.delete_export("pre")
     # The point in time: the bitmap stops, the copy-before-write node goes on, and from now on
     # the guest writes through it.
     await s.run("transaction", actions=[
@@ -61,8 +60,7 @@ async def main(qmp_path, work):
                          capture_output=True, text=True).stdout
     dirty = [[e["offset"], e["length"]] for e in json.loads(out) if e["type"] & 1]
     for export in ("backup", "live"):
-        await s.run("block-export-del", id=export)
-        await s.wait("BLOCK_EXPORT_DELETED", id=export)
+        await s.delete_export(export)
     for node in ("snap", "cbw"):
         await s.run("blockdev-del", **{"node-name": node})
     await s.run("nbd-server-stop")
