@@ -74,6 +74,16 @@ struct Plan {
     monitors: Vec<PathBuf>,
 }
 
+/// A socket nobody listens on: what a daemon killed with SIGKILL leaves behind. QEMU unlinks
+/// any file at a monitor's path; tandemd replaces only this, which holds no one's data.
+fn is_stale_socket(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let socket = path.symlink_metadata().is_ok_and(|m| m.file_type().is_socket());
+    socket
+        && std::os::unix::net::UnixStream::connect(path)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
 /// Each `--monitor` on its `--chardev`, checked: a known chardev, used once, at a path that
 /// does not exist yet.
 fn monitors(args: &Args) -> Result<Vec<PathBuf>, String> {
@@ -91,10 +101,10 @@ fn monitors(args: &Args) -> Result<Vec<PathBuf>, String> {
         if paths.contains(&chardev.path) {
             return Err(format!("--monitor chardev={id}: that chardev has a monitor already"));
         }
-        if chardev.path.symlink_metadata().is_ok() {
+        if chardev.path.symlink_metadata().is_ok() && !is_stale_socket(&chardev.path) {
+            let path = chardev.path.display();
             return Err(format!(
-                "--chardev id={id}: {} exists (tandemd never replaces a file it did not create)",
-                chardev.path.display()
+                "--chardev id={id}: {path} exists and is not a dead socket (tandemd never replaces a file it did not create)"
             ));
         }
         paths.push(chardev.path.clone());
@@ -147,6 +157,10 @@ pub fn run(args: Args) -> Result<(), String> {
     }
     let mut monitors = Vec::new();
     for path in &plan.monitors {
+        if is_stale_socket(path) {
+            tandem::log::line(&format!("replacing the dead socket {} (its daemon was killed)", path.display()));
+            std::fs::remove_file(path).map_err(|e| format!("--chardev {}: {e}", path.display()))?;
+        }
         // After block_termination: the monitor's threads inherit the blocked signals.
         let monitor = qmp::Monitor::start(path, daemon.clone()).map_err(|e| e.to_string())?;
         daemon.set_events(monitor.events());

@@ -54,7 +54,8 @@ impl Daemon {
             .spawn()
             .unwrap_or_else(|e| panic!("{program}: {e}"));
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !qmp.exists() {
+        // Connectable, not only present: a killed daemon's dead socket may be there first.
+        while UnixStream::connect(&qmp).is_err() {
             if let Some(status) = child.try_wait().unwrap() {
                 panic!("{program} exited early ({status}): {}", stderr_of(&mut child));
             }
@@ -304,7 +305,7 @@ fn a_sigkill_during_a_job_leaves_the_persistent_bitmap_inconsistent_and_the_rest
     drop(daemon);
     let sidecar = dir.path().join("src.img.b0.bitmap");
     assert!(sidecar.exists(), "the sidecar outlives the process");
-    std::fs::remove_file(dir.path().join("qmp.sock")).unwrap(); // the killed daemon's, ours to clean
+    assert!(dir.path().join("qmp.sock").exists(), "the killed daemon's socket is left: the restart replaces it");
     let restarted = Daemon::start(tandemd(), dir.path(), &blockdevs);
     let mut qmp = Qmp::connect(&restarted.qmp);
     let nodes = qmp.execute("query-named-block-nodes", json!({}));

@@ -80,6 +80,11 @@ impl Arguments {
         }
     }
 
+    /// Whether `key` was given (and not read yet).
+    pub(crate) fn map_has(&self, key: &str) -> bool {
+        self.map.contains_key(key)
+    }
+
     /// Whatever is left, as it came (for the option parsers that read the rest).
     pub(crate) fn into_map(self) -> Map<String, Value> {
         self.map

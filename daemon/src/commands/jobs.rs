@@ -170,7 +170,20 @@ pub(super) fn backup_plan(mut args: Arguments) -> Result<(Common, BackupConfig),
         return Err(QmpError::generic("Parameter 'compress' is not supported: a raw target has no compression"));
     }
     let _filter = args.string("filter-node-name")?;
-    let bitmap_mode = match args.choice("bitmap-mode", &["on-success", "never", "always"])? {
+    let mode = args.choice("bitmap-mode", &["on-success", "never", "always"])?;
+    let bitmap_given = args.map_has("bitmap");
+    // QEMU's rules for the bitmap and its mode.
+    match (sync, incremental, mode, bitmap_given) {
+        (_, true, Some(mode), _) if mode != "on-success" => {
+            return Err(QmpError::generic("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'"));
+        }
+        ("bitmap", false, None, true) => {
+            return Err(QmpError::generic("Bitmap sync mode must be given when providing a bitmap"));
+        }
+        (_, _, Some(_), false) => return Err(QmpError::generic("Cannot specify bitmap sync mode without a bitmap")),
+        _ => {}
+    }
+    let bitmap_mode = match mode {
         Some(mode) => Some(BitmapMode::parse(mode).map_err(job_error)?),
         None if incremental => Some(BitmapMode::OnSuccess),
         None => None,
@@ -292,81 +305,88 @@ fn find_block_job(daemon: &Daemon, device: &str) -> Result<Job, QmpError> {
     let state = daemon.state();
     match state.jobs.get(device) {
         Some(record) => Ok(record.job.clone()),
-        None => Err(QmpError {
-            class: ErrorClass::DeviceNotActive,
-            desc: format!("No active block job on device '{device}'"),
-        }),
+        None => Err(QmpError { class: ErrorClass::DeviceNotActive, desc: format!("Block job '{device}' not found") }),
     }
 }
 
+/// A verb on the job named by argument `key`: the `job-*` commands find it as QEMU's job layer
+/// does, the `block-job-*` ones (`block` true) as its block-job layer does (DeviceNotActive).
 fn verb(
     daemon: &Daemon,
     mut args: Arguments,
-    key: &str,
+    (key, block): (&str, bool),
     act: impl FnOnce(&Job) -> Result<(), tandem::job::JobError>,
 ) -> Result<Value, QmpError> {
     let id = args.required(key)?;
     args.finish()?;
-    let job = match key {
-        "device" => find_block_job(daemon, &id)?,
-        _ => find_job(daemon, &id)?,
+    let job = match block {
+        true => find_block_job(daemon, &id)?,
+        false => find_job(daemon, &id)?,
     };
     act(&job).map_err(job_error)?;
     Ok(json!({}))
 }
 
 pub(super) fn job_pause(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
-    verb(daemon, args, "id", Job::pause)
+    verb(daemon, args, ("id", false), Job::pause)
 }
 
 pub(super) fn job_resume(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
-    verb(daemon, args, "id", Job::resume)
+    verb(daemon, args, ("id", false), Job::resume)
 }
 
 pub(super) fn job_cancel(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
     // job-cancel is the hard cancel; a ready mirror's soft one is block-job-cancel's.
-    verb(daemon, args, "id", |job| job.cancel(true))
+    verb(daemon, args, ("id", false), |job| job.cancel(true))
 }
 
 pub(super) fn job_complete(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
-    verb(daemon, args, "id", Job::complete)
+    verb(daemon, args, ("id", false), Job::complete)
 }
 
 pub(super) fn job_finalize(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
-    verb(daemon, args, "id", Job::finalize)
+    verb(daemon, args, ("id", false), Job::finalize)
 }
 
 pub(super) fn job_dismiss(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
-    verb(daemon, args, "id", Job::dismiss)
+    verb(daemon, args, ("id", false), Job::dismiss)
+}
+
+pub(super) fn block_job_finalize(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
+    verb(daemon, args, ("id", true), Job::finalize)
+}
+
+pub(super) fn block_job_dismiss(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
+    verb(daemon, args, ("id", true), Job::dismiss)
 }
 
 pub(super) fn block_job_pause(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
-    verb(daemon, args, "device", Job::pause)
+    verb(daemon, args, ("device", true), Job::pause)
 }
 
 pub(super) fn block_job_resume(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
-    verb(daemon, args, "device", Job::resume)
+    verb(daemon, args, ("device", true), Job::resume)
 }
 
 pub(super) fn block_job_complete(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {
-    verb(daemon, args, "device", Job::complete)
+    verb(daemon, args, ("device", true), Job::complete)
 }
 
 pub(super) fn block_job_cancel(daemon: &Daemon, mut args: Arguments) -> Result<Value, QmpError> {
     // QEMU's default: a ready mirror finishes consistent without switching (force=false).
     let force = args.bool("force")?.unwrap_or(false);
-    verb(daemon, args, "device", move |job| job.cancel(force))
+    verb(daemon, args, ("device", true), move |job| job.cancel(force))
 }
 
 pub(super) fn block_job_set_speed(daemon: &Daemon, mut args: Arguments) -> Result<Value, QmpError> {
     let speed = args.u64("speed")?.ok_or_else(|| QmpError::generic("Parameter 'speed' is missing"))?;
-    verb(daemon, args, "device", move |job| job.set_speed(speed))
+    verb(daemon, args, ("device", true), move |job| job.set_speed(speed))
 }
 
 pub(super) fn block_job_change(daemon: &Daemon, mut args: Arguments) -> Result<Value, QmpError> {
     let kind = args.choice("type", &["mirror"])?.ok_or_else(|| QmpError::generic("Parameter 'type' is missing"))?;
     let mode = args.choice("copy-mode", COPY_MODES)?;
-    let job = find_job(daemon, &args.required("id")?)?;
+    let job = find_block_job(daemon, &args.required("id")?)?;
     args.finish()?;
     if job.kind().name() != kind {
         return Err(QmpError::generic(format!("Job type does not match specified type '{kind}'")));

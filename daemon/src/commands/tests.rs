@@ -130,10 +130,7 @@ fn bad_arguments_get_qemus_texts_and_change_nothing() {
         f.error("blockdev-backup", json!({"device": "disk", "target": "disk", "sync": "full", "compress": true}));
     assert!(compress.contains("'compress' is not supported"), "{compress}");
     let no_job = f.run("block-job-pause", json!({"device": "disk"})).unwrap_err();
-    assert_eq!(
-        (no_job.class, no_job.desc.as_str()),
-        (ErrorClass::DeviceNotActive, "No active block job on device 'disk'")
-    );
+    assert_eq!((no_job.class, no_job.desc.as_str()), (ErrorClass::DeviceNotActive, "Block job 'disk' not found"));
     let nothing = f.run("no-such-command", json!({})).unwrap_err();
     assert_eq!(nothing.class, ErrorClass::CommandNotFound);
     assert_eq!(f.ok("query-jobs", json!({})), json!([]), "no job was started");
