@@ -195,19 +195,27 @@ pub(crate) fn export_options(
         return Err(format!("writable=on, but node '{}' is read-only", spec.node_name));
     }
     for (bitmap, owner) in spec.bitmaps.iter().zip(&spec.bitmap_nodes) {
-        if node.disk.bitmaps().get(bitmap).is_ok() {
-            continue;
-        }
-        // Named on another node (a snapshot-access export shows the disk's bitmap): shared
-        // into the exported disk's registry, the same bitmap, not a copy.
-        let found =
-            owner.as_deref().and_then(|owner| catalog.get(owner).ok()).and_then(|o| o.disk.bitmaps().get(bitmap).ok());
-        match found {
-            Some(shared) => drop(node.disk.bitmaps().add_shared(bitmap, shared)),
-            None => {
-                let on = owner.as_deref().unwrap_or(&spec.node_name);
-                return Err(format!("Bitmap '{bitmap}' is not found on node '{on}'"));
+        let found = match owner {
+            None => node.disk.bitmaps().get(bitmap).ok(),
+            // QEMU takes a bitmap of the exported node or of a node below it, nothing else.
+            Some(owner) if below(catalog, &spec.node_name, owner) => {
+                catalog.get(owner).ok().and_then(|o| o.disk.bitmaps().get(bitmap).ok())
             }
+            Some(owner) => {
+                return Err(format!("Bitmap '{bitmap}': node '{owner}' is not below export node '{}'", spec.node_name))
+            }
+        };
+        let Some(found) = found else {
+            let on = owner.as_deref().unwrap_or(&spec.node_name);
+            return Err(format!("Bitmap '{bitmap}' is not found on node '{on}'"));
+        };
+        if found.is_enabled() && !spec.writable {
+            // QEMU's rule: a bitmap that still records cannot describe a fixed image.
+            return Err(format!("Enabled bitmap '{bitmap}' incompatible with readonly export"));
+        }
+        if node.disk.bitmaps().get(bitmap).is_err() {
+            // A snapshot-access export shows the disk's bitmap: shared, the same one.
+            let _ = node.disk.bitmaps().add_shared(bitmap, found);
         }
     }
     let mut options = ExportOptions::new(&spec.name);
@@ -221,6 +229,21 @@ pub(crate) fn export_options(
     }
     tandem_nbd::Export::new(node.disk.clone(), options.clone()).map_err(|e| e.to_string())?;
     Ok((node.disk.clone(), options))
+}
+
+/// Whether `lower` is `upper` or a node below it (through `file` links).
+fn below(catalog: &Catalog, upper: &str, lower: &str) -> bool {
+    let mut at = upper.to_string();
+    for _ in 0..64 {
+        if at == lower {
+            return true;
+        }
+        match catalog.get(&at).ok().and_then(|node| node.file.clone()) {
+            Some(file) if catalog.get(&file).is_ok() => at = file,
+            _ => return false,
+        }
+    }
+    false
 }
 
 pub(super) fn block_export_add(daemon: &Daemon, args: Arguments) -> Result<Value, QmpError> {

@@ -191,6 +191,15 @@ fn the_nbd_server_and_exports_come_and_go_by_command() {
     assert!(socket.exists());
     let again = f.error("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": socket}}}));
     assert_eq!(again, "NBD server already running");
+    f.ok("block-dirty-bitmap-add", json!({"node": "disk", "name": "b"}));
+    let enabled = f.error("block-export-add", json!({"type": "nbd", "id": "r", "node-name": "disk", "bitmaps": ["b"]}));
+    assert_eq!(enabled, "Enabled bitmap 'b' incompatible with readonly export");
+    f.file_node("elsewhere", 0);
+    f.ok("block-dirty-bitmap-add", json!({"node": "elsewhere", "name": "x", "disabled": true}));
+    let foreign =
+        json!({"type": "nbd", "id": "r", "node-name": "disk", "bitmaps": [{"node": "elsewhere", "name": "x"}]});
+    let unrelated = f.error("block-export-add", foreign);
+    assert!(unrelated.contains("not below export node 'disk'"), "{unrelated}");
     f.ok("block-export-add", json!({"type": "nbd", "id": "e", "node-name": "disk", "writable": true}));
     let exports = f.ok("query-block-exports", json!({}));
     assert_eq!(exports, json!([{"id": "e", "type": "nbd", "node-name": "disk", "shutting-down": false}]));
@@ -341,6 +350,7 @@ fn pull_mode_backup_reads_the_point_in_time_and_its_bitmap_over_nbd() {
     guest_write(&f, "src", 3 << 20, 0x33); // before the point in time: in b0 and in the backup
     f.ok("blockdev-add", json!({"driver": "copy-before-write", "node-name": "cbw", "file": "src", "target": "fleece"}));
     let snapshot = std::fs::read(&source).unwrap(); // the point in time
+    f.ok("block-dirty-bitmap-disable", json!({"node": "src", "name": "b0"})); // frozen at the point in time
     f.ok("blockdev-add", json!({"driver": "snapshot-access", "node-name": "snap", "file": "cbw"}));
     let socket = f.path("nbd.sock");
     f.ok("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": socket}}}));
