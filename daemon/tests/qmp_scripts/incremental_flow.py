@@ -1,6 +1,7 @@
 """A full and two incremental backups through transactions and a dirty bitmap, while a guest
-writes through an NBD export between them; each backup restored over the ones before and
-compared with the disk at its instant (qemu-img compare).
+writes through an NBD export between them and during the first incremental (whose point in
+time is when its transaction returned); each backup restored over the ones before and compared
+with the disk at its instant (qemu-img compare).
 Usage: incremental_flow.py QMP_SOCKET DIR   (DIR holds src.img and empty full/inc1/inc2.img)
 """
 
@@ -50,13 +51,16 @@ def identical(a, b):
     return subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", a, b]).returncode == 0
 
 
-async def backup(s, job, target, sync, **extra):
+async def backup(s, job, target, sync, during=None, **extra):
+    """Start a backup by a transaction; run `during` (guest writes) while it runs."""
     action = {"type": "blockdev-backup",
               "data": {"job-id": job, "device": "src", "target": target, "sync": sync, **extra}}
     actions = [action]
     if sync == "full":
         actions.insert(0, {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b0"}})
     await s.run("transaction", actions=actions)
+    if during is not None:
+        await during
     completed = await s.wait("BLOCK_JOB_COMPLETED", device=job)
     assert "error" not in completed["data"], completed
 
@@ -75,8 +79,10 @@ async def main(qmp_path, work):
     await backup(s, "full", "full", "full")
     snapshot(nbd, path("at0.img"))
     await guest_writes(nbd, 1)
-    await backup(s, "inc1", "inc1", "incremental", bitmap="b0")
     snapshot(nbd, path("at1.img"))
+    # Slowed, so the guest's writes (over the clusters it is copying, too) land while it runs:
+    # copy-before-write keeps them out of it, and b0 records them for the next one.
+    await backup(s, "inc1", "inc1", "incremental", bitmap="b0", speed=512 * 1024, during=guest_writes(nbd, 3))
     await guest_writes(nbd, 2)
     await backup(s, "inc2", "inc2", "incremental", bitmap="b0")
     snapshot(nbd, path("at2.img"))
