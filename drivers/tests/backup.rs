@@ -918,3 +918,28 @@ fn a_mirror_refuses_an_inconsistent_bitmap_by_name() {
     assert!(!s.disk.has_filter());
     assert!(bitmap.is_inconsistent() && bitmap.dirty_bytes() == 2 << 20);
 }
+
+#[test]
+fn start_drained_takes_the_point_in_time_under_the_callers_drain() {
+    let s = setup(Layout::Dense);
+    let other = Disk::new(open(&s.runtime, &s.snapshot_path));
+    let config = || BackupConfig { auto_dismiss: false, ..BackupConfig::default() };
+    let not_ours = tandem::reactor::block_on(other.drain().expect("not drained"));
+    let target = open(&s.runtime, &s.target_path);
+    let refused = tandem::job::backup::start_drained(&s.runtime.handle(), &s.disk, target.clone(), config(), &not_ours);
+    assert!(matches!(refused, Err(JobError::Config { name: "drained", .. })), "another disk's drain is no proof");
+    assert!(!s.disk.has_filter(), "nothing started");
+    drop(not_ours);
+    let guard = tandem::reactor::block_on(s.disk.drain().expect("not drained"));
+    let job = tandem::job::backup::start_drained(&s.runtime.handle(), &s.disk, target, config(), &guard).unwrap();
+    // A guest write now waits for the caller's drain: it lands after the point in time.
+    let disk = s.disk.clone();
+    let writer = std::thread::spawn(move || guest_write(&disk, 0, 77));
+    drop(guard);
+    writer.join().unwrap().unwrap();
+    assert_eq!(job.wait_for(|st| st.is_finished(), WAIT), JobStatus::Concluded);
+    assert_eq!(job.error(), None);
+    let Setup { disk, runtime, target_path, snapshot_path, .. } = s;
+    drop((disk, other, runtime));
+    assert!(qemu_img_identical(&snapshot_path, &target_path), "the point in time is the drain's");
+}

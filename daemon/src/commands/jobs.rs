@@ -150,6 +150,19 @@ pub(super) fn blockdev_backup(daemon: &Daemon, args: Arguments) -> Result<Value,
     start_backup(daemon, common, config)
 }
 
+/// As `start_backup`, under the caller's drain of the source (a transaction's instant).
+pub(super) fn start_backup_drained(
+    daemon: &Daemon,
+    common: Common,
+    config: BackupConfig,
+    drained: &tandem::block::DrainGuard,
+) -> Result<Value, QmpError> {
+    let handle = daemon.runtime().clone();
+    launch(daemon, common, move |disk, target| {
+        tandem::job::backup::start_drained(&handle, disk, target, config, drained)
+    })
+}
+
 /// A backup whose arguments were read (and checked) by `backup_plan`.
 pub(super) fn start_backup(daemon: &Daemon, common: Common, config: BackupConfig) -> Result<Value, QmpError> {
     let handle = daemon.runtime().clone();

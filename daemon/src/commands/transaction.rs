@@ -5,18 +5,18 @@
 //! How "all or nothing" and "at the same instant" hold:
 //! - Every action's arguments are read and checked first; a bad one (or `abort`) fails the
 //!   transaction before anything changes.
-//! - What the scripts rely on is that a bitmap starts (or restarts) at exactly the backup's
-//!   point in time. A bitmap added on a backup's device, or cleared there, becomes the
-//!   backup's `new_bitmap`: the engine creates it under the drain that takes the point in
-//!   time (a clear is the old bitmap removed and a new one of the same name and granularity
-//!   created there). Other bitmap actions run before the backups.
-//! - Actions run in order; if one fails, those done are undone, newest first (a removed
-//!   bitmap comes back, a cleared or merged one gets its bits back, an added one goes), and
-//!   the failure is the transaction's error. A backup that started is the last thing to
-//!   fail: backups start after every bitmap action, and a later backup's failure cancels the
-//!   earlier ones.
+//! - The disk of every backup in the transaction is drained (no guest write in progress, new
+//!   ones held) before the first action and stays so until the last: the bitmap actions and
+//!   the backups' points in time (`backup::start_drained`) all fall between the same two guest
+//!   writes, which is what incremental-backup scripts rely on (a bitmap added, cleared or
+//!   merged "at" the backup).
+//! - Actions run in order, backups last; if one fails, the bitmap actions done are undone,
+//!   newest first, still under the drains (a removed bitmap comes back, a cleared one gets its
+//!   marks back, enable and disable go back to the state before; a merge is kept, as extra
+//!   marks only cost copying), then the drains end and the backups started are cancelled
+//!   (their filters come off only once the disk is not drained).
 
-use super::jobs::{backup_plan, start_backup, Common};
+use super::jobs::{backup_plan, start_backup_drained, Common};
 use super::{Arguments, Daemon};
 use crate::qmp::QmpError;
 use serde_json::{json, Value};
@@ -29,30 +29,10 @@ const ACTIONS_MAX: usize = 256;
 
 /// One checked action.
 enum Action {
-    BitmapAdd {
-        node: String,
-        name: String,
-        granularity_bytes: Option<u64>,
-        disabled: bool,
-        persistent: bool,
-    },
-    BitmapClear {
-        node: String,
-        name: String,
-    },
-    BitmapOther {
-        kind: &'static str,
-        arguments: serde_json::Map<String, Value>,
-    },
-    /// A cleared bitmap, removed just before the backup that makes it anew at its point in time.
-    Replace {
-        node: String,
-        name: String,
-    },
-    Backup {
-        common: Common,
-        config: Box<BackupConfig>,
-    },
+    BitmapAdd { node: String, name: String, granularity_bytes: Option<u64>, disabled: bool, persistent: bool },
+    BitmapClear { node: String, name: String },
+    BitmapOther { kind: &'static str, arguments: serde_json::Map<String, Value> },
+    Backup { common: Common, config: Box<BackupConfig> },
 }
 
 /// How to take back what an action did.
@@ -79,18 +59,52 @@ pub(super) fn transaction(daemon: &Daemon, mut args: Arguments) -> Result<Value,
             actions.len()
         )));
     }
-    let mut checked = actions.into_iter().map(parse_action).collect::<Result<Vec<_>, _>>()?;
-    fold_into_backups(daemon, &mut checked)?;
+    let checked = actions.into_iter().map(parse_action).collect::<Result<Vec<_>, _>>()?;
+    let drains = drain_backed_up_disks(daemon, &checked)?;
     let mut undo = Vec::new();
-    match run(daemon, checked, &mut undo) {
-        Ok(()) => Ok(json!({})),
-        Err(error) => {
-            for step in undo.into_iter().rev() {
-                take_back(daemon, step);
-            }
-            Err(error)
+    let result = run(daemon, checked, &drains, &mut undo);
+    let (jobs, bitmaps): (Vec<Undo>, Vec<Undo>) =
+        undo.into_iter().partition(|step| matches!(step, Undo::CancelJob { .. }));
+    if result.is_err() {
+        for step in bitmaps.into_iter().rev() {
+            take_back(daemon, step);
         }
     }
+    drop(drains);
+    if result.is_err() {
+        for step in jobs.into_iter().rev() {
+            take_back(daemon, step);
+        }
+    }
+    result.map(|()| json!({}))
+}
+
+/// A drain of each disk a backup of the transaction reads, keyed by the disk's root node.
+type Drains = Vec<(String, tandem::block::DrainGuard)>;
+
+fn drain_backed_up_disks(daemon: &Daemon, actions: &[Action]) -> Result<Drains, QmpError> {
+    let mut drains: Drains = Vec::new();
+    for action in actions {
+        let Action::Backup { common, .. } = action else { continue };
+        let root = disk_root(daemon, &common.device);
+        if drains.iter().any(|(drained, _)| *drained == root) {
+            continue;
+        }
+        let disk = {
+            let state = daemon.state();
+            state.catalog.get(&common.device).map_err(|_| super::nodes::not_found(&common.device))?.disk.clone()
+        };
+        // Never waits on another drainer: a disk already drained (a job's point in time, another
+        // transaction) fails this one instead.
+        let Some(drain) = disk.drain() else {
+            return Err(QmpError::generic(format!(
+                "Node '{}' is busy: another operation holds its writes",
+                common.device
+            )));
+        };
+        drains.push((root, tandem::reactor::block_on(drain)));
+    }
+    Ok(drains)
 }
 
 fn parse_action(action: Value) -> Result<Action, QmpError> {
@@ -142,53 +156,6 @@ fn bitmap_add(mut data: Arguments) -> Result<Action, QmpError> {
     Ok(Action::BitmapAdd { node, name, granularity_bytes, disabled, persistent })
 }
 
-/// A bitmap added or cleared on a backup's device becomes that backup's `new_bitmap`, made
-/// at its point in time (see the module doc). One per backup; the rest run as they are.
-fn fold_into_backups(daemon: &Daemon, actions: &mut Vec<Action>) -> Result<(), QmpError> {
-    let mut index = 0;
-    while index < actions.len() {
-        let (node, name, granularity_bytes, clear) = match &actions[index] {
-            // A persistent bitmap gets its sidecar by itself, before the backup.
-            Action::BitmapAdd { node, name, granularity_bytes, disabled: false, persistent: false } => {
-                (node, name, *granularity_bytes, false)
-            }
-            Action::BitmapClear { node, name } => (node, name, None, true),
-            _ => {
-                index += 1;
-                continue;
-            }
-        };
-        let root = disk_root(daemon, node);
-        let backup = actions.iter().position(|action| match action {
-            Action::Backup { common, config } => {
-                disk_root(daemon, &common.device) == root
-                    && config.new_bitmap.is_none()
-                    && granularity_bytes.is_none_or(|g| g == config.cluster_bytes)
-            }
-            _ => false,
-        });
-        let Some(backup) = backup else {
-            index += 1;
-            continue;
-        };
-        if clear && !clearable_at_point(daemon, node, name, backup_cluster(&actions[backup]))? {
-            index += 1;
-            continue;
-        }
-        let name = name.clone();
-        let action = actions.remove(index);
-        let backup = if backup > index { backup - 1 } else { backup };
-        if let Action::Backup { config, .. } = &mut actions[backup] {
-            config.new_bitmap = Some(name);
-        }
-        if let Action::BitmapClear { node, name } = action {
-            // The old bitmap goes just before the backup; the backup makes the new one.
-            actions.insert(backup, Action::Replace { node, name });
-        }
-    }
-    refuse_unfolded(daemon, actions)
-}
-
 /// The node whose disk `node` reads and writes: below raw and copy-before-write nodes, which
 /// share their file's disk (and its bitmaps).
 fn disk_root(daemon: &Daemon, node: &str) -> String {
@@ -205,73 +172,22 @@ fn disk_root(daemon: &Daemon, node: &str) -> String {
     at
 }
 
-/// Any other bitmap action on a backup's disk would run before the backup's point in time,
-/// not at it: a guest write between the two would be in no bitmap and no backup. Until the
-/// engine can run them under the backup's drain, such a mix is refused (see the module doc).
-fn refuse_unfolded(daemon: &Daemon, actions: &[Action]) -> Result<(), QmpError> {
-    let backed_up: Vec<String> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Backup { common, .. } => Some(disk_root(daemon, &common.device)),
-            _ => None,
-        })
-        .collect();
-    for action in actions {
-        let (kind, node) = match action {
-            Action::BitmapAdd { node, .. } => ("block-dirty-bitmap-add", node.as_str()),
-            Action::BitmapClear { node, .. } => ("block-dirty-bitmap-clear", node.as_str()),
-            Action::BitmapOther { kind, arguments } => {
-                (*kind, arguments.get("node").and_then(Value::as_str).unwrap_or(""))
-            }
-            Action::Replace { .. } | Action::Backup { .. } => continue,
-        };
-        if backed_up.contains(&disk_root(daemon, node)) {
-            return Err(QmpError::generic(format!(
-                "transaction: {kind} on node '{node}' cannot happen at the point in time of a backup of the same disk \
-                 (only adding a new recording bitmap or clearing one is); run it in a transaction of its own first"
-            )));
-        }
-    }
-    Ok(())
-}
-
-fn backup_cluster(action: &Action) -> u64 {
-    match action {
-        Action::Backup { config, .. } => config.cluster_bytes,
-        _ => unreachable!("called on a backup"),
-    }
-}
-
-/// A clear can become remove-and-recreate at the point in time only if the bitmap has the
-/// backup's granularity and is an ordinary, recording one (nothing else would be lost).
-fn clearable_at_point(daemon: &Daemon, node: &str, name: &str, cluster_bytes: u64) -> Result<bool, QmpError> {
-    let mut state = daemon.state();
-    // A persistent bitmap's sidecar would go with the old bitmap, and the new one has none.
-    let persistent =
-        state.catalog.file_node_mut(node).is_ok_and(|(_, file)| file.recordings.iter().any(|r| r.name() == name));
-    if persistent {
-        return Ok(false);
-    }
-    let node = state.catalog.get(node).map_err(|_| super::nodes::not_found(node))?;
-    let bitmap = node.disk.bitmaps().get(name).map_err(|e| QmpError::generic(e.to_string()))?;
-    Ok(bitmap.granularity_bytes() == cluster_bytes && bitmap.is_enabled() && !bitmap.is_inconsistent())
-}
-
 fn registry(daemon: &Daemon, node: &str) -> Result<BitmapRegistry, QmpError> {
     let state = daemon.state();
     Ok(state.catalog.get(node).map_err(|_| super::nodes::not_found(node))?.disk.bitmaps().clone())
 }
 
-fn run(daemon: &Daemon, actions: Vec<Action>, undo: &mut Vec<Undo>) -> Result<(), QmpError> {
+/// Bitmap actions in order, then the backups, each under its disk's drain.
+fn run(daemon: &Daemon, actions: Vec<Action>, drains: &Drains, undo: &mut Vec<Undo>) -> Result<(), QmpError> {
     let (bitmap_actions, backups): (Vec<Action>, Vec<Action>) =
         actions.into_iter().partition(|action| !matches!(action, Action::Backup { .. }));
     for action in bitmap_actions.into_iter().chain(backups) {
-        run_one(daemon, action, undo)?;
+        run_one(daemon, action, drains, undo)?;
     }
     Ok(())
 }
 
-fn run_one(daemon: &Daemon, action: Action, undo: &mut Vec<Undo>) -> Result<(), QmpError> {
+fn run_one(daemon: &Daemon, action: Action, drains: &Drains, undo: &mut Vec<Undo>) -> Result<(), QmpError> {
     let text = |e: tandem::bitmap::BitmapError| QmpError::generic(e.to_string());
     match action {
         Action::BitmapAdd { node, name, granularity_bytes, disabled, persistent } => {
@@ -288,15 +204,11 @@ fn run_one(daemon: &Daemon, action: Action, undo: &mut Vec<Undo>) -> Result<(), 
             registry.clear(&name).map_err(text)?;
             undo.push(Undo::Restore { registry, name, bits: Box::new(bits) });
         }
-        Action::Replace { node, name } => {
-            let registry = registry(daemon, &node)?;
-            let bitmap = registry.remove(&name).map_err(text)?;
-            undo.push(Undo::Readd { registry, name, bitmap });
-        }
         Action::BitmapOther { kind, arguments } => run_other(daemon, kind, arguments, undo)?,
         Action::Backup { common, config } => {
-            let id = common.id.clone();
-            start_backup(daemon, common, *config)?;
+            let (id, root) = (common.id.clone(), disk_root(daemon, &common.device));
+            let (_, drained) = drains.iter().find(|(disk, _)| *disk == root).expect("each backup's disk was drained");
+            start_backup_drained(daemon, common, *config, drained)?;
             undo.push(Undo::CancelJob { id });
         }
     }

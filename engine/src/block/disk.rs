@@ -129,6 +129,11 @@ impl Disk {
         self.shared.gate.drain()
     }
 
+    /// Whether `guard` is a drain of this disk (one taken through any clone of it).
+    pub fn is_drained_by(&self, guard: &super::filter::DrainGuard) -> bool {
+        guard.holds(&self.shared.gate)
+    }
+
     /// Put `filter` on the write path: every write submitted after this returns passes it.
     /// Writes already in progress did not; a [`Disk::drain`] afterwards waits them out. Fails
     /// if another filter is there.

@@ -173,6 +173,13 @@ impl Future for Drain {
 /// is handed out); dropping it lets them through.
 pub struct DrainGuard(Arc<WriteGate>);
 
+impl DrainGuard {
+    /// Whether this guard holds `gate` (a disk's): proof a caller drained that disk.
+    pub(crate) fn holds(&self, gate: &Arc<WriteGate>) -> bool {
+        Arc::ptr_eq(&self.0, gate)
+    }
+}
+
 impl Drop for DrainGuard {
     fn drop(&mut self) {
         self.0.closed.store(false, Ordering::SeqCst);

@@ -258,7 +258,26 @@ pub fn start(
     config: BackupConfig,
 ) -> Result<Job, JobError> {
     config.validate()?;
-    start_job(runtime, source, target, config).map(|(job, _)| job)
+    start_job(runtime, source, target, config, false).map(|(job, _)| job)
+}
+
+/// As [`start`], for a caller that holds `drained`, a drain of `source` (a QMP transaction):
+/// the point in time is taken under the caller's drain, so whatever the caller does under the
+/// same drain (bitmap actions, other backups) happens at the same instant as far as any guest
+/// write can tell. Refused if `drained` is not a drain of `source`.
+pub fn start_drained(
+    runtime: &RuntimeHandle,
+    source: &Disk,
+    target: Arc<dyn BlockDriver>,
+    config: BackupConfig,
+    drained: &crate::block::DrainGuard,
+) -> Result<Job, JobError> {
+    config.validate()?;
+    if !source.is_drained_by(drained) {
+        let value = format!("a drain of another disk than {}", source.name());
+        return Err(JobError::Config { name: "drained", value, reason: "the guard must drain the backup's source" });
+    }
+    start_job(runtime, source, target, config, true).map(|(job, _)| job)
 }
 
 /// As [`start`], plus a read-only driver that reads the source as it was at the point in time
@@ -283,7 +302,7 @@ pub fn start_with_view(
     // Only a sync=none job's target is a scratch that holds nothing but saves: a discard
     // through the view may give its space back. Elsewhere the target is a backup.
     let scratch = config.sync == SyncMode::None;
-    let (job, shared) = start_job(runtime, source, target, config)?;
+    let (job, shared) = start_job(runtime, source, target, config, false)?;
     Ok((job, Arc::new(SnapshotView::new(shared, source.driver(), scratch))))
 }
 
@@ -293,6 +312,7 @@ fn start_job(
     source: &Disk,
     target: Arc<dyn BlockDriver>,
     mut config: BackupConfig,
+    drained: bool,
 ) -> Result<(Job, Arc<CbwShared>), JobError> {
     // From here on the job's cluster is the effective one: the filter, the copier and the
     // pace all take it from the config.
@@ -337,7 +357,7 @@ fn start_job(
     }
     let new_bitmap = config.new_bitmap.clone();
     let fallback = fallback.is_some();
-    let point = PointInTime { source: source.clone(), shared: shared.clone(), lease, fallback, new_bitmap };
+    let point = PointInTime { source: source.clone(), shared: shared.clone(), lease, fallback, new_bitmap, drained };
     let moved = runtime.spawn(move || point.take()).join().map_err(|error| {
         JobError::Disk(crate::Error::Config { name: "start", value: error.to_string(), reason: "the runtime stopped" })
     })??;
@@ -460,6 +480,8 @@ struct PointInTime {
     /// The leased bitmap is inconsistent: `to_copy` already holds the whole disk.
     fallback: bool,
     new_bitmap: Option<String>,
+    /// The caller holds a drain of the source for the whole start (`start_drained`).
+    drained: bool,
 }
 
 impl PointInTime {
@@ -467,8 +489,14 @@ impl PointInTime {
     /// nothing.
     async fn take(self) -> Result<Option<MovedMarks>, JobError> {
         let source = &self.source;
-        let drain = source.drain().ok_or_else(|| crate::Error::DiskBusy { name: source.name().to_string() })?;
-        let guard = drain.await;
+        // Under the caller's drain (`start_drained`), or one of its own.
+        let guard = match self.drained {
+            true => None,
+            false => {
+                let drain = source.drain().ok_or_else(|| crate::Error::DiskBusy { name: source.name().to_string() })?;
+                Some(drain.await)
+            }
+        };
         if let Some(name) = &self.new_bitmap {
             let bitmap = DirtyBitmap::new(self.shared.to_copy.granularity_bytes(), source.size_bytes())?;
             source.bitmaps().add(name, bitmap)?;
