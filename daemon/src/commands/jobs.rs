@@ -98,7 +98,7 @@ fn launch(
     let job = start(&source.disk, target.disk.driver()).map_err(job_error)?;
     // QEMU's job is running when the command returns (its created and running events go
     // before the return): wait for the task's first step.
-    job.wait_for(|s| s != JobStatus::Created, std::time::Duration::from_secs(60));
+    announce_start(daemon, &job);
     forward_events(daemon, &job);
     let record = JobRecord { job, device: common.device, target: common.target };
     state.jobs.insert(common.id, record);
@@ -237,6 +237,28 @@ pub(super) fn backup_plan(mut args: Arguments) -> Result<(Common, BackupConfig),
 }
 
 /// Each job's events as QMP events, on a thread of its own; the job is forgotten once null.
+/// QEMU's job is running when the command returns, and its created and running events went
+/// out before the return: send them from here, up to the first state after created.
+fn announce_start(daemon: &Daemon, job: &Job) {
+    let (senders, receiver) = (daemon.event_senders(), job.events());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while let Ok(event) = receiver.recv_deadline(deadline) {
+        let started = matches!(&event, JobEvent::StatusChange { status, .. } if *status != JobStatus::Created);
+        send(&senders, job, &event);
+        if started {
+            return;
+        }
+    }
+}
+
+fn send(senders: &[crate::qmp::EventSender], job: &Job, event: &JobEvent) {
+    for (name, data) in qmp_events(job, event) {
+        for events in senders {
+            events.emit(name, data.clone());
+        }
+    }
+}
+
 fn forward_events(daemon: &Daemon, job: &Job) {
     let (senders, state) = (daemon.event_senders(), daemon.state.clone());
     let (receiver, id) = (job.events(), job.id().to_string());
@@ -248,11 +270,7 @@ fn forward_events(daemon: &Daemon, job: &Job) {
                 // Gone before anyone hears it is: a query after the event never finds it.
                 forget(&state, job.id());
             }
-            for (name, data) in qmp_events(&job, &event) {
-                for events in &senders {
-                    events.emit(name, data.clone());
-                }
-            }
+            send(&senders, &job, &event);
             if null {
                 return;
             }
