@@ -93,8 +93,10 @@ pub struct MirrorArgs {
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Then run the same scenario through qemu-storage-daemon on the same files (its guest is
-    /// fio over NBD) and print both side by side. With an rbd target: time `rbd import` and,
-    /// where QEMU's rbd module is installed, `qemu-img convert -n -W -m 16` into the image.
+    /// fio over NBD) and print both side by side. QEMU has no write-behind or auto: it runs
+    /// write-blocking against write-behind and background against auto. With an rbd target:
+    /// time `rbd import` and, where QEMU's rbd module is installed, `qemu-img convert -n -W -m
+    /// 16` into the image.
     #[arg(long = "compare-qemu")]
     pub compare_qemu: bool,
     /// Run Tandem's side through tandemd (next to this binary, else on PATH), driven over QMP

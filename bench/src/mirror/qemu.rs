@@ -403,7 +403,8 @@ pub fn run_daemon(
     };
     note(format!("{}: blockdev-mirror {mirror}", kind.name()));
     if args.target_is_zero != "detect" {
-        // QEMU 10.1 has target-is-zero; the 10.0 these machines run refuses it.
+        // QEMU 10.1 has target-is-zero; the 10.0 these machines run refuses it, and both
+        // daemons get the same arguments (without it tandemd asks the target's block status).
         note(format!("note: {}'s side runs without target-is-zero, as QEMU before 10.1 must", kind.name()));
     }
     let (cpu_before, started, started_ms) = (daemon.cpu_s(), Instant::now(), unix_ms());
