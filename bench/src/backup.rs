@@ -17,7 +17,7 @@
 
 use crate::images::Images;
 use crate::mirror::guest::{self, GuestArgs, GuestFigures, GuestRw, GuestSpec};
-use crate::mirror::qemu::{baseline, unix_ms, window, Daemon, FioGuest};
+use crate::mirror::qemu::{baseline, unix_ms, window, Daemon, DaemonKind, FioGuest};
 use crate::mirror::{
     guest_rows, open_file, open_target, parse_size, parse_size_or_zero, plot_run, qemu_img_identical, ratio, watch,
     Sampler,
@@ -101,6 +101,13 @@ pub struct BackupArgs {
     /// fio over NBD) and print both side by side.
     #[arg(long = "compare-qemu")]
     pub compare_qemu: bool,
+    /// Run Tandem's side through tandemd (next to this binary, else on PATH), driven over QMP
+    /// with fio over NBD as its guest exactly as QEMU's side is, instead of in-process. With
+    /// --compare-qemu both daemons then do the same work on the same files. tandemd gets
+    /// --copy-priority and its own copy sizes, as QEMU gets its own; a file or block-device
+    /// target only; no --plot, --verify or --discard-source.
+    #[arg(long)]
+    pub daemon: bool,
     /// Bench fleecing with QEMU 9.1's discard-source: a sync=none backup saves onto a scratch
     /// file (created new as TARGET.scratch, or beside the source for a block-device or NBD
     /// target, and always removed), and a second backup copies its point-in-time view to the
@@ -148,6 +155,8 @@ pub struct BackupReport {
     pub qemu: Option<Box<BackupReport>>,
     /// `--discard-source`: what became of the scratch.
     pub fleecing: Option<FleecingFigures>,
+    /// The daemon this side ran through; `None`: in-process.
+    pub daemon: Option<DaemonKind>,
 }
 
 /// The scratch of a `--discard-source` run, in allocated bytes (st_blocks).
@@ -169,7 +178,27 @@ fn guest_json((baseline, job): &(GuestFigures, GuestFigures)) -> (serde_json::Va
 
 impl BackupReport {
     pub fn to_json(&self) -> serde_json::Value {
+        let mut value = self.side_json();
+        value["tandem_side"] = json!(self.daemon.map_or("in-process", DaemonKind::name));
+        if let Some(qemu) = &self.qemu {
+            value["qemu"] = qemu.side_json();
+            value["vs_qemu"] = json!({
+                "mib_per_s": ratio(self.mib_per_s, qemu.mib_per_s),
+                "cpu_s_per_gib": ratio(self.cpu_s_per_gib, qemu.cpu_s_per_gib),
+            });
+            if let (Some(ours), Some(theirs)) = (&self.guest, &qemu.guest) {
+                // Each side's p99 against its own baseline, ours over QEMU's.
+                let p99 = |(baseline, job): &(GuestFigures, GuestFigures)| ratio(job.clat_p99_us, baseline.clat_p99_us);
+                value["vs_qemu"]["job_p99_x"] = json!(ratio(p99(ours), p99(theirs)));
+            }
+        }
+        value
+    }
+
+    /// One side's figures: the daemon it ran through (null: in-process), its guest and ratios.
+    fn side_json(&self) -> serde_json::Value {
         let mut value = json!({
+            "daemon": self.daemon.map(DaemonKind::name),
             "complete_s": self.complete_s,
             "mib_per_s": self.mib_per_s,
             "cpu_s_per_gib": self.cpu_s_per_gib,
@@ -187,25 +216,27 @@ impl BackupReport {
                 "discarded_bytes": fleecing.discarded_bytes,
             });
         }
-        if let Some(qemu) = &self.qemu {
-            value["qemu"] = qemu.to_json();
-            value["vs_qemu"] = json!({
-                "mib_per_s": ratio(self.mib_per_s, qemu.mib_per_s),
-                "cpu_s_per_gib": ratio(self.cpu_s_per_gib, qemu.cpu_s_per_gib),
-            });
-        }
         value
     }
 
     pub fn to_text(&self) -> String {
-        let mut text = self.summary("backup", "guest");
+        let (guest_title, side) = match self.daemon {
+            Some(_) => ("guest (NBD)", "through tandemd (QMP; fio over NBD as its guest; CPU is the daemon's)"),
+            None => ("guest", "in-process (the guest on the same reactor; CPU is this process's)"),
+        };
+        let mut text = self.summary("backup", guest_title);
+        text += &format!("tandem: ran {side}\n");
         if let Some(qemu) = &self.qemu {
             text += &qemu.summary("qemu", "qemu guest (NBD)");
             text += &format!(
-                "tandem/qemu: {:.2}x MiB/s, {:.2}x CPU s per GiB (guests: compare each side's x columns, \
-                 not absolute figures: QEMU's guest goes through NBD)\n",
+                "tandem/qemu: {:.2}x MiB/s, {:.2}x CPU s per GiB ({})\n",
                 ratio(self.mib_per_s, qemu.mib_per_s),
-                ratio(self.cpu_s_per_gib, qemu.cpu_s_per_gib)
+                ratio(self.cpu_s_per_gib, qemu.cpu_s_per_gib),
+                match self.daemon {
+                    Some(_) => "both through their daemon, fio over NBD as the guest: the same work",
+                    None =>
+                        "guests: compare each side's x columns, not absolute figures: QEMU's guest goes through NBD",
+                }
             );
         }
         text
@@ -356,11 +387,32 @@ fn plan(args: &BackupArgs) -> Result<(BackupConfig, Option<GuestSpec>), String> 
     if args.discard_source && args.compare_qemu {
         return Err("--discard-source with --compare-qemu: the QEMU side runs no fleecing scenario".into());
     }
+    if args.daemon {
+        check_daemon_options(args)?;
+    }
     if !args.size.is_multiple_of(1 << 20) {
         return Err(format!("--size {}: must be a whole number of MiB", args.size));
     }
     let guest = args.guest.spec(args.size)?;
     Ok((config, guest))
+}
+
+/// What `--daemon` cannot do, refused before anything is created; and tandemd must exist.
+fn check_daemon_options(args: &BackupArgs) -> Result<(), String> {
+    if crate::remote::nbd_uri(&args.target).is_some() {
+        let target = args.target.display();
+        return Err(format!("--daemon with --target {target}: the daemons' side takes a file or block device"));
+    }
+    if args.discard_source {
+        return Err("--discard-source with --daemon: the daemons' side runs no fleecing scenario".into());
+    }
+    if let Some(plot) = &args.plot {
+        return Err(format!("--plot {} with --daemon: the job's progress is sampled in-process only", plot.display()));
+    }
+    if args.verify != "off" {
+        return Err(format!("--verify {} with --daemon: QEMU's side cannot verify; run it in-process", args.verify));
+    }
+    DaemonKind::Tandemd.program().map(drop).map_err(|e| e.to_string())
 }
 
 /// Check the options, then look at source and target (touching nothing): the config, the
@@ -414,6 +466,11 @@ fn run_on(
     runtime: Runtime,
     (show_progress, note): (bool, &dyn Fn(String)),
 ) -> Result<BackupReport, String> {
+    if args.daemon {
+        // Nothing of ours holds the files while the daemons run.
+        drop(runtime);
+        return run_daemons(args, spec, images, note);
+    }
     let baseline = match spec {
         Some(spec) => {
             note(format!("baseline: the guest alone for {} s", args.guest.guest_runtime));
@@ -478,7 +535,7 @@ fn run_on(
         _ => None,
     };
     let qemu = match args.compare_qemu {
-        true => Some(Box::new(run_qemu(args, spec, images, note)?)),
+        true => Some(Box::new(run_daemon(DaemonKind::Qsd, args, spec, images, note)?)),
         false => None,
     };
     Ok(BackupReport {
@@ -491,7 +548,23 @@ fn run_on(
         guest,
         qemu,
         fleecing,
+        daemon: None,
     })
+}
+
+/// `--daemon`: Tandem's side through tandemd, then with `--compare-qemu` QEMU's the same way.
+fn run_daemons(
+    args: &BackupArgs,
+    spec: Option<GuestSpec>,
+    images: &Images,
+    note: &dyn Fn(String),
+) -> Result<BackupReport, String> {
+    let tandemd = run_daemon(DaemonKind::Tandemd, args, spec, images, note)?;
+    let qemu = match args.compare_qemu {
+        true => Some(Box::new(run_daemon(DaemonKind::Qsd, args, spec, images, note)?)),
+        false => None,
+    };
+    Ok(BackupReport { qemu, ..tandemd })
 }
 
 /// The backup the bench measures, and with `--discard-source` the fleecing backup A whose view
@@ -585,27 +658,39 @@ impl Drop for Scratch {
     }
 }
 
-/// The scenario through QEMU: its own fresh target and point-in-time copy, blockdev-backup,
+/// blockdev-backup's arguments for `kind`: the same for both daemons but for tandemd's
+/// extension, copy-priority. Each daemon keeps its own copy sizes and depths (QEMU's x-perf
+/// left at its defaults): what its users get.
+fn backup_arguments(kind: DaemonKind, args: &BackupArgs) -> serde_json::Value {
+    let mut backup = json!({"job-id": "j", "device": "src", "target": "dst", "sync": args.sync, "speed": args.speed});
+    if kind == DaemonKind::Tandemd {
+        backup["copy-priority"] = json!(args.copy_priority);
+    }
+    backup
+}
+
+/// The scenario through `kind`: its own fresh target and point-in-time copy, blockdev-backup,
 /// fio over NBD from the job's start.
-fn run_qemu(
+fn run_daemon(
+    kind: DaemonKind,
     args: &BackupArgs,
     spec: Option<GuestSpec>,
     images: &Images,
     note: &dyn Fn(String),
 ) -> Result<BackupReport, String> {
-    let baseline = spec.as_ref().map(|spec| baseline(&args.source, &args.target, spec, args.size, note)).transpose()?;
+    let files = (args.source.as_path(), args.target.as_path(), args.size);
+    let baseline = spec.as_ref().map(|spec| baseline(kind, files, spec, note)).transpose()?;
     images.refresh_target(note).map_err(|e| e.to_string())?;
     let snapshot = Snapshot::copy_of(&args.source, &args.target, args.size)?;
-    let mut daemon = Daemon::start(&args.source, &args.target)?;
-    note(format!("QEMU: blockdev-backup sync={}", args.sync));
+    let mut daemon = Daemon::start(kind, &args.source, &args.target)?;
+    let backup = backup_arguments(kind, args);
+    note(format!("{}: blockdev-backup {backup}", kind.name()));
     let (cpu_before, started, started_ms) = (daemon.cpu_s(), Instant::now(), unix_ms());
-    // QEMU's own copy sizes and depths (x-perf left at its defaults): what its users get.
-    let backup = json!({"job-id": "j", "device": "src", "target": "dst", "sync": args.sync, "speed": args.speed});
     daemon.execute("blockdev-backup", backup)?;
     let fio = spec.as_ref().map(|spec| FioGuest::start(&daemon, spec, args.size, "job")).transpose()?;
     let (event, ended) = daemon.wait_event(&["BLOCK_JOB_COMPLETED"])?;
     if event != "BLOCK_JOB_COMPLETED" {
-        return Err(format!("QEMU's backup sent {event}"));
+        return Err(format!("{}'s backup sent {event}", kind.name()));
     }
     let cpu_s = daemon.cpu_s() - cpu_before;
     let complete_s = ended.duration_since(started).as_secs_f64();
@@ -628,5 +713,6 @@ fn run_qemu(
         guest,
         qemu: None,
         fleecing: None,
+        daemon: Some(kind),
     })
 }

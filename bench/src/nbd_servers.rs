@@ -57,7 +57,7 @@ pub fn compare_nbd_command(args: &NbdArgs) -> Result<(), String> {
     if args.size_mib == 0 || args.runtime == 0 || args.rounds == 0 || args.rounds > 100 {
         return Err("--size-mib, --runtime and --rounds (<= 100) must be positive".into());
     }
-    let tandemd = tandemd_path()?;
+    let tandemd = crate::mirror::DaemonKind::Tandemd.program().map_err(|e| e.to_string())?;
     let dir = tempfile::Builder::new()
         .prefix("compare-nbd-")
         .tempdir_in(&args.dir)
@@ -100,16 +100,6 @@ pub fn compare_nbd_command(args: &NbdArgs) -> Result<(), String> {
         false => print!("{}", table(&report)),
     }
     Ok(())
-}
-
-/// tandemd next to this binary (cargo builds both into the same directory).
-fn tandemd_path() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let path = exe.with_file_name("tandemd");
-    match path.exists() {
-        true => Ok(path),
-        false => Err(format!("{} is missing: build it with `cargo build --release -p tandemd`", path.display())),
-    }
 }
 
 fn lay_out(image: &Path, size_mib: u64) -> Result<(), String> {

@@ -11,7 +11,7 @@ pub(crate) mod qemu;
 pub(crate) mod rbd;
 
 pub use guest::{GuestArgs, GuestFigures, GuestRecord, GuestRw, GuestSpec};
-pub use qemu::QemuReport;
+pub use qemu::{DaemonKind, DaemonReport, QemuReport};
 
 use crate::fio;
 use crate::runner::rusage;
@@ -93,10 +93,18 @@ pub struct MirrorArgs {
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Then run the same scenario through qemu-storage-daemon on the same files (its guest is
-    /// fio over NBD) and print both side by side. With an rbd target: time `rbd import` and,
-    /// where QEMU's rbd module is installed, `qemu-img convert -n -W -m 16` into the image.
+    /// fio over NBD) and print both side by side. QEMU has no write-behind or auto: it runs
+    /// write-blocking against write-behind and background against auto. With an rbd target:
+    /// time `rbd import` and, where QEMU's rbd module is installed, `qemu-img convert -n -W -m
+    /// 16` into the image.
     #[arg(long = "compare-qemu")]
     pub compare_qemu: bool,
+    /// Run Tandem's side through tandemd (next to this binary, else on PATH), driven over QMP
+    /// with fio over NBD as its guest exactly as QEMU's side is, instead of in-process. With
+    /// --compare-qemu both daemons then do the same work on the same files. tandemd gets
+    /// --copy-mode and --copy-priority; a file or block-device target only; no --plot or --verify.
+    #[arg(long)]
+    pub daemon: bool,
     /// Reactor cores.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub cores: u64,
@@ -207,6 +215,8 @@ pub struct MirrorReport {
     pub guest: Option<(GuestFigures, GuestFigures, GuestFigures)>,
     /// QEMU's figures for the same scenario (`--compare-qemu`).
     pub qemu: Option<QemuReport>,
+    /// With `--daemon`, tandemd's own report (the fields above are taken from it).
+    pub tandemd: Option<DaemonReport>,
     /// With an rbd target, `--compare-qemu` times the peers that copy a file into an image.
     pub rbd_peers: Option<rbd::RbdPeers>,
 }
@@ -224,10 +234,14 @@ impl MirrorReport {
             "target_allocated_bytes": self.target_allocated_bytes,
             "target_is_zero": self.target_is_zero.map(|z| json!({"is_zero": z.is_zero, "detected": z.detected})),
             "verified_bytes": self.verified_bytes,
+            "tandem_side": self.tandem_side(),
         });
         if let Some(guest) = &self.guest {
             value["guest"] = guest::phases_json(guest);
             value["ratios"] = phase_ratios(guest);
+        }
+        if let Some(tandemd) = &self.tandemd {
+            value["tandemd"] = tandemd.to_json();
         }
         if let Some(qemu) = &self.qemu {
             value["qemu"] = qemu.to_json();
@@ -238,6 +252,14 @@ impl MirrorReport {
                 "mib_per_s": ratio(self.mib_per_s, qemu.mib_per_s),
                 "cpu_s_per_gib": ratio(self.cpu_s_per_gib, qemu.cpu_s_per_gib),
             });
+            if let (Some(ours), Some(theirs)) = (&self.guest, &qemu.guest) {
+                // Each side's p99 against its own baseline, ours over QEMU's.
+                let (ours, theirs) = (phase_ratios(ours), phase_ratios(theirs));
+                for key in ["phase1_p99", "phase2_p99"] {
+                    let of = |v: &serde_json::Value| v[key].as_f64().unwrap_or(0.0);
+                    value["vs_qemu"][format!("{key}_x")] = json!(ratio(of(&ours), of(&theirs)));
+                }
+            }
         }
         if let Some(peers) = &self.rbd_peers {
             value["peers"] = peers.to_json(self.mib_per_s);
@@ -255,12 +277,14 @@ impl MirrorReport {
             if self.identical { "source and target identical" } else { "SOURCE AND TARGET DIFFER" }
         );
         text += &self.job_line();
+        text += &format!("tandem: ran {}\n", self.side_words());
         if let Some(guest) = &self.guest {
-            text += &guest_table("guest", guest);
+            text += &guest_table(if self.tandemd.is_some() { "guest (NBD)" } else { "guest" }, guest);
         }
         if let Some(qemu) = &self.qemu {
             text += &format!(
-                "qemu:   READY after {:.2} s, {:.0} MiB/s to READY, {:.2} CPU s per GiB, {}\n",
+                "qemu:   {}, READY after {:.2} s, {:.0} MiB/s to READY, {:.2} daemon CPU s per GiB, {}\n",
+                qemu.copy_mode,
                 qemu.ready_s,
                 qemu.mib_per_s,
                 qemu.cpu_s_per_gib,
@@ -275,10 +299,14 @@ impl MirrorReport {
                 text += &guest_table("qemu guest (NBD)", guest);
             }
             text += &format!(
-                "tandem/qemu: {:.2}x MiB/s to READY, {:.2}x CPU s per GiB (guests: compare each side's x columns, \
-                 not absolute figures: QEMU's guest goes through NBD)\n",
+                "tandem/qemu: {:.2}x MiB/s to READY, {:.2}x CPU s per GiB ({})\n",
                 ratio(self.mib_per_s, qemu.mib_per_s),
-                ratio(self.cpu_s_per_gib, qemu.cpu_s_per_gib)
+                ratio(self.cpu_s_per_gib, qemu.cpu_s_per_gib),
+                match self.tandemd {
+                    Some(_) => "both through their daemon, fio over NBD as the guest: the same work",
+                    None =>
+                        "guests: compare each side's x columns, not absolute figures: QEMU's guest goes through NBD",
+                }
             );
         }
         if let Some(peers) = &self.rbd_peers {
@@ -289,6 +317,21 @@ impl MirrorReport {
 }
 
 impl MirrorReport {
+    /// How Tandem's side ran, as the JSON says it.
+    pub fn tandem_side(&self) -> &'static str {
+        match self.tandemd {
+            Some(_) => "tandemd",
+            None => "in-process",
+        }
+    }
+
+    fn side_words(&self) -> &'static str {
+        match self.tandemd {
+            Some(_) => "through tandemd (QMP; fio over NBD as its guest; CPU is the daemon's)",
+            None => "in-process (the guest on the same reactor; CPU is this process's)",
+        }
+    }
+
     /// The job's own line: its len at READY, the target's allocation, what it knew of the
     /// target reading as zeros, and what it verified.
     fn job_line(&self) -> String {
@@ -296,6 +339,7 @@ impl MirrorReport {
             Some(z) => {
                 format!("{} ({})", if z.is_zero { "yes" } else { "no" }, if z.detected { "detected" } else { "given" })
             }
+            None if self.tandemd.is_some() => "not reported over QMP".to_string(),
             None => "not asked (sync none)".to_string(),
         };
         let verified = match self.verified_bytes {
@@ -408,10 +452,25 @@ fn plan(args: &MirrorArgs) -> Result<Plan, String> {
     if !args.size.is_multiple_of(1 << 20) {
         return Err(format!("--size {}: must be a whole number of MiB", args.size));
     }
-    if args.compare_qemu && rbd::spec(&args.target)?.is_none() {
-        qemu::qemu_copy_mode(args)?;
+    if args.daemon {
+        check_daemon_options(args)?;
     }
     Ok(Plan { config, guest })
+}
+
+/// What `--daemon` cannot do, refused before anything is created; and tandemd must exist.
+fn check_daemon_options(args: &MirrorArgs) -> Result<(), String> {
+    let target = args.target.display();
+    if rbd::spec(&args.target)?.is_some() || crate::remote::nbd_uri(&args.target).is_some() {
+        return Err(format!("--daemon with --target {target}: the daemons' side takes a file or block device"));
+    }
+    if let Some(plot) = &args.plot {
+        return Err(format!("--plot {} with --daemon: the job's progress is sampled in-process only", plot.display()));
+    }
+    if args.verify != "off" {
+        return Err(format!("--verify {} with --daemon: QEMU's side cannot verify; run it in-process", args.verify));
+    }
+    DaemonKind::Tandemd.program().map(drop).map_err(|e| e.to_string())
 }
 
 /// Check the options, then look at source and target (touching nothing): the plan for the
@@ -458,6 +517,11 @@ fn run_on(
     runtime: Runtime,
     (show_progress, note): (bool, &dyn Fn(String)),
 ) -> Result<MirrorReport, String> {
+    if args.daemon {
+        // Nothing of ours holds the files while the daemons run.
+        drop(runtime);
+        return run_daemons(args, plan.guest, images, note);
+    }
     let rbd_target = images.rbd_target.clone();
     let baseline = match plan.guest {
         Some(spec) => {
@@ -545,7 +609,7 @@ fn run_on(
     };
     let (qemu, rbd_peers) = match (args.compare_qemu, &rbd_target) {
         (true, Some(spec)) => (None, Some(rbd::run_peers(&args.source, spec, args.size, note)?)),
-        (true, None) => (Some(qemu::run_qemu(args, plan.guest, images, note)?), None),
+        (true, None) => (Some(qemu::run_daemon(DaemonKind::Qsd, args, plan.guest, images, note)?), None),
         (false, _) => (None, None),
     };
     Ok(MirrorReport {
@@ -562,6 +626,37 @@ fn run_on(
         target_is_zero: info.target_is_zero,
         verified_bytes: info.verified_bytes,
         guest,
+        tandemd: None,
+    })
+}
+
+/// `--daemon`: Tandem's side through tandemd, then with `--compare-qemu` QEMU's the same way.
+fn run_daemons(
+    args: &MirrorArgs,
+    guest: Option<GuestSpec>,
+    images: &crate::images::Images,
+    note: &dyn Fn(String),
+) -> Result<MirrorReport, String> {
+    let tandemd = qemu::run_daemon(DaemonKind::Tandemd, args, guest, images, note)?;
+    let qemu = match args.compare_qemu {
+        true => Some(qemu::run_daemon(DaemonKind::Qsd, args, guest, images, note)?),
+        false => None,
+    };
+    Ok(MirrorReport {
+        ready_s: tandemd.ready_s,
+        complete_s: tandemd.complete_s,
+        mib_per_s: tandemd.mib_per_s,
+        cpu_s_per_gib: tandemd.cpu_s_per_gib,
+        identical: tandemd.identical,
+        copied_bytes: args.size,
+        ready_len_bytes: tandemd.ready_len_bytes,
+        target_allocated_bytes: tandemd.target_allocated_bytes,
+        target_is_zero: None,
+        verified_bytes: 0,
+        guest: tandemd.guest,
+        qemu,
+        rbd_peers: None,
+        tandemd: Some(tandemd),
     })
 }
 

@@ -1,12 +1,15 @@
-//! `--compare-qemu`: the same scenario through QEMU, on the same files. qemu-storage-daemon
-//! opens source and target (raw over the file driver, io_uring, O_DIRECT where the filesystem
-//! takes it) and runs blockdev-mirror over QMP (JSON lines on a Unix socket). With a guest, it
-//! also exports the source over NBD and fio writes to it (`--ioengine=nbd`) with a per-I/O
-//! latency log, so the guest's figures are cut to the same windows as ours: the guest alone,
-//! then phase one (job start to READY) and phase two (READY to the guest's end).
+//! A storage daemon's side of a scenario: qemu-storage-daemon (`--compare-qemu`) or tandemd
+//! (`--daemon`), started with the same command line and driven with the same QMP commands, on
+//! the same files. The daemon opens source and target (raw over the file driver, io_uring,
+//! O_DIRECT where the filesystem takes it) and runs blockdev-mirror over QMP (JSON lines on a
+//! Unix socket). With a guest, it also exports the source over NBD and fio writes to it
+//! (`--ioengine=nbd`) with a per-I/O latency log, so the guest's figures are cut to the same
+//! windows as the in-process run's: the guest alone, then phase one (job start to READY) and
+//! phase two (READY to the guest's end).
 //!
-//! QEMU's guest goes through NBD and ours is in-process, so only each side's ratio to its own
-//! no-job baseline is comparable, never the absolute guest figures.
+//! A guest through NBD and one in-process differ, so only each side's ratio to its own no-job
+//! baseline compares across them; two daemons' sides (`--daemon --compare-qemu`) do the same
+//! work and compare directly.
 
 use super::guest::GuestFigures;
 use super::{GuestRw, GuestSpec, MirrorArgs};
@@ -19,11 +22,70 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
 
-/// What QEMU measured.
+/// Which storage daemon runs a side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonKind {
+    Qsd,
+    Tandemd,
+}
+
+/// Why a daemon's program cannot be found.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(
+        "tandemd is neither next to this binary ({beside}) nor on PATH: build it with \
+         `cargo build --release -p tandemd` (without --release for a debug tandem-bench)"
+    )]
+    TandemdMissing { beside: String },
+}
+
+impl DaemonKind {
+    /// The program's name, as the reports show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DaemonKind::Qsd => "qemu-storage-daemon",
+            DaemonKind::Tandemd => "tandemd",
+        }
+    }
+
+    /// The program to run. tandemd is looked for next to this binary first, where cargo builds
+    /// both (target/<profile>/), so a bench runs the daemon of its own build; then on PATH.
+    pub fn program(self) -> Result<PathBuf, DaemonError> {
+        if self == DaemonKind::Qsd {
+            return Ok(PathBuf::from(self.name()));
+        }
+        let beside = std::env::current_exe().ok().map(|exe| exe.with_file_name(self.name()));
+        if let Some(path) = beside.as_ref().filter(|path| path.is_file()) {
+            return Ok(path.clone());
+        }
+        let on_path = std::env::var_os("PATH")
+            .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(self.name())).find(|p| p.is_file()));
+        on_path.ok_or_else(|| DaemonError::TandemdMissing {
+            beside: beside.map_or("unknown".into(), |p| p.display().to_string()),
+        })
+    }
+
+    /// How to install the program, for a failed start.
+    fn install_hint(self) -> &'static str {
+        match self {
+            DaemonKind::Qsd => "install qemu-system-common",
+            DaemonKind::Tandemd => "cargo build --release -p tandemd",
+        }
+    }
+}
+
+/// What a daemon measured.
 #[derive(Debug, Clone)]
-pub struct QemuReport {
+pub struct DaemonReport {
+    /// Which daemon ran.
+    pub daemon: DaemonKind,
+    /// The copy mode it was asked for.
+    pub copy_mode: String,
     pub ready_s: f64,
+    /// From the job's start to BLOCK_JOB_COMPLETED.
+    pub complete_s: f64,
     pub mib_per_s: f64,
+    /// The daemon's CPU (user + system, all its threads) from the job's start to READY.
     pub cpu_s_per_gib: f64,
     pub identical: bool,
     /// (baseline, phase1, phase2) with a guest.
@@ -34,10 +96,16 @@ pub struct QemuReport {
     pub target_allocated_bytes: Option<u64>,
 }
 
-impl QemuReport {
+/// The name the callers had when only QEMU ran this way.
+pub type QemuReport = DaemonReport;
+
+impl DaemonReport {
     pub fn to_json(&self) -> Value {
         let mut value = json!({
+            "daemon": self.daemon.name(),
+            "copy_mode": self.copy_mode,
             "ready_s": self.ready_s,
+            "complete_s": self.complete_s,
             "mib_per_s": self.mib_per_s,
             "cpu_s_per_gib": self.cpu_s_per_gib,
             "identical": self.identical,
@@ -53,7 +121,8 @@ impl QemuReport {
 
 /// The running daemon and its QMP connection.
 pub(crate) struct Daemon {
-    child: Child,
+    kind: DaemonKind,
+    child: Reaped,
     qmp: BufReader<UnixStream>,
     dir: tempfile::TempDir,
 }
@@ -63,27 +132,37 @@ fn direct_ok(path: &Path) -> bool {
     std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).is_ok()
 }
 
-fn blockdev(name: &str, path: &Path) -> String {
+/// Node `name`: raw over a file node `name-file`. Two flat nodes rather than one with `file`
+/// nested: both daemons take this form.
+fn blockdevs(name: &str, path: &Path) -> [String; 4] {
     use std::os::unix::fs::FileTypeExt;
     let device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
     let driver = if device { "host_device" } else { "file" };
-    let file = json!({"driver": driver, "filename": path, "cache": {"direct": direct_ok(path)}, "aio": "io_uring"});
-    json!({"node-name": name, "driver": "raw", "file": file}).to_string()
+    let file_node = format!("{name}-file");
+    let file = json!({"node-name": file_node, "driver": driver, "filename": path,
+        "cache": {"direct": direct_ok(path)}, "aio": "io_uring"});
+    let raw = json!({"node-name": name, "driver": "raw", "file": file_node});
+    ["--blockdev".into(), file.to_string(), "--blockdev".into(), raw.to_string()]
 }
 
 impl Daemon {
-    pub(crate) fn start(source: &Path, target: &Path) -> Result<Daemon, String> {
-        let dir = tempfile::Builder::new().prefix("tandem-qsd-").tempdir().map_err(|e| e.to_string())?;
+    /// Start `kind` on source (node `src`, exported over NBD as `src`) and target (`dst`),
+    /// with a QMP monitor, and negotiate QMP.
+    pub(crate) fn start(kind: DaemonKind, source: &Path, target: &Path) -> Result<Daemon, String> {
+        let program = kind.program().map_err(|e| e.to_string())?;
+        let dir = tempfile::Builder::new().prefix("tandem-daemon-").tempdir().map_err(|e| e.to_string())?;
         let (qmp_path, nbd_path) = (dir.path().join("qmp.sock"), dir.path().join("nbd.sock"));
-        let child = Command::new("qemu-storage-daemon")
-            .args(["--blockdev", &blockdev("src", source), "--blockdev", &blockdev("dst", target)])
+        let child = Command::new(&program)
+            .args(blockdevs("src", source))
+            .args(blockdevs("dst", target))
             .args(["--nbd-server", &format!("addr.type=unix,addr.path={}", nbd_path.display())])
             .args(["--export", "type=nbd,id=e0,node-name=src,name=src,writable=on"])
             .args(["--chardev", &format!("socket,id=qmp,path={},server=on,wait=off", qmp_path.display())])
             .args(["--monitor", "chardev=qmp"])
             .stdout(Stdio::null())
             .spawn()
-            .map_err(|e| format!("cannot start qemu-storage-daemon (install qemu-system-common): {e}"))?;
+            .map_err(|e| format!("cannot start {} ({}): {e}", program.display(), kind.install_hint()))?;
+        let mut child = Reaped(child);
         let deadline = Instant::now() + SOCKET_WAIT;
         let stream = loop {
             if let Ok(stream) = UnixStream::connect(&qmp_path) {
@@ -91,12 +170,14 @@ impl Daemon {
                     break stream;
                 }
             }
-            if Instant::now() > deadline {
-                return Err("qemu-storage-daemon did not open its QMP and NBD sockets".into());
+            let exited = child.0.try_wait().ok().flatten();
+            if Instant::now() > deadline || exited.is_some() {
+                let how = exited.map_or("still running".to_string(), |status| status.to_string());
+                return Err(format!("{} did not open its QMP and NBD sockets ({how})", kind.name()));
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let mut daemon = Daemon { child, qmp: BufReader::new(stream), dir };
+        let mut daemon = Daemon { kind, child, qmp: BufReader::new(stream), dir };
         daemon.read()?; // the greeting
         daemon.execute("qmp_capabilities", json!({}))?;
         Ok(daemon)
@@ -109,7 +190,7 @@ impl Daemon {
     fn read(&mut self) -> Result<Value, String> {
         let mut line = String::new();
         match self.qmp.read_line(&mut line) {
-            Ok(0) => Err("qemu-storage-daemon closed QMP".into()),
+            Ok(0) => Err(format!("{} closed QMP", self.kind.name())),
             Ok(_) => serde_json::from_str(&line).map_err(|e| format!("QMP sent {line:?}: {e}")),
             Err(e) => Err(format!("reading QMP: {e}")),
         }
@@ -123,7 +204,7 @@ impl Daemon {
         loop {
             let message = self.read()?;
             if let Some(error) = message.get("error") {
-                return Err(format!("QMP {name}: {error}"));
+                return Err(format!("{} QMP {name}: {error}", self.kind.name()));
             }
             if let Some(value) = message.get("return") {
                 return Ok(value.clone());
@@ -150,17 +231,30 @@ impl Daemon {
 
     /// CPU seconds the daemon has used so far (utime + stime from /proc).
     pub(crate) fn cpu_s(&self) -> f64 {
-        crate::procstat::cpu_s(self.child.id())
+        crate::procstat::cpu_s(self.child.0.id())
     }
 
     pub(crate) fn quit(mut self) -> Result<(), String> {
         let _ = self.execute("quit", json!({}));
-        self.child.wait().map_err(|e| e.to_string())?;
+        self.child.0.wait().map_err(|e| e.to_string())?;
         Ok(())
     }
 }
 
-/// fio as QEMU's guest, over NBD, logging every completion's latency with its wall time.
+/// A daemon's process, killed when dropped still running: a side that fails half-way (a QMP
+/// error, a failed guest) leaves no daemon behind holding the images.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// fio as a daemon's guest, over NBD, logging every completion's latency with its wall time.
 pub(crate) struct FioGuest {
     child: Child,
     log_prefix: PathBuf,
@@ -200,7 +294,7 @@ impl FioGuest {
     pub(crate) fn finish(mut self) -> Result<Vec<(u64, u64)>, String> {
         let status = self.child.wait().map_err(|e| e.to_string())?;
         if !status.success() {
-            return Err(format!("fio (QEMU's guest over NBD) failed: {status}"));
+            return Err(format!("fio (the guest over NBD) failed: {status}"));
         }
         let prefix = self.log_prefix.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut points = Vec::new();
@@ -240,43 +334,65 @@ pub(crate) fn window(points: &[(u64, u64)], from_ms: u64, to_ms: u64) -> GuestFi
     }
 }
 
-/// QEMU's copy mode for ours, where it has one.
-pub(crate) fn qemu_copy_mode(args: &MirrorArgs) -> Result<&'static str, String> {
-    match args.copy_mode.as_str() {
-        "background" => Ok("background"),
-        "write-blocking" => Ok("write-blocking"),
-        other => Err(format!("--compare-qemu: QEMU has no copy mode {other} (only background and write-blocking)")),
+/// The copy mode `kind` is asked for. tandemd takes ours as it is. QEMU has only background
+/// and write-blocking: write-behind runs against its write-blocking (both send every guest
+/// write to the target during the copy, so both converge under a busy guest), and auto against
+/// its background (auto is background while the copier keeps up, and QEMU's default).
+pub(crate) fn copy_mode(kind: DaemonKind, args: &MirrorArgs) -> Result<&'static str, String> {
+    match (kind, args.copy_mode.as_str()) {
+        (_, "background") => Ok("background"),
+        (_, "write-blocking") => Ok("write-blocking"),
+        (DaemonKind::Tandemd, "write-behind") => Ok("write-behind"),
+        (DaemonKind::Tandemd, "auto") => Ok("auto"),
+        (DaemonKind::Qsd, "write-behind") => Ok("write-blocking"),
+        (DaemonKind::Qsd, "auto") => Ok("background"),
+        (_, other) => Err(format!("--copy-mode {other}: expected background, write-blocking, write-behind or auto")),
     }
 }
 
-/// QEMU's guest alone: fio over NBD through a daemon with no job.
+/// blockdev-mirror's arguments for `kind`: the same for both daemons but for tandemd's
+/// extensions (any copy mode, copy-priority).
+fn mirror_arguments(kind: DaemonKind, args: &MirrorArgs) -> Result<Value, String> {
+    let mut mirror = json!({
+        "job-id": "j", "device": "src", "target": "dst", "sync": args.sync, "copy-mode": copy_mode(kind, args)?,
+        "granularity": args.granularity, "buf-size": args.copy_sizes().0, "speed": args.speed,
+    });
+    if kind == DaemonKind::Tandemd {
+        mirror["copy-priority"] = json!(args.copy_priority);
+    }
+    Ok(mirror)
+}
+
+/// The guest alone: fio over NBD through `kind` with no job.
 pub(crate) fn baseline(
-    source: &Path,
-    target: &Path,
+    kind: DaemonKind,
+    args: (&Path, &Path, u64),
     spec: &GuestSpec,
-    size_bytes: u64,
     note: &dyn Fn(String),
 ) -> Result<GuestFigures, String> {
-    note(format!("QEMU baseline: fio over NBD alone for {} s", spec.runtime.as_secs()));
-    let daemon = Daemon::start(source, target)?;
+    let (source, target, size_bytes) = args;
+    note(format!("{} baseline: fio over NBD alone for {} s", kind.name(), spec.runtime.as_secs()));
+    let daemon = Daemon::start(kind, source, target)?;
     let started_ms = unix_ms();
     let points = FioGuest::start(&daemon, spec, size_bytes, "baseline")?.finish()?;
     daemon.quit()?;
     Ok(window(&points, started_ms, started_ms + spec.runtime.as_millis() as u64))
 }
 
-/// Run the scenario through QEMU. The source must hold the same data as for our run.
-pub fn run_qemu(
+/// Run the mirror scenario through `kind` on a fresh target. The source must hold the same
+/// data as for the other side's run.
+pub fn run_daemon(
+    kind: DaemonKind,
     args: &MirrorArgs,
     guest: Option<GuestSpec>,
     images: &crate::images::Images,
     note: &dyn Fn(String),
-) -> Result<QemuReport, String> {
-    let copy_mode = qemu_copy_mode(args)?;
-    let baseline =
-        guest.as_ref().map(|spec| baseline(&args.source, &args.target, spec, args.size, note)).transpose()?;
+) -> Result<DaemonReport, String> {
+    let mirror = mirror_arguments(kind, args)?;
+    let files = (args.source.as_path(), args.target.as_path(), args.size);
+    let baseline = guest.as_ref().map(|spec| baseline(kind, files, spec, note)).transpose()?;
     images.refresh_target(note).map_err(|e| e.to_string())?;
-    let mut daemon = Daemon::start(&args.source, &args.target)?;
+    let mut daemon = Daemon::start(kind, &args.source, &args.target)?;
     let fio = match &guest {
         Some(spec) => {
             let fio = FioGuest::start(&daemon, spec, args.size, "job")?;
@@ -285,41 +401,40 @@ pub fn run_qemu(
         }
         None => None,
     };
-    note(format!("QEMU: blockdev-mirror sync={} copy-mode={copy_mode}", args.sync));
-    if args.target_is_zero == "on" {
-        // QEMU 10.1 has target-is-zero; the 10.0 these machines run refuses it.
-        note("note: QEMU's side runs without target-is-zero (QEMU before 10.1 has no such option)".to_string());
+    note(format!("{}: blockdev-mirror {mirror}", kind.name()));
+    if args.target_is_zero != "detect" {
+        // QEMU 10.1 has target-is-zero; the 10.0 these machines run refuses it, and both
+        // daemons get the same arguments (without it tandemd asks the target's block status).
+        note(format!("note: {}'s side runs without target-is-zero, as QEMU before 10.1 must", kind.name()));
     }
     let (cpu_before, started, started_ms) = (daemon.cpu_s(), Instant::now(), unix_ms());
-    let mirror = json!({
-        "job-id": "j", "device": "src", "target": "dst", "sync": args.sync, "copy-mode": copy_mode,
-        "granularity": args.granularity, "buf-size": args.copy_sizes().0, "speed": args.speed,
-    });
     daemon.execute("blockdev-mirror", mirror)?;
     let (event, ready_at, ready) = daemon.wait_event_data(&["BLOCK_JOB_READY"])?;
     if event != "BLOCK_JOB_READY" {
-        return Err(format!("QEMU's mirror ended with {event} before READY"));
+        return Err(format!("{}'s mirror ended with {event} before READY", kind.name()));
     }
     let cpu_s = daemon.cpu_s() - cpu_before;
     let ready_s = ready_at.duration_since(started).as_secs_f64();
-    let ready_ms = started_ms + (ready_s * 1000.0) as u64;
     let guest = match (fio, baseline, &guest) {
         (Some(fio), Some(baseline), Some(spec)) => {
-            let points = fio.finish()?;
+            let (points, ready_ms) = (fio.finish()?, started_ms + (ready_s * 1000.0) as u64);
             let end_ms = started_ms - super::JOB_DELAY.as_millis() as u64 + spec.runtime.as_millis() as u64;
             Some((baseline, window(&points, started_ms, ready_ms), window(&points, ready_ms, end_ms)))
         }
         _ => None,
     };
     daemon.execute("block-job-complete", json!({"device": "j"}))?;
-    let (event, _) = daemon.wait_event(&["BLOCK_JOB_COMPLETED"])?;
+    let (event, completed_at) = daemon.wait_event(&["BLOCK_JOB_COMPLETED"])?;
     if event != "BLOCK_JOB_COMPLETED" {
-        return Err(format!("QEMU's mirror sent {event} while completing"));
+        return Err(format!("{}'s mirror sent {event} while completing", kind.name()));
     }
     daemon.quit()?;
     let gib = args.size as f64 / (1u64 << 30) as f64;
-    Ok(QemuReport {
+    Ok(DaemonReport {
+        daemon: kind,
+        copy_mode: copy_mode(kind, args)?.to_string(),
         ready_s,
+        complete_s: completed_at.duration_since(started).as_secs_f64(),
         mib_per_s: args.size as f64 / (1 << 20) as f64 / ready_s.max(1e-9),
         cpu_s_per_gib: cpu_s / gib,
         identical: super::qemu_img_identical(&args.source, &args.target, args.size)?,
