@@ -154,6 +154,30 @@ fn an_existing_socket_path_is_refused_and_kept() {
 }
 
 #[test]
+fn a_monitor_path_holding_a_file_or_a_live_socket_is_refused_and_kept() {
+    let dir = scratch_dir();
+    let (image, socket, pidfile) = (dir.path().join("d.img"), dir.path().join("s.sock"), dir.path().join("pid"));
+    make_file(&image, MIB, 0);
+    let qmp = dir.path().join("qmp.sock");
+    let listening = std::os::unix::net::UnixListener::bind(dir.path().join("live.sock")).unwrap();
+    for (path, keep) in [(qmp.clone(), true), (dir.path().join("live.sock"), false)] {
+        if keep {
+            std::fs::write(&path, b"someone else's").unwrap();
+        }
+        let mut args = qsd_line(&image, &socket, &pidfile);
+        args.extend(["--chardev".into(), format!("socket,id=qmp,path={},server=on,wait=off", path.display())]);
+        args.extend(["--monitor".into(), "chardev=qmp".into()]);
+        let output = Command::new(env!("CARGO_BIN_EXE_tandemd")).args(&args).output().unwrap();
+        assert!(!output.status.success(), "{} must be refused", path.display());
+        assert!(String::from_utf8_lossy(&output.stderr).contains("is not a dead socket"), "{output:?}");
+        assert!(path.exists(), "kept");
+        assert!(!socket.exists() && !pidfile.exists(), "nothing was started");
+    }
+    assert_eq!(std::fs::read(&qmp).unwrap(), b"someone else's");
+    drop(listening);
+}
+
+#[test]
 fn a_pidfile_path_holding_other_data_or_a_live_pid_is_refused_and_kept() {
     let dir = scratch_dir();
     let (image, socket, pidfile) = (dir.path().join("d.img"), dir.path().join("s.sock"), dir.path().join("pid"));
