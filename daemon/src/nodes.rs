@@ -50,6 +50,8 @@ pub struct Node {
     pub recordings: Vec<RecordingBitmap>,
     /// A copy-before-write node's hidden backup job (sync=none) and its point-in-time view.
     pub fleecing: Option<Fleecing>,
+    /// Nodes its options defined inline: deleted with it.
+    pub implicit_children: Vec<String>,
 }
 
 /// What a copy-before-write node runs: QEMU's filter is Tandem's sync=none backup, whose
@@ -98,7 +100,8 @@ impl Node {
     /// A node of its own disk, without a file node's sidecars or a filter's job.
     fn plain(disk: Disk, driver: &'static str, spec: &BlockdevSpec, file: Option<String>) -> Node {
         let (read_only, unmap) = (spec.read_only, spec.unmap);
-        Node { disk, driver, read_only, unmap, file, direct: false, recordings: Vec::new(), fleecing: None }
+        let (recordings, fleecing, implicit_children) = (Vec::new(), None, Vec::new());
+        Node { disk, driver, read_only, unmap, file, direct: false, recordings, fleecing, implicit_children }
     }
 
     /// Load and record every sidecar beside `image` into this node's disk. A file whose stored
@@ -167,6 +170,37 @@ impl Catalog {
         if self.nodes.contains_key(&name) {
             return Err(NodeError::Duplicate { name });
         }
+        // Inline children first; all or nothing.
+        let mut added: Vec<String> = Vec::new();
+        for child in &spec.children {
+            if let Err(error) = self.add(runtime, child) {
+                self.remove_all(&added);
+                return Err(error);
+            }
+            added.push(child.node_name.clone());
+        }
+        match self.add_one(runtime, spec) {
+            Ok(()) => {
+                let node = self.nodes.get_mut(&name).expect("just added");
+                node.implicit_children = added;
+                Ok(node)
+            }
+            Err(error) => {
+                self.remove_all(&added);
+                Err(error)
+            }
+        }
+    }
+
+    /// Remove `names`, newest first (what an add made before it failed).
+    fn remove_all(&mut self, names: &[String]) {
+        for name in names.iter().rev() {
+            drop(self.remove(name));
+        }
+    }
+
+    fn add_one(&mut self, runtime: &RuntimeHandle, spec: &BlockdevSpec) -> Result<(), NodeError> {
+        let name = spec.node_name.clone();
         let open_error = |source| NodeError::Open { name: name.clone(), source };
         let node = match &spec.driver {
             DriverSpec::File { filename, direct } => {
@@ -181,6 +215,7 @@ impl Catalog {
                     direct: *direct,
                     recordings: Vec::new(),
                     fleecing: None,
+                    implicit_children: Vec::new(),
                 };
                 if !spec.read_only {
                     node.load_bitmaps(&name, filename)?;
@@ -203,6 +238,7 @@ impl Catalog {
                     direct: below.direct,
                     recordings: Vec::new(),
                     fleecing: None,
+                    implicit_children: Vec::new(),
                 }
             }
             DriverSpec::NullCo { size_bytes } => Node {
@@ -214,6 +250,7 @@ impl Catalog {
                 direct: false,
                 recordings: Vec::new(),
                 fleecing: None,
+                implicit_children: Vec::new(),
             },
             DriverSpec::Nbd { uri } => {
                 let config = tandem_drivers::nbd::NbdConfig { read_only: spec.read_only, ..Default::default() };
@@ -230,7 +267,8 @@ impl Catalog {
             DriverSpec::CopyBeforeWrite { .. } => self.copy_before_write(runtime, &name, spec)?,
             DriverSpec::SnapshotAccess { file } => self.snapshot_access(&name, file)?,
         };
-        Ok(self.nodes.entry(name).or_insert(node))
+        self.nodes.insert(name, node);
+        Ok(())
     }
 
     pub fn get(&self, name: &str) -> Result<&Node, NodeError> {
@@ -256,6 +294,9 @@ impl Catalog {
         }
         let mut node = self.nodes.remove(name).expect("checked above");
         node.close_bitmaps(name);
+        // Its inline children go with it (QEMU deletes implicitly created nodes so).
+        let children = std::mem::take(&mut node.implicit_children);
+        self.remove_all(&children);
         if let Some(fleecing) = node.fleecing.take() {
             // The filter comes off with its job; the target keeps what it saved.
             let _ = fleecing.job.cancel(true);
@@ -303,6 +344,7 @@ impl Catalog {
             direct: below.direct,
             recordings: Vec::new(),
             fleecing: Some(Fleecing { job, view, target: target.clone() }),
+            implicit_children: Vec::new(),
         })
     }
 
@@ -334,6 +376,7 @@ impl Catalog {
             direct: false,
             recordings: Vec::new(),
             fleecing: None,
+            implicit_children: Vec::new(),
         })
     }
 

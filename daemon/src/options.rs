@@ -120,6 +120,18 @@ pub struct BlockdevSpec {
     /// everything allocated, and so does Tandem's.
     pub unmap: bool,
     pub driver: DriverSpec,
+    /// Nodes given inline (`"file": {"driver": "file", ...}`), opened first and named by
+    /// tandemd (`#blockN`) unless they carry a node-name; deleted with this node.
+    pub children: Vec<BlockdevSpec>,
+}
+
+/// How deep inline node definitions may nest.
+const INLINE_DEPTH_MAX: u32 = 8;
+
+/// QEMU's names for nodes defined without one: `#block` and a number unique in the process.
+fn implicit_node_name() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("#block{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,18 +180,23 @@ fn node_name(fields: &Fields, key: &str, name: String) -> Result<String, OptionE
 }
 
 pub fn parse_blockdev(text: &str) -> Result<BlockdevSpec, OptionError> {
-    blockdev(Fields::parse("blockdev", text)?)
+    blockdev(Fields::parse("blockdev", text)?, 0)
 }
 
 /// QMP's `blockdev-add`: the same options as `--blockdev`, as JSON.
 pub fn blockdev_from_map(arguments: Map<String, Value>) -> Result<BlockdevSpec, OptionError> {
-    blockdev(Fields::from_map("blockdev-add", arguments))
+    blockdev(Fields::from_map("blockdev-add", arguments), 0)
 }
 
-fn blockdev(mut f: Fields) -> Result<BlockdevSpec, OptionError> {
+/// One node's options; `depth` > 0 for a node given inline, whose node-name is optional.
+fn blockdev(mut f: Fields, depth: u32) -> Result<BlockdevSpec, OptionError> {
     let driver = f.required("driver")?;
-    let name = f.required("node-name")?;
-    let node_name = node_name(&f, "node-name", name)?;
+    let node_name = match (f.string("node-name")?, depth) {
+        (Some(name), _) => node_name(&f, "node-name", name)?,
+        (None, 0) => return Err(OptionError::Missing { option: f.option, key: "node-name".into() }),
+        (None, _) => implicit_node_name(),
+    };
+    let mut children = Vec::new();
     let read_only = f.bool("read-only")?.unwrap_or(false);
     let _ = f.bool("auto-read-only")?; // Tandem opens what it is asked for; nothing to relax
     let unmap = match f.string("discard")?.as_deref() {
@@ -189,7 +206,7 @@ fn blockdev(mut f: Fields) -> Result<BlockdevSpec, OptionError> {
     };
     let driver = match driver.as_str() {
         "file" | "host_device" => file_driver(&mut f)?,
-        "raw" => DriverSpec::Raw { file: f.required("file")? },
+        "raw" => DriverSpec::Raw { file: child(&mut f, "file", depth, &mut children)? },
         "null-co" => DriverSpec::NullCo { size_bytes: f.number("size", i64::MAX as u64)?.unwrap_or(1 << 30) },
         "copy-before-write" => copy_before_write(&mut f)?,
         "snapshot-access" => DriverSpec::SnapshotAccess { file: f.required("file")? },
@@ -202,7 +219,22 @@ fn blockdev(mut f: Fields) -> Result<BlockdevSpec, OptionError> {
         }
     };
     f.finish("", "")?;
-    Ok(BlockdevSpec { node_name, read_only, unmap, driver })
+    Ok(BlockdevSpec { node_name, read_only, unmap, driver, children })
+}
+
+/// A child named by `key`: a node-name, or a node defined inline (added to `children`).
+fn child(f: &mut Fields, key: &str, depth: u32, children: &mut Vec<BlockdevSpec>) -> Result<String, OptionError> {
+    match f.map.remove(key) {
+        None => Err(OptionError::Missing { option: f.option, key: key.into() }),
+        Some(Value::String(name)) => Ok(name),
+        Some(Value::Object(map)) if depth < INLINE_DEPTH_MAX => {
+            let spec = blockdev(Fields { option: f.option, map }, depth + 1)?;
+            let name = spec.node_name.clone();
+            children.push(spec);
+            Ok(name)
+        }
+        Some(other) => Err(f.bad(key, &other, "expected a node-name or a node's options (nested at most 8 deep)")),
+    }
 }
 
 fn nbd_driver(f: &mut Fields) -> Result<DriverSpec, OptionError> {

@@ -210,7 +210,8 @@ const FILE: &[Member] = &[
 pub(super) const BLOCKDEV_VARIANTS: &[(&str, &[Member])] = &[
     ("file", FILE),
     ("host_device", FILE),
-    ("raw", &[req("file", Str)]),
+    // QEMU's BlockdevRef: a node-name or a node's options inline.
+    ("raw", &[req("file", Any)]),
     ("null-co", &[opt("size", Int)]),
     (
         "nbd",

@@ -572,3 +572,26 @@ fn a_sidecar_of_another_image_with_a_longer_name_is_left_alone() {
     assert_eq!(nodes[0]["dirty-bitmaps"], json!([]), "no bitmap of the other image");
     assert_eq!(std::fs::read(&sidecar).unwrap(), before, "its sidecar is untouched (not marked in use)");
 }
+
+#[test]
+fn a_node_defined_inline_is_opened_first_and_deleted_with_its_parent() {
+    let f = Fixture::new();
+    let image = f.path("inline.img");
+    std::fs::write(&image, vec![3u8; DISK_BYTES]).unwrap();
+    let nested = json!({"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": image}});
+    f.ok("blockdev-add", nested);
+    let names = |f: &Fixture| -> Vec<String> {
+        let nodes = f.ok("query-named-block-nodes", json!({}));
+        nodes.as_array().unwrap().iter().map(|n| n["node-name"].as_str().unwrap().to_string()).collect()
+    };
+    let added = names(&f);
+    assert_eq!(added.len(), 2, "{added:?}");
+    assert!(added.iter().any(|n| n.starts_with("#block")), "QEMU's implicit name: {added:?}");
+    f.ok("blockdev-del", json!({"node-name": "r"}));
+    assert_eq!(names(&f), Vec::<String>::new(), "the inline child goes with its parent");
+    let missing = f.path("missing.img");
+    let bad = json!({"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": missing}});
+    let error = f.error("blockdev-add", bad);
+    assert!(error.contains("missing.img"), "{error}");
+    assert_eq!(names(&f), Vec::<String>::new(), "nothing half-added");
+}
