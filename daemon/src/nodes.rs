@@ -380,38 +380,41 @@ impl Catalog {
         })
     }
 
-    /// The file node a node's bytes live in (itself, or below a raw node), for its sidecars.
+    /// The file node a node's bytes live in (itself, or below raw and filter nodes), for its
+    /// sidecars.
     pub fn file_node_mut(&mut self, name: &str) -> Result<(String, &mut Node), NodeError> {
+        self.get(name)?;
+        let root = self.disk_root(name);
+        match self.nodes.get_mut(&root) {
+            Some(node) if node.driver == "file" => Ok((root, node)),
+            _ => Err(NodeError::Invalid {
+                name: name.to_string(),
+                reason: "persistent bitmaps need a file node below (a sidecar beside its image)".into(),
+            }),
+        }
+    }
+
+    /// The node whose disk `name` reads and writes: below raw and copy-before-write nodes,
+    /// which share their file's disk (and so its bitmaps). `name` itself for any other.
+    pub fn disk_root(&self, name: &str) -> String {
         let mut at = name.to_string();
         for _ in 0..self.nodes.len() {
-            let node = self.get(&at)?;
-            match node.driver {
-                "raw" => at = node.file.clone().expect("a raw node names its file"),
-                "file" => {
-                    let node = self.nodes.get_mut(&at).expect("found above");
-                    return Ok((at, node));
+            match self.nodes.get(&at) {
+                Some(node) if ["raw", "copy-before-write"].contains(&node.driver) => {
+                    at = node.file.clone().expect("a raw or filter node names its file")
                 }
                 _ => break,
             }
         }
-        Err(NodeError::Invalid {
-            name: name.to_string(),
-            reason: "persistent bitmaps need a file node below (a sidecar beside its image)".into(),
-        })
+        at
     }
 
     /// The names of the persistent bitmaps of the disk `name` reads (its file node's sidecars).
     pub fn persistent_names(&self, name: &str) -> Vec<String> {
-        let mut at = name.to_string();
-        for _ in 0..self.nodes.len() {
-            let Some(node) = self.nodes.get(&at) else { break };
-            match node.driver {
-                "file" => return node.recordings.iter().map(|r| r.name().to_string()).collect(),
-                "raw" | "copy-before-write" => at = node.file.clone().expect("names its file"),
-                _ => break,
-            }
+        match self.nodes.get(&self.disk_root(name)) {
+            Some(node) => node.recordings.iter().map(|r| r.name().to_string()).collect(),
+            None => Vec::new(),
         }
-        Vec::new()
     }
 
     /// Save every persistent bitmap (the daemon's clean stop).

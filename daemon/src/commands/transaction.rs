@@ -159,17 +159,7 @@ fn bitmap_add(mut data: Arguments) -> Result<Action, QmpError> {
 /// The node whose disk `node` reads and writes: below raw and copy-before-write nodes, which
 /// share their file's disk (and its bitmaps).
 fn disk_root(daemon: &Daemon, node: &str) -> String {
-    let state = daemon.state();
-    let mut at = node.to_string();
-    for _ in 0..64 {
-        match state.catalog.get(&at) {
-            Ok(found) if ["raw", "copy-before-write"].contains(&found.driver) => {
-                at = found.file.clone().expect("a raw or filter node names its file")
-            }
-            _ => break,
-        }
-    }
-    at
+    daemon.state().catalog.disk_root(node)
 }
 
 fn registry(daemon: &Daemon, node: &str) -> Result<BitmapRegistry, QmpError> {
